@@ -1,0 +1,273 @@
+"""Pieces shared by the SD3 and FLUX MMDiTs: linear, norms, AdaLN, timestep embeddings, feed-forward,
+attention projections, RoPE.
+
+Attribute names mirror diffusers (``to_q``, ``add_k_proj``, ``to_add_out``, ``norm_added_q``, ``linear_1``,
+``net``, ...) so the converter is a rename table. Leaves: ``Linear.kernel`` [in, out] (torch weight
+transposed), ``Linear.bias``, ``RMSNorm.scale``.
+"""
+
+from __future__ import annotations
+
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from dfa2_jax.models.attention import AttentionRuntime, TokenLayout, joint_attention
+
+
+class Linear(nnx.Module):
+    """y = x @ kernel + bias with torch.nn.Linear's default init (uniform ±1/sqrt(in))."""
+
+    def __init__(self, in_features: int, out_features: int, *, use_bias: bool = True, dtype=jnp.float32,
+                 rngs: nnx.Rngs):
+        bound = 1.0 / math.sqrt(in_features)
+        self.kernel = nnx.Param(
+            jax.random.uniform(rngs.params(), (in_features, out_features), dtype, -bound, bound))
+        self.bias = (nnx.Param(jax.random.uniform(rngs.params(), (out_features,), dtype, -bound, bound))
+                     if use_bias else None)
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        kernel = self.kernel[...]
+        y = jnp.dot(x.astype(kernel.dtype), kernel)
+        if self.bias is not None:
+            y = y + self.bias[...]
+        return y
+
+
+def layer_norm(x: jax.Array, eps: float = 1e-6) -> jax.Array:
+    """LayerNorm without affine parameters (diffusers' ``elementwise_affine=False``), statistics in f32."""
+    xf = x.astype(jnp.float32)
+    mean = jnp.mean(xf, axis=-1, keepdims=True)
+    var = jnp.mean(jnp.square(xf - mean), axis=-1, keepdims=True)
+    return ((xf - mean) * jax.lax.rsqrt(var + eps)).astype(x.dtype)
+
+
+class RMSNorm(nnx.Module):
+    """diffusers/torch RMSNorm over the last axis: x * rsqrt(mean(x²) + eps) * scale, statistics in f32."""
+
+    def __init__(self, dim: int, *, eps: float = 1e-6, dtype=jnp.float32):
+        self.eps = eps
+        self.scale = nnx.Param(jnp.ones((dim,), dtype))
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        xf = x.astype(jnp.float32)
+        var = jnp.mean(jnp.square(xf), axis=-1, keepdims=True)
+        y = xf * jax.lax.rsqrt(var + self.eps)
+        return (y * self.scale[...].astype(jnp.float32)).astype(x.dtype)
+
+
+def timestep_embedding(t: jax.Array, dim: int = 256, max_period: float = 10000.0) -> jax.Array:
+    """Sinusoidal embedding as diffusers' ``Timesteps(dim, flip_sin_to_cos=True, downscale_freq_shift=0)``.
+
+    t: [B] (fractional allowed) -> [B, dim] float32, order [cos, sin].
+    """
+    half = dim // 2
+    exponent = -math.log(max_period) * jnp.arange(half, dtype=jnp.float32) / half
+    args = t.astype(jnp.float32)[:, None] * jnp.exp(exponent)[None, :]
+    return jnp.concatenate([jnp.cos(args), jnp.sin(args)], axis=-1)
+
+
+class TimestepEmbedding(nnx.Module):
+    """linear_1 -> SiLU -> linear_2 (diffusers ``TimestepEmbedding``)."""
+
+    def __init__(self, in_channels: int, dim: int, *, dtype, rngs: nnx.Rngs):
+        self.linear_1 = Linear(in_channels, dim, dtype=dtype, rngs=rngs)
+        self.linear_2 = Linear(dim, dim, dtype=dtype, rngs=rngs)
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        return self.linear_2(jax.nn.silu(self.linear_1(x)))
+
+
+class TextProjection(nnx.Module):
+    """diffusers ``PixArtAlphaTextProjection(act_fn="silu")``: linear_1 -> SiLU -> linear_2."""
+
+    def __init__(self, in_features: int, dim: int, *, dtype, rngs: nnx.Rngs):
+        self.linear_1 = Linear(in_features, dim, dtype=dtype, rngs=rngs)
+        self.linear_2 = Linear(dim, dim, dtype=dtype, rngs=rngs)
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        return self.linear_2(jax.nn.silu(self.linear_1(x)))
+
+
+class CombinedTimestepTextProjEmbeddings(nnx.Module):
+    """temb = timestep_embedder(sin(t)) [+ guidance_embedder(sin(g))] + text_embedder(pooled)."""
+
+    def __init__(self, dim: int, pooled_projection_dim: int, *, guidance: bool = False, dtype,
+                 rngs: nnx.Rngs):
+        self.timestep_embedder = TimestepEmbedding(256, dim, dtype=dtype, rngs=rngs)
+        self.guidance_embedder = TimestepEmbedding(256, dim, dtype=dtype, rngs=rngs) if guidance else None
+        self.text_embedder = TextProjection(pooled_projection_dim, dim, dtype=dtype, rngs=rngs)
+
+    def __call__(self, timestep: jax.Array, pooled: jax.Array, guidance: jax.Array | None = None) -> jax.Array:
+        emb = self.timestep_embedder(timestep_embedding(timestep).astype(pooled.dtype))
+        if self.guidance_embedder is not None:
+            if guidance is None:
+                raise ValueError("this model has a guidance embedding: `guidance` must be given")
+            emb = emb + self.guidance_embedder(timestep_embedding(guidance).astype(pooled.dtype))
+        elif guidance is not None:
+            raise ValueError("this model has no guidance embedding (e.g. FLUX.1-schnell): `guidance` must be None")
+        return emb + self.text_embedder(pooled)
+
+
+class AdaLayerNormZero(nnx.Module):
+    """SiLU -> Linear(D, n·D) -> chunks; n = 6 (AdaLayerNormZero), 9 (SD35AdaLayerNormZeroX),
+    3 (AdaLayerNormZeroSingle). Returns the chunks; callers modulate (order as in diffusers)."""
+
+    def __init__(self, dim: int, chunks: int, *, dtype, rngs: nnx.Rngs):
+        self.chunks = chunks
+        self.linear = Linear(dim, chunks * dim, dtype=dtype, rngs=rngs)
+
+    def __call__(self, emb: jax.Array) -> list[jax.Array]:
+        out = self.linear(jax.nn.silu(emb))  # [B, n·D]
+        return [c[:, None, :] for c in jnp.split(out, self.chunks, axis=-1)]
+
+
+def modulate(x: jax.Array, shift: jax.Array, scale: jax.Array) -> jax.Array:
+    return x * (1 + scale) + shift
+
+
+class AdaLayerNormContinuous(nnx.Module):
+    """diffusers ``AdaLayerNormContinuous``: Linear(SiLU(c)) -> (scale, shift) — note the order."""
+
+    def __init__(self, dim: int, cond_dim: int, *, dtype, rngs: nnx.Rngs):
+        self.linear = Linear(cond_dim, 2 * dim, dtype=dtype, rngs=rngs)
+
+    def __call__(self, x: jax.Array, cond: jax.Array) -> jax.Array:
+        scale, shift = jnp.split(self.linear(jax.nn.silu(cond).astype(x.dtype)), 2, axis=-1)
+        return modulate(layer_norm(x), shift[:, None, :], scale[:, None, :])
+
+
+class GELUProj(nnx.Module):
+    """diffusers ``GELU(approximate="tanh")``: the ``proj`` linear then tanh-GELU."""
+
+    def __init__(self, dim_in: int, dim_out: int, *, dtype, rngs: nnx.Rngs):
+        self.proj = Linear(dim_in, dim_out, dtype=dtype, rngs=rngs)
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        return jax.nn.gelu(self.proj(x), approximate=True)
+
+
+class FeedForward(nnx.Module):
+    """diffusers ``FeedForward(activation_fn="gelu-approximate")``: net.0 (GELU proj), net.2 (Linear)."""
+
+    def __init__(self, dim: int, *, mult: int = 4, dtype, rngs: nnx.Rngs):
+        # net[1] is dropout in diffusers; kept as a None slot so indices (and checkpoint keys) line up.
+        self.net = nnx.List([GELUProj(dim, mult * dim, dtype=dtype, rngs=rngs), None,
+                             Linear(mult * dim, dim, dtype=dtype, rngs=rngs)])
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        return self.net[2](self.net[0](x))
+
+
+def apply_rope(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
+    """FLUX rotary embedding on interleaved pairs (x[2i], x[2i+1]); x: [B, S, H, D], cos/sin: [S, D]."""
+    xf = x.astype(jnp.float32)
+    pairs = xf.reshape(*x.shape[:-1], -1, 2)
+    rotated = jnp.stack([-pairs[..., 1], pairs[..., 0]], axis=-1).reshape(x.shape)
+    out = xf * cos[None, :, None, :] + rotated * sin[None, :, None, :]
+    return out.astype(x.dtype)
+
+
+def rope_frequencies(ids: np.ndarray, axes_dims: tuple[int, ...], theta: float = 10000.0
+                     ) -> tuple[np.ndarray, np.ndarray]:
+    """FLUX RoPE tables from position ids [S, n_axes] (host, float64 as diffusers) -> cos, sin [S, D] f32."""
+    ids = np.asarray(ids, dtype=np.float64)
+    if ids.ndim != 2 or ids.shape[1] != len(axes_dims):
+        raise ValueError(f"ids must have shape [S, {len(axes_dims)}]; got {ids.shape}")
+    cos, sin = [], []
+    for axis, dim in enumerate(axes_dims):
+        freqs = 1.0 / theta ** (np.arange(0, dim, 2, dtype=np.float64) / dim)  # [dim/2]
+        angles = np.outer(ids[:, axis], freqs)  # [S, dim/2]
+        cos.append(np.repeat(np.cos(angles), 2, axis=1))
+        sin.append(np.repeat(np.sin(angles), 2, axis=1))
+    return (np.concatenate(cos, axis=1).astype(np.float32), np.concatenate(sin, axis=1).astype(np.float32))
+
+
+def rope_frequencies_jnp(ids: jax.Array, axes_dims: tuple[int, ...], theta: float = 10000.0
+                         ) -> tuple[jax.Array, jax.Array]:
+    """Traceable float32 variant of :func:`rope_frequencies` (for ids that are only known inside jit)."""
+    cos, sin = [], []
+    for axis, dim in enumerate(axes_dims):
+        freqs = jnp.asarray(1.0 / theta ** (np.arange(0, dim, 2, dtype=np.float64) / dim), jnp.float32)
+        angles = ids[:, axis].astype(jnp.float32)[:, None] * freqs[None, :]
+        cos.append(jnp.repeat(jnp.cos(angles), 2, axis=1))
+        sin.append(jnp.repeat(jnp.sin(angles), 2, axis=1))
+    return jnp.concatenate(cos, axis=1), jnp.concatenate(sin, axis=1)
+
+
+class Attention(nnx.Module):
+    """Projections around one attention site (diffusers ``Attention`` / ``FluxAttention``).
+
+    ``added_kv``: the text stream's add_{q,k,v}_proj (+ ``to_add_out`` unless ``context_pre_only``).
+    ``pre_only``: no ``to_out`` (FLUX single blocks). ``qk_norm``: RMSNorm(head_dim) on q/k (and the
+    added ones). The attention itself goes through :func:`joint_attention` with this site's ``layer``.
+    """
+
+    def __init__(self, dim: int, heads: int, head_dim: int, *, added_kv: bool = False,
+                 context_pre_only: bool = False, pre_only: bool = False, qk_norm: bool = False,
+                 dtype, rngs: nnx.Rngs):
+        inner = heads * head_dim
+        self.heads, self.head_dim = heads, head_dim
+        self.to_q = Linear(dim, inner, dtype=dtype, rngs=rngs)
+        self.to_k = Linear(dim, inner, dtype=dtype, rngs=rngs)
+        self.to_v = Linear(dim, inner, dtype=dtype, rngs=rngs)
+        self.norm_q = RMSNorm(head_dim, dtype=dtype) if qk_norm else None
+        self.norm_k = RMSNorm(head_dim, dtype=dtype) if qk_norm else None
+        self.to_out = None if pre_only else nnx.List([Linear(inner, dim, dtype=dtype, rngs=rngs)])
+        if added_kv:
+            self.add_q_proj = Linear(dim, inner, dtype=dtype, rngs=rngs)
+            self.add_k_proj = Linear(dim, inner, dtype=dtype, rngs=rngs)
+            self.add_v_proj = Linear(dim, inner, dtype=dtype, rngs=rngs)
+            self.norm_added_q = RMSNorm(head_dim, dtype=dtype) if qk_norm else None
+            self.norm_added_k = RMSNorm(head_dim, dtype=dtype) if qk_norm else None
+            self.to_add_out = None if context_pre_only else Linear(inner, dim, dtype=dtype, rngs=rngs)
+        else:
+            self.add_q_proj = self.add_k_proj = self.add_v_proj = None
+            self.norm_added_q = self.norm_added_k = self.to_add_out = None
+
+    def _heads(self, x: jax.Array) -> jax.Array:
+        return x.reshape(*x.shape[:-1], self.heads, self.head_dim)  # [B, S, H, D]
+
+    def _qkv(self, x: jax.Array, q_proj, k_proj, v_proj, norm_q, norm_k):
+        q, k, v = self._heads(q_proj(x)), self._heads(k_proj(x)), self._heads(v_proj(x))
+        if norm_q is not None:
+            q, k = norm_q(q), norm_k(k)
+        return q, k, v
+
+    def __call__(self, x: jax.Array, context: jax.Array | None = None, *, layer: int, text_first: bool,
+                 rope: tuple[jax.Array, jax.Array] | None = None, joint_text_len: int = 0,
+                 runtime: AttentionRuntime | None = None) -> tuple[jax.Array, jax.Array | None]:
+        """x: [B, N, dim] (image or joint stream), context: [B, T, dim] text stream or None.
+
+        Returns (image/joint output after ``to_out`` when present, text output after ``to_add_out`` or
+        None). ``text_first`` is the joint order: True [text, image] (FLUX), False [image, text] (SD3).
+        ``joint_text_len``: when ``context`` is None but ``x`` already is a joint sequence (FLUX single
+        blocks), how many of its tokens are text.
+        """
+        q, k, v = self._qkv(x, self.to_q, self.to_k, self.to_v, self.norm_q, self.norm_k)
+        text_len = joint_text_len
+        if context is not None:
+            cq, ck, cv = self._qkv(context, self.add_q_proj, self.add_k_proj, self.add_v_proj,
+                                   self.norm_added_q, self.norm_added_k)
+            text_len = context.shape[1]
+            order = (lambda a, b: (b, a)) if text_first else (lambda a, b: (a, b))
+            q, k, v = (jnp.concatenate(order(a, b), axis=1) for a, b in ((q, cq), (k, ck), (v, cv)))
+        if rope is not None:
+            q, k = apply_rope(q, *rope), apply_rope(k, *rope)
+        out = joint_attention(q, k, v, layer=layer, layout=TokenLayout(text_len, text_first), runtime=runtime)
+        out = out.reshape(*out.shape[:2], -1)  # [B, S, H·D]
+        ctx_out = None
+        if context is not None:
+            n_img = x.shape[1]
+            if text_first:
+                ctx_out, out = out[:, :text_len], out[:, text_len:]
+            else:
+                out, ctx_out = out[:, :n_img], out[:, n_img:]
+            if self.to_add_out is not None:
+                ctx_out = self.to_add_out(ctx_out)
+        if self.to_out is not None:
+            out = self.to_out[0](out)
+        return out, ctx_out

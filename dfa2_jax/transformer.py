@@ -1,0 +1,166 @@
+"""``load_transformer``: a jit-compiled drop-in for diffusers' SD3 / FLUX transformer.
+
+    >>> model = dfa2_jax.load_transformer("/models/FLUX.1-dev", dtype="bfloat16")
+    >>> sample = model(hidden_states=latents, encoder_hidden_states=t5, pooled_projections=clip,
+    ...                timestep=sigmas, img_ids=img_ids, txt_ids=txt_ids, guidance=guidance)
+
+The call takes diffusers' keyword arguments and layouts (numpy or jax arrays) and returns what diffusers
+returns in ``.sample``. Params live in ``model.state`` and go into the jitted function as arguments
+(``nnx.split`` outside, ``nnx.merge`` inside), so nothing big is closed over.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import os
+import time
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from converters import cache as param_cache
+from converters.transformer import (CheckpointError, abstract_model, load_params, model_class, parse_dtype,
+                                    resolve_checkpoint)
+from dfa2_jax.models.attention import AttentionRuntime
+from dfa2_jax.models.configs import FluxConfig, SD3Config, TransformerConfig
+from dfa2_jax.models.flux import flux_attention_layer_names
+from dfa2_jax.models.layers import rope_frequencies
+from dfa2_jax.models.sd3 import sd3_attention_layer_names
+
+
+@dataclasses.dataclass(frozen=True)
+class Transformer2DModelOutput:
+    sample: jax.Array
+
+
+@functools.partial(jax.jit, static_argnums=(0,))
+def _sd3_forward(graphdef, state, hidden_states, encoder_hidden_states, pooled_projections, timestep):
+    model = nnx.merge(graphdef, state)
+    return model(hidden_states, encoder_hidden_states, pooled_projections, timestep)
+
+
+@functools.partial(jax.jit, static_argnums=(0,))
+def _flux_forward(graphdef, state, hidden_states, encoder_hidden_states, pooled_projections, timestep, rope,
+                  guidance):
+    model = nnx.merge(graphdef, state)
+    return model(hidden_states, encoder_hidden_states, pooled_projections, timestep, rope, guidance)
+
+
+class Transformer:
+    """A loaded SD3 / FLUX transformer: ``config``, ``graphdef``/``state`` (the nnx split), ``module()``."""
+
+    def __init__(self, config: TransformerConfig, graphdef: nnx.GraphDef, state: nnx.State, *, dtype,
+                 source: str = "random", path: str | None = None):
+        self.config = config
+        self.graphdef = graphdef
+        self.state = state
+        self.dtype = jnp.dtype(dtype)
+        self.source = source  # "diffusers" | "single_file" | "orbax" | "random"
+        self.path = path
+
+    @property
+    def family(self) -> str:
+        return self.config.family
+
+    def module(self) -> nnx.Module:
+        return nnx.merge(self.graphdef, self.state)
+
+    def attention_layer_names(self) -> list[str]:
+        if isinstance(self.config, SD3Config):
+            return sd3_attention_layer_names(self.config)
+        return flux_attention_layer_names(self.config)
+
+    def num_params(self) -> int:
+        return sum(int(np.prod(v.shape)) for _, v in nnx.to_flat_state(self.state))
+
+    def __call__(self, hidden_states, encoder_hidden_states=None, pooled_projections=None, timestep=None,
+                 img_ids=None, txt_ids=None, guidance=None, return_dict: bool = False, **unused: Any):
+        if unused:
+            raise TypeError(f"unsupported arguments {sorted(unused)} (dfa2_jax takes diffusers' core forward "
+                            "arguments only)")
+        for name, value in (("encoder_hidden_states", encoder_hidden_states),
+                            ("pooled_projections", pooled_projections), ("timestep", timestep)):
+            if value is None:
+                raise TypeError(f"`{name}` is required")
+        timestep = jnp.asarray(timestep, jnp.float32).reshape(-1)
+        if isinstance(self.config, SD3Config):
+            out = _sd3_forward(self.graphdef, self.state, jnp.asarray(hidden_states), jnp.asarray(encoder_hidden_states),
+                               jnp.asarray(pooled_projections), timestep)
+        else:
+            rope = flux_rope(self.config, txt_ids, img_ids)
+            if guidance is not None:
+                guidance = jnp.asarray(guidance, jnp.float32).reshape(-1)
+            if self.config.guidance_embeds and guidance is None:
+                raise ValueError("this FLUX model has a guidance embedding (FLUX.1-dev): pass `guidance`")
+            if not self.config.guidance_embeds and guidance is not None:
+                raise ValueError("this FLUX model has no guidance embedding (FLUX.1-schnell): `guidance` must be None")
+            out = _flux_forward(self.graphdef, self.state, jnp.asarray(hidden_states),
+                                jnp.asarray(encoder_hidden_states), jnp.asarray(pooled_projections), timestep, rope,
+                                guidance)
+        return Transformer2DModelOutput(out) if return_dict else out
+
+
+def flux_rope(config: FluxConfig, txt_ids, img_ids) -> tuple[jax.Array, jax.Array]:
+    """RoPE tables for the joint [text, image] sequence from diffusers-style ids ([S, 3]; a leading batch axis
+    is dropped as diffusers does), computed on the host in float64 like diffusers."""
+    if txt_ids is None or img_ids is None:
+        raise TypeError("FLUX needs `txt_ids` [T, 3] and `img_ids` [N, 3]")
+    txt, img = np.asarray(txt_ids), np.asarray(img_ids)
+    txt = txt[0] if txt.ndim == 3 else txt
+    img = img[0] if img.ndim == 3 else img
+    cos, sin = rope_frequencies(np.concatenate([txt, img], axis=0), config.axes_dims_rope)
+    return jnp.asarray(cos), jnp.asarray(sin)
+
+
+def load_transformer(path: str | os.PathLike, *, dtype="float32", cache_dir: str | None | bool = None,
+                     verbose: bool = False) -> Transformer:
+    """Load an SD3/SD3.5/FLUX.1 transformer from a diffusers folder (pipeline root or ``transformer/``) or an
+    original single ``.safetensors`` file, cast to ``dtype`` ("float32" | "bfloat16" | "float16").
+
+    The converted params are kept as an orbax checkpoint under ``cache_dir`` (default ``$DFA2_CACHE_DIR`` or
+    ``~/.cache/dfa2_jax``; ``False`` disables it); a second load of the same files reads that copy.
+    """
+    jdtype = parse_dtype(dtype)
+    resolved = resolve_checkpoint(path)
+    if cache_dir is False:
+        entry = None
+    else:
+        root = cache_dir if isinstance(cache_dir, str) else param_cache.default_cache_dir()
+        entry = os.path.join(root, param_cache.cache_key(resolved.files, jdtype.name, resolved.config.to_diffusers()))
+    t0 = time.perf_counter()
+    if entry is not None and param_cache.is_complete(entry):
+        graphdef, abstract = nnx.split(abstract_model(resolved.config, jdtype))
+        state = param_cache.restore(entry, abstract)
+        source = "orbax"
+    else:
+        graphdef, state = load_params(resolved, jdtype)
+        source = resolved.kind
+        if entry is not None:
+            param_cache.save(entry, state, {"config": resolved.config.to_diffusers(), "dtype": jdtype.name,
+                                            "source": os.path.abspath(os.fspath(path)), "files": resolved.files})
+    if verbose:
+        print(f"loaded {resolved.config.diffusers_class} from {source} in {time.perf_counter() - t0:.1f}s")
+    return Transformer(resolved.config, graphdef, state, dtype=jdtype, source=source, path=os.fspath(path))
+
+
+def random_transformer(config: TransformerConfig, *, dtype="bfloat16", seed: int = 0) -> Transformer:
+    """A transformer with random weights (torch.nn.Linear-style init), created on the device under jit
+    (no host copy) — for benchmarks at full size without a checkpoint."""
+    jdtype = parse_dtype(dtype)
+    cls = model_class(config)
+    graphdef, _ = nnx.split(abstract_model(config, jdtype))
+    state = jax.jit(lambda: nnx.split(cls(config, dtype=jdtype, rngs=nnx.Rngs(seed)))[1])()
+    return Transformer(config, graphdef, state, dtype=jdtype, source="random")
+
+
+def config_of(path: str | os.PathLike) -> TransformerConfig:
+    """The transformer config of a checkpoint (diffusers config.json or inferred for single files)."""
+    return resolve_checkpoint(path).config
+
+
+__all__ = ["Transformer", "Transformer2DModelOutput", "load_transformer", "random_transformer", "config_of",
+           "CheckpointError", "AttentionRuntime"]
