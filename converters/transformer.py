@@ -77,8 +77,19 @@ def _transformer_folder(path: str) -> str:
     return path
 
 
-def resolve_checkpoint(path: str | os.PathLike) -> ResolvedCheckpoint:
-    """Find the transformer weights and config under ``path`` (see the module docstring)."""
+# config keys that single_file.infer_config needs to know while inferring (the rest is applied afterwards)
+_INFER_KWARGS = {"attention_head_dim": "head_dim", "axes_dims_rope": "axes_dims_rope", "sample_size": "sample_size"}
+
+
+def resolve_checkpoint(path: str | os.PathLike, config_overrides: dict | None = None) -> ResolvedCheckpoint:
+    """Find the transformer weights and config under ``path`` (see the module docstring).
+
+    ``config_overrides`` (single files only): diffusers config keys that replace the ones inferred from the
+    tensor shapes, for what the weights do not record, e.g. ``{"axes_dims_rope": [4, 4, 8]}`` for a FLUX
+    with head_dim != 128 or ``{"attention_head_dim": 8}`` for an SD3 without qk-norm and head_dim != 64.
+    ``attention_head_dim``, ``axes_dims_rope`` and ``sample_size`` are used during inference (so the head
+    count follows from them); every key is then written over the inferred dict before the config is built.
+    """
     path = os.fspath(path)
     if not os.path.exists(path):
         raise CheckpointError(f"{path}: no such file or folder")
@@ -90,8 +101,19 @@ def resolve_checkpoint(path: str | os.PathLike) -> ResolvedCheckpoint:
         if layout is None:
             raise CheckpointError(f"{path}: unknown model type: the keys (e.g. {sorted(ckpt.keys())[:3]}) are "
                                   "neither an SD3 nor a FLUX transformer (SAI, BFL or diffusers layout)")
-        cfg_dict = single_file.infer_config(layout, ckpt.shapes())
+        overrides = dict(config_overrides or {})
+        kwargs = {arg: overrides[key] for key, arg in _INFER_KWARGS.items() if key in overrides}
+        try:
+            cfg_dict = single_file.infer_config(layout, ckpt.shapes(), **kwargs)
+        except ValueError as e:  # CheckpointKeyError included
+            raise CheckpointError(f"{path}: cannot infer the transformer config from the weights: {e} (through "
+                                  "load_transformer / resolve_checkpoint: config_overrides= with the diffusers "
+                                  "key, e.g. {'attention_head_dim': 8} or {'axes_dims_rope': [4, 4, 8]})") from None
+        cfg_dict.update(overrides)
         return ResolvedCheckpoint("single_file", layout, config_from_dict(cfg_dict, path), ckpt, path)
+    if config_overrides:
+        raise CheckpointError(f"{path}: config_overrides applies to single .safetensors files only; a diffusers "
+                              "folder has its config.json")
 
     folder = _transformer_folder(path)
     config_path = os.path.join(folder, "config.json")

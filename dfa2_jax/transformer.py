@@ -117,15 +117,20 @@ def flux_rope(config: FluxConfig, txt_ids, img_ids) -> tuple[jax.Array, jax.Arra
 
 
 def load_transformer(path: str | os.PathLike, *, dtype="float32", cache_dir: str | None | bool = None,
-                     verbose: bool = False) -> Transformer:
+                     config_overrides: dict | None = None, verbose: bool = False) -> Transformer:
     """Load an SD3/SD3.5/FLUX.1 transformer from a diffusers folder (pipeline root or ``transformer/``) or an
     original single ``.safetensors`` file, cast to ``dtype`` ("float32" | "bfloat16" | "float16").
 
     The converted params are kept as an orbax checkpoint under ``cache_dir`` (default ``$DFA2_CACHE_DIR`` or
     ``~/.cache/dfa2_jax``; ``False`` disables it); a second load of the same files reads that copy.
+
+    ``config_overrides`` (single files only; an error for folders): diffusers config keys that replace the
+    ones inferred from the tensor shapes, for what the weights do not record: ``axes_dims_rope`` of a FLUX
+    whose head_dim is not 128, ``attention_head_dim`` of an SD3 without qk-norm whose head_dim is not 64,
+    ``sample_size``. See ``converters.transformer.resolve_checkpoint``.
     """
     jdtype = parse_dtype(dtype)
-    resolved = resolve_checkpoint(path)
+    resolved = resolve_checkpoint(path, config_overrides=config_overrides)
     if cache_dir is False:
         entry = None
     else:
@@ -147,14 +152,29 @@ def load_transformer(path: str | os.PathLike, *, dtype="float32", cache_dir: str
     return Transformer(resolved.config, graphdef, state, dtype=jdtype, source=source, path=os.fspath(path))
 
 
+@functools.partial(jax.jit, static_argnums=(1, 2, 3))
+def _random_leaf(key, shape, dtype, kind):
+    if kind == "ones":
+        return jnp.ones(shape, dtype)
+    if kind == "kernel":  # torch.nn.Linear-style: uniform ±1/sqrt(fan_in); fan_in = all but the last axis
+        bound = float(np.prod(shape[:-1])) ** -0.5
+        return jax.random.uniform(key, shape, jnp.float32, -bound, bound).astype(dtype)
+    return (0.02 * jax.random.normal(key, shape, jnp.float32)).astype(dtype)
+
+
 def random_transformer(config: TransformerConfig, *, dtype="bfloat16", seed: int = 0) -> Transformer:
-    """A transformer with random weights (torch.nn.Linear-style init), created on the device under jit
-    (no host copy) — for benchmarks at full size without a checkpoint."""
+    """A transformer with random weights, generated leaf by leaf on the device (no host copy; one small
+    compiled generator per distinct leaf shape, so a 12B-parameter FLUX is ready in seconds) — for benchmarks
+    at full size without a checkpoint."""
     jdtype = parse_dtype(dtype)
-    cls = model_class(config)
-    graphdef, _ = nnx.split(abstract_model(config, jdtype))
-    state = jax.jit(lambda: nnx.split(cls(config, dtype=jdtype, rngs=nnx.Rngs(seed)))[1])()
-    return Transformer(config, graphdef, state, dtype=jdtype, source="random")
+    graphdef, abstract = nnx.split(abstract_model(config, jdtype))
+    key = jax.random.key(seed)
+    leaves = []
+    for i, (path, var) in enumerate(nnx.to_flat_state(abstract)):
+        name = str(path[-1])
+        kind = "kernel" if name == "kernel" else "ones" if name == "scale" else "normal"
+        leaves.append((path, var.replace(_random_leaf(jax.random.fold_in(key, i), tuple(var.shape), jdtype, kind))))
+    return Transformer(config, graphdef, nnx.from_flat_state(leaves), dtype=jdtype, source="random")
 
 
 def config_of(path: str | os.PathLike) -> TransformerConfig:
