@@ -33,6 +33,55 @@ def _cmd_convert(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_generate(args: argparse.Namespace) -> int:
+    import numpy as np
+
+    from dfa2_jax.pipeline import load_pipeline
+
+    t0 = time.perf_counter()
+    pipe = load_pipeline(args.model, dtype=args.dtype, cache_dir=args.cache_dir)
+    print(f"loaded {pipe.transformer.config.diffusers_class} pipeline in {time.perf_counter() - t0:.1f} s",
+          file=sys.stderr)
+    latents = None
+    if args.latents:
+        latents = np.load(args.latents)
+    kwargs = dict(height=args.height, width=args.width, num_inference_steps=args.steps, guidance_scale=args.guidance,
+                  seed=args.seed, latents=latents, progress=not args.no_progress)
+    if args.negative_prompt is not None:
+        kwargs["negative_prompt"] = args.negative_prompt
+    t0 = time.perf_counter()
+    out = pipe(args.prompt, **kwargs)
+    print(f"generated in {time.perf_counter() - t0:.1f} s (compile included)", file=sys.stderr)
+    if args.save_latents:
+        _atomic_np_save(args.save_latents, out.latents)
+    _save_images(out.images, args.output)
+    return 0
+
+
+def _atomic_np_save(path: str, array) -> None:
+    import os
+    import tempfile
+
+    import numpy as np
+
+    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(os.path.abspath(path)), suffix=".npy")
+    with os.fdopen(fd, "wb") as f:
+        np.save(f, array)
+    os.replace(tmp, path)
+
+
+def _save_images(images, output: str) -> list[str]:
+    """One image -> ``output``; several -> ``output`` with ``-0``, ``-1``, ... before the extension."""
+    import os
+
+    paths = [output] if len(images) == 1 else [f"{os.path.splitext(output)[0]}-{i}{os.path.splitext(output)[1]}"
+                                               for i in range(len(images))]
+    for im, p in zip(images, paths):
+        im.save(p)
+        print(p)
+    return paths
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="dfa2", description="DiTFastAttnV2 for SD3 / SD3.5 / FLUX.1 in JAX")
     sub = p.add_subparsers(dest="command", required=True)
@@ -47,6 +96,26 @@ def build_parser() -> argparse.ArgumentParser:
     conv.add_argument("--cache-dir", default=None, help="orbax cache root (default $DFA2_CACHE_DIR or "
                                                          "~/.cache/dfa2_jax)")
     conv.set_defaults(fn=_cmd_convert)
+
+    gen = sub.add_parser("generate", help="text to image with an SD3 / SD3.5 / FLUX.1 diffusers pipeline folder")
+    gen.add_argument("--model", required=True, help="diffusers pipeline folder (model_index.json, transformer/, "
+                                                     "vae/, text_encoder*/, tokenizer*/, scheduler/)")
+    gen.add_argument("--prompt", required=True)
+    gen.add_argument("--negative-prompt", default=None, help="SD3 only (classifier-free guidance)")
+    gen.add_argument("--height", type=int, default=None)
+    gen.add_argument("--width", type=int, default=None)
+    gen.add_argument("--steps", type=int, default=28)
+    gen.add_argument("--guidance", type=float, default=None,
+                     help="SD3: CFG scale (7.0); FLUX.1-dev: guidance embedding (3.5); not for schnell")
+    gen.add_argument("--seed", type=int, default=0)
+    gen.add_argument("--dtype", default="bfloat16", choices=["float32", "bfloat16"])
+    gen.add_argument("--latents", default=None, help="initial noise .npy in diffusers' layout (SD3 [B,16,H/8,W/8]; "
+                                                      "FLUX packed [B,N,64])")
+    gen.add_argument("--save-latents", default=None, help="write the final latents (before VAE decoding) as .npy")
+    gen.add_argument("--cache-dir", default=None)
+    gen.add_argument("--no-progress", action="store_true", help="no progress bar")
+    gen.add_argument("-o", "--output", required=True, help="output PNG")
+    gen.set_defaults(fn=_cmd_generate)
     return p
 
 

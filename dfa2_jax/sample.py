@@ -10,7 +10,9 @@ FLUX: guidance embedding (dev) or none (schnell); the transformer receives t / 1
 
 from __future__ import annotations
 
+import contextlib
 import functools
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import jax
@@ -34,32 +36,59 @@ def _velocity(model, x, t, cond: dict[str, Any], *, family: str, do_cfg: bool):
     return model(x, cond["prompt_embeds"], cond["pooled_projections"], ts, cond["rope"], cond.get("guidance"))
 
 
-def _scan_denoise(graphdef, state, latents, cond, timesteps, sigmas, *, family: str, do_cfg: bool):
+# Progress reporting from inside the compiled scan: the step calls back to the host with its index; the
+# receiving function is looked up here at call time, so the compiled sampler never changes with it. (A module
+# slot, not a ContextVar: XLA runs host callbacks on its own threads, where a ContextVar is not set.)
+_progress_hooks: list[Callable[[int], None]] = []
+
+
+def _report(i) -> None:
+    for hook in list(_progress_hooks):
+        hook(int(i))
+
+
+@contextlib.contextmanager
+def progress_hook(fn: Callable[[int], None]) -> Iterator[None]:
+    """Within this context, a sampler compiled with ``report=True`` calls ``fn(step_index)`` after each step."""
+    _progress_hooks.append(fn)
+    try:
+        yield
+    finally:
+        _progress_hooks.remove(fn)
+
+
+def _scan_denoise(graphdef, state, latents, cond, timesteps, sigmas, *, family: str, do_cfg: bool, report: bool):
     model = nnx.merge(graphdef, state)
 
     def step(carry, xs):
-        t, sigma, sigma_next = xs
+        i, t, sigma, sigma_next = xs
         x = carry["latents"]
         v = _velocity(model, x, t, cond, family=family, do_cfg=do_cfg)
-        return {**carry, "latents": euler_step(x, v, sigma, sigma_next)}, None
+        x = euler_step(x, v, sigma, sigma_next)
+        if report:
+            jax.debug.callback(_report, i, ordered=True)
+        return {**carry, "latents": x}, None
 
-    carry, _ = jax.lax.scan(step, {"latents": latents}, (timesteps, sigmas[:-1], sigmas[1:]))
+    steps = jnp.arange(timesteps.shape[0])
+    carry, _ = jax.lax.scan(step, {"latents": latents}, (steps, timesteps, sigmas[:-1], sigmas[1:]))
     return carry["latents"]
 
 
-_scan_denoise_jit = jax.jit(_scan_denoise, static_argnums=(0,), static_argnames=("family", "do_cfg"),
+_scan_denoise_jit = jax.jit(_scan_denoise, static_argnums=(0,), static_argnames=("family", "do_cfg", "report"),
                             donate_argnums=(2,))
 
 
-def denoise(graphdef, state, latents, cond: dict[str, Any], timesteps, sigmas, *, family: str, do_cfg: bool = False):
+def denoise(graphdef, state, latents, cond: dict[str, Any], timesteps, sigmas, *, family: str, do_cfg: bool = False,
+            report: bool = False):
     """Run every step of the schedule; latents: SD3 [B, C, H, W], FLUX packed [B, N, C·4].
 
     ``cond``: ``prompt_embeds``, ``pooled_projections`` (SD3 with CFG: [uncond; cond] stacked on the batch,
     plus ``guidance_scale``), FLUX: ``rope`` (cos, sin) and ``guidance`` [B] or None. ``timesteps`` [N] and
     ``sigmas`` [N + 1] from :func:`dfa2_jax.scheduler.set_timesteps`. The latents buffer is donated.
+    ``report``: call the :func:`progress_hook` after every step (a host callback; off for benchmarks).
     """
     return _scan_denoise_jit(graphdef, state, latents, cond, jnp.asarray(timesteps), jnp.asarray(sigmas),
-                             family=family, do_cfg=do_cfg)
+                             family=family, do_cfg=do_cfg, report=report)
 
 
 @functools.partial(jax.jit, static_argnums=(0,), static_argnames=("family", "do_cfg"))

@@ -22,6 +22,8 @@ def perturb_(module, seed: int) -> None:
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for t in list(module.parameters()) + list(module.buffers()):
+            if not t.is_floating_point():  # e.g. CLIP's position_ids
+                continue
             t.add_(0.05 * torch.randn(t.shape, generator=g, dtype=t.dtype))
 
 
