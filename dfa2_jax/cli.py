@@ -82,6 +82,15 @@ def _save_images(images, output: str) -> list[str]:
     return paths
 
 
+def _cmd_demo(args: argparse.Namespace) -> int:
+    from dfa2_jax.demo import run_demo
+
+    t0 = time.perf_counter()
+    run_demo(args.out, steps=args.steps, size=args.size, seed=args.seed)
+    print(f"demo done in {time.perf_counter() - t0:.1f} s")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="dfa2", description="DiTFastAttnV2 for SD3 / SD3.5 / FLUX.1 in JAX")
     sub = p.add_subparsers(dest="command", required=True)
@@ -116,6 +125,13 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--no-progress", action="store_true", help="no progress bar")
     gen.add_argument("-o", "--output", required=True, help="output PNG")
     gen.set_defaults(fn=_cmd_generate)
+
+    demo = sub.add_parser("demo", help="the whole loop on the embedded tiny SD3- and FLUX-style pipelines (CPU)")
+    demo.add_argument("--out", default="demo_out", help="folder for the PNGs")
+    demo.add_argument("--steps", type=int, default=8)
+    demo.add_argument("--size", type=int, default=64, help="image height and width (multiple of 4)")
+    demo.add_argument("--seed", type=int, default=0)
+    demo.set_defaults(fn=_cmd_demo)
     return p
 
 
