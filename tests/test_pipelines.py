@@ -172,3 +172,43 @@ def test_bad_inputs(pipes, ours, tmp_path, caplog):
     assert "truncated because CLIP can only handle sequences up to 77 tokens" in caplog.text
     assert "truncated because T5 can only handle sequences up to 24 tokens" in caplog.text
     assert embeds.shape == (1, 77 + 24, 64)
+
+
+def test_cli_generate_with_latents(pipes, tmp_path, capsys):
+    from dfa2_jax.cli import main
+
+    _, folder = pipes["flux_dev"]
+    init = _initial_latents("flux_dev")[:1]
+    np.save(tmp_path / "init.npy", init)
+    args = ["generate", "--model", folder, "--prompt", PROMPTS[0], "--height", "32", "--width", "24", "--steps", "2",
+            "--dtype", "float32", "--latents", str(tmp_path / "init.npy"), "--save-latents", str(tmp_path / "out.npy"),
+            "--cache-dir", str(tmp_path / "cache"), "--no-progress", "-o", str(tmp_path / "out.png")]
+    assert main(args) == 0
+    from PIL import Image
+
+    im = Image.open(tmp_path / "out.png")
+    assert im.size == (24, 32)
+    final = np.load(tmp_path / "out.npy")
+    assert final.shape == (1, 48, 16) and np.isfinite(final).all() and not np.allclose(final, init)
+    bad = args[:]
+    bad[bad.index("--latents") + 1] = str(tmp_path / "wrong.npy")
+    np.save(tmp_path / "wrong.npy", np.zeros((1, 4, 16, 12), np.float32))
+    assert main(bad) == 2
+    assert "expected packed (1, 48, 16)" in capsys.readouterr().err
+    schnell = ["generate", "--model", pipes["flux_schnell"][1], "--prompt", "x", "--height", "32", "--width", "24",
+               "--steps", "1", "--guidance", "3.5", "--dtype", "float32", "--cache-dir", str(tmp_path / "cache"),
+               "-o", str(tmp_path / "s.png")]
+    assert main(schnell) == 2
+    assert "no guidance embedding" in capsys.readouterr().err
+
+
+def test_demo_writes_pngs(tmp_path):
+    from PIL import Image
+
+    from dfa2_jax.demo import run_demo
+
+    paths = run_demo(str(tmp_path), steps=2, size=32)
+    assert len(paths) == 4
+    for p in paths:
+        im = np.asarray(Image.open(p))
+        assert im.shape == (32, 32, 3) and im.std() > 0
