@@ -31,6 +31,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from converters import common
+from converters.common import parse_dtype  # noqa: F401
 from converters.safetensors_io import CheckpointError, ShardedCheckpoint
 from dfa2_jax.models.clip import CLIPOutput, CLIPTextConfig, CLIPTextModel
 from dfa2_jax.models.configs import ConfigError
@@ -38,17 +40,8 @@ from dfa2_jax.models.t5 import T5Config, T5EncoderModel
 
 WEIGHTS_NAME = "model.safetensors"
 WEIGHTS_INDEX_NAME = "model.safetensors.index.json"
-DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
 _LEAF_TO_WEIGHT = ("kernel", "scale", "embedding")
 _CLIP_TOP = ("embeddings.", "encoder.", "final_layer_norm.")  # transformers 5.x CLIPTextModel keys
-
-
-def parse_dtype(dtype) -> jnp.dtype:
-    if isinstance(dtype, str):
-        if dtype not in DTYPES:
-            raise ValueError(f"dtype={dtype!r}: expected one of {sorted(DTYPES)}")
-        return jnp.dtype(DTYPES[dtype])
-    return jnp.dtype(dtype)
 
 
 def read_folder(folder: str | os.PathLike) -> tuple[dict, str, ShardedCheckpoint]:
@@ -79,10 +72,7 @@ def read_folder(folder: str | os.PathLike) -> tuple[dict, str, ShardedCheckpoint
 
 def leaf_key(path: tuple) -> str:
     """Our state path -> the transformers key it is filled from."""
-    parts = [str(p) for p in path]
-    if parts[-1] in _LEAF_TO_WEIGHT:
-        parts[-1] = "weight"
-    return ".".join(parts)
+    return common.leaf_key(path, _LEAF_TO_WEIGHT)
 
 
 def _fill(model_fn: Callable[[], nnx.Module], sources: dict[str, tuple[str, str]], ckpt: ShardedCheckpoint,

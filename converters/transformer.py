@@ -24,11 +24,11 @@ import os
 from collections.abc import Callable, Iterator
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
 from converters import single_file
+from converters.common import DTYPES, from_leaf, leaf_key, parse_dtype, to_leaf, torch_shape  # noqa: F401 (re-exported)
 from converters.safetensors_io import CheckpointError, ShardedCheckpoint
 from dfa2_jax.models.configs import (ConfigError, FluxConfig, SD3Config, TransformerConfig, config_from_dict,
                                      config_from_json)
@@ -37,7 +37,6 @@ from dfa2_jax.models.sd3 import SD3Transformer2DModel
 
 WEIGHTS_NAME = "diffusion_pytorch_model.safetensors"
 WEIGHTS_INDEX_NAME = "diffusion_pytorch_model.safetensors.index.json"
-DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
 
 
 @dataclasses.dataclass
@@ -57,14 +56,6 @@ class ResolvedCheckpoint:
 
 def model_class(config: TransformerConfig):
     return SD3Transformer2DModel if isinstance(config, SD3Config) else FluxTransformer2DModel
-
-
-def parse_dtype(dtype) -> jnp.dtype:
-    if isinstance(dtype, str):
-        if dtype not in DTYPES:
-            raise ValueError(f"dtype={dtype!r}: expected one of {sorted(DTYPES)}")
-        return jnp.dtype(DTYPES[dtype])
-    return jnp.dtype(dtype)
 
 
 def _transformer_folder(path: str) -> str:
@@ -144,32 +135,6 @@ def abstract_model(config: TransformerConfig, dtype) -> nnx.Module:
     return nnx.eval_shape(lambda: cls(config, dtype=dtype, rngs=nnx.Rngs(0)))
 
 
-def leaf_key(path: tuple) -> str:
-    """Our state path -> the diffusers state-dict key it is filled from."""
-    parts = [str(p) for p in path]
-    if parts[-1] in ("kernel", "scale"):
-        parts[-1] = "weight"
-    return ".".join(parts)
-
-
-def _to_leaf(name: str, array: np.ndarray) -> np.ndarray:
-    if name == "kernel":
-        if array.ndim == 2:
-            return array.T  # torch Linear [out, in] -> [in, out]
-        if array.ndim == 4:
-            return array.transpose(2, 3, 1, 0)  # conv OIHW -> HWIO
-    return array
-
-
-def _from_leaf(name: str, array: np.ndarray) -> np.ndarray:
-    if name == "kernel":
-        if array.ndim == 2:
-            return array.T
-        if array.ndim == 4:
-            return array.transpose(3, 2, 0, 1)
-    return array
-
-
 def diffusers_tensors(resolved: ResolvedCheckpoint) -> Iterator[tuple[str, np.ndarray, str]]:
     """(diffusers key, tensor, source file) for every transformer tensor of the checkpoint, streamed."""
     ckpt = resolved.checkpoint
@@ -206,10 +171,10 @@ def load_params(resolved: ResolvedCheckpoint, dtype="float32",
             raise CheckpointError(f"{file}: tensor {key!r} has no place in the {type(resolved.config).__name__} "
                                   f"model built from the config (unused key; does the config match the weights?)")
         target = flat[path]
-        leaf = _to_leaf(str(path[-1]), arr)
+        leaf = to_leaf(str(path[-1]), arr)
         if tuple(leaf.shape) != tuple(target.shape):
             raise CheckpointError(f"{file}: tensor {key!r} has shape {tuple(arr.shape)}, the config expects "
-                                  f"{tuple(_from_leaf(str(path[-1]), np.empty(target.shape, np.int8)).shape)}")
+                                  f"{torch_shape(str(path[-1]), tuple(target.shape))}")
         host = np.ascontiguousarray(leaf, dtype=dtype)  # one host copy in the target dtype
         filled[path] = put(host, path)
         del host
@@ -225,7 +190,7 @@ def state_to_diffusers(state: nnx.State) -> dict[str, np.ndarray]:
     """Our params back to a diffusers-named state dict (numpy), e.g. to compare or to write files."""
     out = {}
     for path, var in nnx.to_flat_state(state):
-        out[leaf_key(path)] = np.asarray(_from_leaf(str(path[-1]), np.asarray(var[...])))
+        out[leaf_key(path)] = np.asarray(from_leaf(str(path[-1]), np.asarray(var[...])))
     return out
 
 

@@ -27,27 +27,19 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from converters.common import leaf_key, parse_dtype, to_leaf, torch_shape  # noqa: F401
 from converters.safetensors_io import CheckpointError, ShardedCheckpoint
 from dfa2_jax.models.configs import ConfigError
 from dfa2_jax.models.vae import AutoencoderKLDecoder, VAEConfig
 
 WEIGHTS_NAME = "diffusion_pytorch_model.safetensors"
 WEIGHTS_INDEX_NAME = "diffusion_pytorch_model.safetensors.index.json"
-DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
 SKIPPED_PREFIXES = ("encoder.", "quant_conv.")  # the encoder half: never used to decode
 _LEGACY_ATTN = re.compile(r"^(.*\.attentions\.\d+)\.(query|key|value|proj_attn)\.(weight|bias)$")
 _LEGACY_NAMES = {"query": "to_q", "key": "to_k", "value": "to_v", "proj_attn": "to_out.0"}
 
 __all__ = ["CheckpointError", "ConfigError", "load_vae_decoder", "vae_folder", "abstract_decoder", "leaf_key",
            "SKIPPED_PREFIXES"]
-
-
-def _parse_dtype(dtype) -> jnp.dtype:
-    if isinstance(dtype, str):
-        if dtype not in DTYPES:
-            raise ValueError(f"dtype={dtype!r}: expected one of {sorted(DTYPES)}")
-        return jnp.dtype(DTYPES[dtype])
-    return jnp.dtype(dtype)
 
 
 def vae_folder(path: str | os.PathLike) -> str:
@@ -85,31 +77,6 @@ def abstract_decoder(config: VAEConfig, dtype=jnp.float32) -> AutoencoderKLDecod
     return nnx.eval_shape(lambda: AutoencoderKLDecoder(config, dtype=dtype, rngs=nnx.Rngs(0)))
 
 
-def leaf_key(path: tuple) -> str:
-    """Our state path -> the diffusers state-dict key it is filled from."""
-    parts = [str(p) for p in path]
-    if parts[-1] in ("kernel", "scale"):
-        parts[-1] = "weight"
-    return ".".join(parts)
-
-
-def _to_leaf(name: str, array: np.ndarray) -> np.ndarray:
-    if name == "kernel":
-        if array.ndim == 2:
-            return array.T  # torch Linear [out, in] -> [in, out]
-        if array.ndim == 4:
-            return array.transpose(2, 3, 1, 0)  # conv OIHW -> HWIO
-    return array
-
-
-def _torch_shape(name: str, shape: tuple[int, ...]) -> tuple[int, ...]:
-    if name == "kernel" and len(shape) == 2:
-        return shape[::-1]
-    if name == "kernel" and len(shape) == 4:
-        return (shape[3], shape[2], shape[0], shape[1])
-    return tuple(shape)
-
-
 def _renamed(ckpt: ShardedCheckpoint) -> dict[str, str]:
     """Our diffusers key -> the checkpoint key it is read from (legacy attention names renamed)."""
     out: dict[str, str] = {}
@@ -133,7 +100,7 @@ def load_vae_decoder(path: str | os.PathLike, dtype="float32",
     ``jax.device_put``). Raises ``ConfigError`` for a bad config.json, ``CheckpointError`` (naming the key and
     the file) for missing / unused / mis-shaped tensors.
     """
-    dtype = _parse_dtype(dtype)
+    dtype = parse_dtype(dtype)
     folder = vae_folder(path)
     config_path = os.path.join(folder, "config.json")
     if not os.path.isfile(config_path):
@@ -157,11 +124,11 @@ def load_vae_decoder(path: str | os.PathLike, dtype="float32",
         target = flat[target_path]
         name = str(target_path[-1])
         arr = ckpt.get(src)
-        want = _torch_shape(name, tuple(target.shape))
+        want = torch_shape(name, tuple(target.shape))
         if tuple(arr.shape) != want:
             raise CheckpointError(f"{file}: tensor {src!r} has shape {tuple(arr.shape)}, {config_path} implies "
                                   f"{want}")
-        host = np.ascontiguousarray(_to_leaf(name, arr), dtype=dtype)
+        host = np.ascontiguousarray(to_leaf(name, arr), dtype=dtype)
         filled[target_path] = put(host, target_path)
         del host
     missing = sorted(leaf_key(p) for p in flat if p not in filled)

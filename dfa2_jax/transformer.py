@@ -23,8 +23,7 @@ import numpy as np
 from flax import nnx
 
 from converters import cache as param_cache
-from converters.transformer import (CheckpointError, abstract_model, load_params, model_class, parse_dtype,
-                                    resolve_checkpoint)
+from converters.transformer import CheckpointError, abstract_model, load_params, parse_dtype, resolve_checkpoint
 from dfa2_jax.models.attention import AttentionRuntime
 from dfa2_jax.models.configs import FluxConfig, SD3Config, TransformerConfig
 from dfa2_jax.models.flux import flux_attention_layer_names

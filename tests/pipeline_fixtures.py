@@ -49,17 +49,22 @@ def _vae(latent_channels: int, seed: int, shift_factor: float | None):
     return vae
 
 
-def build_sd3_pipeline(folder: str, *, with_t5: bool = True, seed: int = 0):
-    """StableDiffusion3Pipeline: SD3.5-style tiny transformer (dual attention, RMS qk-norm), CLIP-L/G, T5."""
-    import diffusers
-    import torch
+def _tokenizers(folder: str):
+    """The offline tiny CLIP and T5 tokenizers, written under ``folder`` and read back by transformers."""
     from transformers import AutoTokenizer
 
     os.makedirs(folder, exist_ok=True)
     make_clip_tokenizer(os.path.join(folder, "_tok_clip"))
     make_t5_tokenizer(os.path.join(folder, "_tok_t5"), T5_VOCAB)
-    tok = AutoTokenizer.from_pretrained(os.path.join(folder, "_tok_clip"))
-    tok_t5 = AutoTokenizer.from_pretrained(os.path.join(folder, "_tok_t5"))
+    return (AutoTokenizer.from_pretrained(os.path.join(folder, "_tok_clip")),
+            AutoTokenizer.from_pretrained(os.path.join(folder, "_tok_t5")))
+
+
+def build_sd3_pipeline(folder: str, *, with_t5: bool = True, seed: int = 0):
+    """StableDiffusion3Pipeline: SD3.5-style tiny transformer (dual attention, RMS qk-norm), CLIP-L/G, T5."""
+    import diffusers
+    import torch
+    tok, tok_t5 = _tokenizers(folder)
     torch.manual_seed(seed)
     transformer = diffusers.SD3Transformer2DModel(
         sample_size=32, patch_size=2, in_channels=4, num_layers=3, attention_head_dim=8, num_attention_heads=4,
@@ -81,13 +86,7 @@ def build_flux_pipeline(folder: str, *, guidance: bool = True, seed: int = 0):
     """FluxPipeline: tiny FLUX transformer (guidance embedding or not), CLIP-L (pooled), T5."""
     import diffusers
     import torch
-    from transformers import AutoTokenizer
-
-    os.makedirs(folder, exist_ok=True)
-    make_clip_tokenizer(os.path.join(folder, "_tok_clip"))
-    make_t5_tokenizer(os.path.join(folder, "_tok_t5"), T5_VOCAB)
-    tok = AutoTokenizer.from_pretrained(os.path.join(folder, "_tok_clip"))
-    tok_t5 = AutoTokenizer.from_pretrained(os.path.join(folder, "_tok_t5"))
+    tok, tok_t5 = _tokenizers(folder)
     torch.manual_seed(seed)
     transformer = diffusers.FluxTransformer2DModel(
         patch_size=1, in_channels=16, num_layers=2, num_single_layers=2, attention_head_dim=16,

@@ -131,7 +131,6 @@ def test_scan_equals_python_loop(ours, name):
 
 
 def test_progress_bar_counts_steps(ours):
-    from dfa2_jax.sample import progress_hook  # noqa: F401  (used through the pipeline)
 
     seen = []
     import dfa2_jax.sample as S

@@ -218,7 +218,8 @@ def test_presets_build_diffusers_shapes():
     import diffusers
     import torch
 
-    from converters.vae import _torch_shape, abstract_decoder
+    from converters.common import torch_shape as _torch_shape
+    from converters.vae import abstract_decoder
 
     kwargs = {k: v for k, v in VAEConfig.flux().to_diffusers().items() if not k.startswith("_")}
     with torch.device("meta"):  # shapes only, nothing allocated
