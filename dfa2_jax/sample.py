@@ -11,29 +11,33 @@ FLUX: guidance embedding (dev) or none (schnell); the transformer receives t / 1
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import functools
 from collections.abc import Callable, Iterator
 from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 
+from dfa2_jax.runtime import PlanRuntime, RuntimeSpec, ShapeProbe
 from dfa2_jax.scheduler import euler_step
 
 
-def _velocity(model, x, t, cond: dict[str, Any], *, family: str, do_cfg: bool):
+def _velocity(model, x, t, cond: dict[str, Any], *, family: str, do_cfg: bool, runtime=None):
     """One transformer evaluation at timestep t (diffusers' scale: 0..1000) -> velocity, x's shape."""
     if family == "sd3":
         model_in = jnp.concatenate([x, x], axis=0) if do_cfg else x
         ts = jnp.broadcast_to(t, (model_in.shape[0],))
-        v = model(model_in, cond["prompt_embeds"], cond["pooled_projections"], ts)
+        v = model(model_in, cond["prompt_embeds"], cond["pooled_projections"], ts, runtime=runtime)
         if do_cfg:
             uncond, text = jnp.split(v, 2, axis=0)
             v = uncond + cond["guidance_scale"] * (text - uncond)
         return v
     ts = jnp.broadcast_to(t, (x.shape[0],)).astype(x.dtype) / 1000
-    return model(x, cond["prompt_embeds"], cond["pooled_projections"], ts, cond["rope"], cond.get("guidance"))
+    return model(x, cond["prompt_embeds"], cond["pooled_projections"], ts, cond["rope"], cond.get("guidance"),
+                 runtime=runtime)
 
 
 # Progress reporting from inside the compiled scan: the step calls back to the host with its index; the
@@ -57,54 +61,119 @@ def progress_hook(fn: Callable[[int], None]) -> Iterator[None]:
         _progress_hooks.remove(fn)
 
 
-def _scan_denoise(graphdef, state, latents, cond, timesteps, sigmas, *, family: str, do_cfg: bool, report: bool):
+def _scan_denoise(graphdef, state, latents, cond, timesteps, sigmas, plan, *, family: str, do_cfg: bool,
+                  report: bool, spec: RuntimeSpec | None):
     model = nnx.merge(graphdef, state)
 
     def step(carry, xs):
-        i, t, sigma, sigma_next = xs
         x = carry["latents"]
-        v = _velocity(model, x, t, cond, family=family, do_cfg=do_cfg)
-        x = euler_step(x, v, sigma, sigma_next)
+        runtime = None
+        if spec is not None:
+            runtime = PlanRuntime(spec, xs["codes"], xs["half_windows"], plan["resid_windows"], carry["attn"])
+        v = _velocity(model, x, xs["t"], cond, family=family, do_cfg=do_cfg, runtime=runtime)
+        x = euler_step(x, v, xs["sigma"], xs["sigma_next"])
         if report:
-            jax.debug.callback(_report, i, ordered=True)
-        return {**carry, "latents": x}, None
+            jax.debug.callback(_report, xs["i"], ordered=True)
+        new = {"latents": x}
+        if spec is not None:
+            new["attn"] = runtime.new_state
+        return new, None
 
-    steps = jnp.arange(timesteps.shape[0])
-    carry, _ = jax.lax.scan(step, {"latents": latents}, (steps, timesteps, sigmas[:-1], sigmas[1:]))
+    xs = {"i": jnp.arange(timesteps.shape[0]), "t": timesteps, "sigma": sigmas[:-1], "sigma_next": sigmas[1:]}
+    carry = {"latents": latents}
+    if spec is not None:
+        xs.update(codes=plan["codes"], half_windows=plan["half_windows"])
+        carry["attn"] = plan["state"]
+    carry, _ = jax.lax.scan(step, carry, xs)
     return carry["latents"]
 
 
-_scan_denoise_jit = jax.jit(_scan_denoise, static_argnums=(0,), static_argnames=("family", "do_cfg", "report"),
-                            donate_argnums=(2,))
+_scan_denoise_jit = jax.jit(_scan_denoise, static_argnums=(0,),
+                            static_argnames=("family", "do_cfg", "report", "spec"), donate_argnums=(2,))
+
+
+@dataclasses.dataclass(frozen=True)
+class PlanArrays:
+    """A plan for one resolution as the sampler takes it: codes / half-windows [steps, layers, heads] (method
+    codes of ``dfa2_jax.methods``, half-widths in tokens) and the wars residual half-windows [layers, heads]."""
+
+    codes: np.ndarray
+    half_windows: np.ndarray
+    resid_windows: np.ndarray
+
+    def __post_init__(self):
+        if self.codes.shape != self.half_windows.shape or self.codes.ndim != 3:
+            raise ValueError(f"codes {self.codes.shape} and half_windows {self.half_windows.shape} must be one "
+                             "[steps, layers, heads] shape")
+        if self.resid_windows.shape != self.codes.shape[1:]:
+            raise ValueError(f"resid_windows {self.resid_windows.shape} must be [layers, heads] "
+                             f"{self.codes.shape[1:]}")
+
+
+def initial_attention_state(graphdef, state, latents, cond, spec: RuntimeSpec, *, family: str, do_cfg: bool):
+    """Zeros for every per-layer state the plan reads (shapes found by tracing one step with a probe)."""
+
+    def probe_step(state, latents, cond):
+        model = nnx.merge(graphdef, state)
+        probe = ShapeProbe(spec)
+        _velocity(model, latents, jnp.zeros(()), cond, family=family, do_cfg=do_cfg, runtime=probe)
+        return {k: v for k, v in probe.shapes.items() if spec.stateful(int(k))}
+
+    shapes = jax.eval_shape(probe_step, state, latents, cond)
+    return jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes)
 
 
 def denoise(graphdef, state, latents, cond: dict[str, Any], timesteps, sigmas, *, family: str, do_cfg: bool = False,
-            report: bool = False):
+            report: bool = False, plan: PlanArrays | None = None):
     """Run every step of the schedule; latents: SD3 [B, C, H, W], FLUX packed [B, N, C·4].
 
     ``cond``: ``prompt_embeds``, ``pooled_projections`` (SD3 with CFG: [uncond; cond] stacked on the batch,
     plus ``guidance_scale``), FLUX: ``rope`` (cos, sin) and ``guidance`` [B] or None. ``timesteps`` [N] and
     ``sigmas`` [N + 1] from :func:`dfa2_jax.scheduler.set_timesteps`. The latents buffer is donated.
     ``report``: call the :func:`progress_hook` after every step (a host callback; off for benchmarks).
+    ``plan``: head-wise compression (:class:`PlanArrays` for this resolution); None is dense attention.
     """
-    return _scan_denoise_jit(graphdef, state, latents, cond, jnp.asarray(timesteps), jnp.asarray(sigmas),
-                             family=family, do_cfg=do_cfg, report=report)
+    spec, plan_in = None, None
+    if plan is not None:
+        if plan.codes.shape[0] != len(timesteps):
+            raise ValueError(f"the plan has {plan.codes.shape[0]} steps; the schedule has {len(timesteps)}")
+        spec = RuntimeSpec.from_codes(plan.codes, cfg=do_cfg)
+        plan_in = {"codes": jnp.asarray(plan.codes, jnp.int32), "half_windows": jnp.asarray(plan.half_windows, jnp.int32),
+                   "resid_windows": jnp.asarray(plan.resid_windows, jnp.int32),
+                   "state": initial_attention_state(graphdef, state, latents, cond, spec, family=family,
+                                                    do_cfg=do_cfg)}
+    return _scan_denoise_jit(graphdef, state, latents, cond, jnp.asarray(timesteps), jnp.asarray(sigmas), plan_in,
+                             family=family, do_cfg=do_cfg, report=report, spec=spec)
 
 
-@functools.partial(jax.jit, static_argnums=(0,), static_argnames=("family", "do_cfg"))
-def _one_step(graphdef, state, x, cond, t, sigma, sigma_next, *, family: str, do_cfg: bool):
+@functools.partial(jax.jit, static_argnums=(0,), static_argnames=("family", "do_cfg", "spec"))
+def _one_step(graphdef, state, x, cond, t, sigma, sigma_next, step_plan, *, family: str, do_cfg: bool,
+              spec: RuntimeSpec | None):
     model = nnx.merge(graphdef, state)
-    return euler_step(x, _velocity(model, x, t, cond, family=family, do_cfg=do_cfg), sigma, sigma_next)
+    runtime = None
+    if spec is not None:
+        runtime = PlanRuntime(spec, step_plan["codes"], step_plan["half_windows"], step_plan["resid_windows"],
+                              step_plan["state"])
+    x = euler_step(x, _velocity(model, x, t, cond, family=family, do_cfg=do_cfg, runtime=runtime), sigma, sigma_next)
+    return x, (runtime.new_state if runtime is not None else None)
 
 
 def denoise_loop(graphdef, state, latents, cond, timesteps, sigmas, *, family: str, do_cfg: bool = False,
-                 callback=None):
+                 callback=None, plan: PlanArrays | None = None):
     """The same steps as :func:`denoise` in a Python loop (one jitted step per call): the reference the scan
-    is tested against, and the path that can report progress per step (``callback(i, latents)``)."""
+    is tested against (``callback(i, latents)`` after each step)."""
     x = jnp.asarray(latents)
+    spec, attn = None, None
+    if plan is not None:
+        spec = RuntimeSpec.from_codes(plan.codes, cfg=do_cfg)
+        attn = initial_attention_state(graphdef, state, x, cond, spec, family=family, do_cfg=do_cfg)
     for i in range(len(timesteps)):
-        x = _one_step(graphdef, state, x, cond, jnp.asarray(timesteps[i]), jnp.asarray(sigmas[i]),
-                      jnp.asarray(sigmas[i + 1]), family=family, do_cfg=do_cfg)
+        step_plan = None
+        if plan is not None:
+            step_plan = {"codes": jnp.asarray(plan.codes[i]), "half_windows": jnp.asarray(plan.half_windows[i]),
+                         "resid_windows": jnp.asarray(plan.resid_windows), "state": attn}
+        x, attn = _one_step(graphdef, state, x, cond, jnp.asarray(timesteps[i]), jnp.asarray(sigmas[i]),
+                            jnp.asarray(sigmas[i + 1]), step_plan, family=family, do_cfg=do_cfg, spec=spec)
         if callback is not None:
             callback(i, x)
     return x

@@ -28,9 +28,13 @@ class TokenLayout:
 
 
 class AttentionRuntime(Protocol):
-    """What the compression runtime implements (see ``dfa2_jax.methods``)."""
+    """What the compression runtime implements (``dfa2_jax.runtime.PlanRuntime``)."""
 
-    def __call__(self, q: jax.Array, k: jax.Array, v: jax.Array, *, layer: int, layout: TokenLayout) -> jax.Array: ...
+    def __call__(self, q: jax.Array, k: jax.Array, v: jax.Array, *, layer: int, layout: TokenLayout) -> jax.Array:
+        """Per-head attention output [B, S, H, D] of ``layer`` under this step's plan."""
+
+    def run_layer(self, layer: int, compute):
+        """Run (or skip) a whole attention site: ``compute() -> (out, ctx)`` with projections."""
 
 
 _CUDNN_DTYPES = (jnp.bfloat16, jnp.float16)

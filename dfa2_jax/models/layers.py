@@ -247,27 +247,33 @@ class Attention(nnx.Module):
         ``joint_text_len``: when ``context`` is None but ``x`` already is a joint sequence (FLUX single
         blocks), how many of its tokens are text.
         """
-        q, k, v = self._qkv(x, self.to_q, self.to_k, self.to_v, self.norm_q, self.norm_k)
-        text_len = joint_text_len
-        if context is not None:
-            cq, ck, cv = self._qkv(context, self.add_q_proj, self.add_k_proj, self.add_v_proj,
-                                   self.norm_added_q, self.norm_added_k)
-            text_len = context.shape[1]
-            order = (lambda a, b: (b, a)) if text_first else (lambda a, b: (a, b))
-            q, k, v = (jnp.concatenate(order(a, b), axis=1) for a, b in ((q, cq), (k, ck), (v, cv)))
-        if rope is not None:
-            q, k = apply_rope(q, *rope), apply_rope(k, *rope)
-        out = joint_attention(q, k, v, layer=layer, layout=TokenLayout(text_len, text_first), runtime=runtime)
-        out = out.reshape(*out.shape[:2], -1)  # [B, S, H·D]
-        ctx_out = None
-        if context is not None:
-            n_img = x.shape[1]
-            if text_first:
-                ctx_out, out = out[:, :text_len], out[:, text_len:]
-            else:
-                out, ctx_out = out[:, :n_img], out[:, n_img:]
-            if self.to_add_out is not None:
-                ctx_out = self.to_add_out(ctx_out)
-        if self.to_out is not None:
-            out = self.to_out[0](out)
-        return out, ctx_out
+        def compute():
+            q, k, v = self._qkv(x, self.to_q, self.to_k, self.to_v, self.norm_q, self.norm_k)
+            text_len = joint_text_len
+            if context is not None:
+                cq, ck, cv = self._qkv(context, self.add_q_proj, self.add_k_proj, self.add_v_proj,
+                                       self.norm_added_q, self.norm_added_k)
+                text_len = context.shape[1]
+                order = (lambda a, b: (b, a)) if text_first else (lambda a, b: (a, b))
+                q, k, v = (jnp.concatenate(order(a, b), axis=1) for a, b in ((q, cq), (k, ck), (v, cv)))
+            if rope is not None:
+                q, k = apply_rope(q, *rope), apply_rope(k, *rope)
+            out = joint_attention(q, k, v, layer=layer, layout=TokenLayout(text_len, text_first), runtime=runtime)
+            out = out.reshape(*out.shape[:2], -1)  # [B, S, H·D]
+            ctx_out = None
+            if context is not None:
+                n_img = x.shape[1]
+                if text_first:
+                    ctx_out, out = out[:, :text_len], out[:, text_len:]
+                else:
+                    out, ctx_out = out[:, :n_img], out[:, n_img:]
+                if self.to_add_out is not None:
+                    ctx_out = self.to_add_out(ctx_out)
+            if self.to_out is not None:
+                out = self.to_out[0](out)
+            return out, ctx_out
+
+        if runtime is None:
+            return compute()
+        # The runtime may skip the whole site (projections included) when every head is cached.
+        return runtime.run_layer(layer, compute)

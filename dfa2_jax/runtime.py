@@ -1,0 +1,158 @@
+"""The head-wise compression runtime inside the scanned sampler.
+
+A plan becomes int arrays: ``codes`` / ``half_windows`` [steps, layers, heads] (scan inputs: one step's
+slice per scan iteration) and ``resid_windows`` [layers, heads] (the ``wars:k`` band of each head). What is
+static is the plan's *structure* (:class:`RuntimeSpec`): which layers ever read a head cache, a ``wars``
+residual, or can skip their projections (all heads ``cache`` at some step: V1's AST), and which layers are
+``full`` throughout (those run the dense path, so the all-``full`` plan compiles to the dense sampler
+exactly). One compile serves every plan with the same shape and structure.
+
+Per layer, the carry holds (only what the plan reads): ``heads`` — every head's latest attention output
+before the output projection [B, S, H, D]; ``resid`` — the ``wars`` residual full − window [B, S, H, D],
+refreshed at the head's ``full`` steps; ``out``/``ctx`` — the layer's projected outputs, returned as they
+are when the layer is skipped.
+
+Per head at one step (reference path, pure jnp; the Pallas kernel replaces the attention on GPU):
+- full / cfg_share: dense over the joint sequence; arrow / wars / cfg_share+arrow: the arrow band;
+- wars: band output + the stored residual; at a full step the residual is refreshed (full − band);
+- cfg_share(+arrow): the conditional half's output is used for both CFG halves (batch = [uncond, cond]);
+- cache: the stored output of the previous step.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from dfa2_jax import methods as M
+from dfa2_jax.models.attention import TokenLayout, dense_attention
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class RuntimeSpec:
+    """Static structure of a plan (hashable: part of the sampler's compile key)."""
+
+    dense_layers: tuple[bool, ...]  # full at every step and head: dense attention, no state
+    cache_layers: tuple[bool, ...]  # some head is `cache` at some step, or the layer can be skipped
+    resid_layers: tuple[bool, ...]  # some head is `wars`
+    skip_layers: tuple[bool, ...]  # every head `cache` at some step: projections skipped then
+    cfg: bool  # the batch is [uncond, cond] (SD3 with classifier-free guidance)
+
+    @classmethod
+    def from_codes(cls, codes: np.ndarray, *, cfg: bool) -> RuntimeSpec:
+        codes = np.asarray(codes)  # [steps, layers, heads]
+        if codes.ndim != 3:
+            raise ValueError(f"codes must be [steps, layers, heads]; got shape {codes.shape}")
+        if not cfg and np.isin(codes, M.CFG_CODES).any():
+            raise ValueError("cfg_share methods need classifier-free guidance (SD3 with guidance_scale > 1)")
+        skip = (codes == M.CACHE).all(axis=2).any(axis=0)
+        return cls(dense_layers=tuple(bool(x) for x in (codes == M.FULL).all(axis=(0, 2))),
+                   cache_layers=tuple(bool(x) for x in (codes == M.CACHE).any(axis=(0, 2)) | skip),
+                   resid_layers=tuple(bool(x) for x in (codes == M.WARS).any(axis=(0, 2))),
+                   skip_layers=tuple(bool(x) for x in skip), cfg=cfg)
+
+    @property
+    def num_layers(self) -> int:
+        return len(self.dense_layers)
+
+    def stateful(self, layer: int) -> bool:
+        return self.cache_layers[layer] or self.resid_layers[layer]
+
+
+def _per_head(mask_h: jax.Array) -> jax.Array:
+    return mask_h[None, None, :, None]  # [H] -> broadcast over [B, S, H, D]
+
+
+class PlanRuntime:
+    """The runtime for one step: plan slices for this step, the carried state in, the new state out.
+
+    Models call it through ``joint_attention`` (per-head outputs) and ``run_layer`` (around a whole attention
+    site, to skip its projections when every head is cached).
+    """
+
+    def __init__(self, spec: RuntimeSpec, codes: jax.Array, half_windows: jax.Array, resid_windows: jax.Array,
+                 state: dict[str, dict[str, jax.Array]]):
+        self.spec = spec
+        self.codes, self.half_windows, self.resid_windows = codes, half_windows, resid_windows  # [L, H]
+        self.state = state
+        self.new_state: dict[str, dict[str, jax.Array]] = {}
+        self._pending: dict[int, dict[str, jax.Array]] = {}
+
+    # -- per-head attention (called by joint_attention) -------------------------------------------------
+    def __call__(self, q, k, v, *, layer: int, layout: TokenLayout) -> jax.Array:
+        spec = self.spec
+        if spec.dense_layers[layer]:
+            return dense_attention(q, k, v)
+        codes, hw = self.codes[layer], self.half_windows[layer]  # [H]
+        old = self.state.get(str(layer), {})
+        band = jnp.where(jnp.isin(codes, jnp.asarray(M.WINDOWED)), hw, -1)
+        s = q.shape[1]
+        o = M.masked_attention(q, k, v, M.arrow_mask(s, layout.text_len, layout.text_first, band))
+        pending = {}
+        if spec.resid_layers[layer]:
+            window = M.masked_attention(q, k, v, M.arrow_mask(s, layout.text_len, layout.text_first,
+                                                              self.resid_windows[layer]))
+            is_full = _per_head(codes == M.FULL)
+            pending["resid"] = jnp.where(is_full, o - window, old["resid"])
+            o = jnp.where(_per_head(codes == M.WARS), o + old["resid"], o)
+        if spec.cfg:
+            half = o.shape[0] // 2
+            shared = jnp.concatenate([o[half:], o[half:]], axis=0)
+            o = jnp.where(_per_head(jnp.isin(codes, jnp.asarray(M.CFG_CODES))), shared, o)
+        if spec.cache_layers[layer]:
+            o = jnp.where(_per_head(codes == M.CACHE), old["heads"].astype(o.dtype), o)
+            pending["heads"] = o
+        self._pending[layer] = pending
+        return o
+
+    # -- around an attention site ------------------------------------------------------------------------
+    def run_layer(self, layer: int, compute: Callable[[], tuple[jax.Array, jax.Array | None]]):
+        """``compute()`` projects q/k/v, calls joint_attention and the output projections -> (out, ctx).
+        Skips it (lax.cond on this step's codes) when every head of a skippable layer is ``cache``."""
+        spec = self.spec
+
+        def computed():
+            out, ctx = compute()
+            return out, ctx, self._pending.pop(layer, {})
+
+        if spec.skip_layers[layer]:
+            old = self.state[str(layer)]
+
+            def skipped():
+                return old["out"], old.get("ctx"), {k: v for k, v in old.items() if k in ("heads", "resid")}
+
+            out, ctx, pending = jax.lax.cond(jnp.all(self.codes[layer] == M.CACHE), skipped, computed)
+            pending = {**pending, "out": out, **({"ctx": ctx} if ctx is not None else {})}
+        else:
+            out, ctx, pending = computed()
+        if spec.stateful(layer):
+            self.new_state[str(layer)] = pending
+        return out, ctx
+
+
+class ShapeProbe:
+    """A runtime that runs dense attention and records each stateful layer's state shapes (for the carry's
+    initial zeros, under ``jax.eval_shape``)."""
+
+    def __init__(self, spec: RuntimeSpec):
+        self.spec = spec
+        self.shapes: dict[str, dict[str, jax.Array]] = {}
+
+    def __call__(self, q, k, v, *, layer: int, layout: TokenLayout) -> jax.Array:
+        o = dense_attention(q, k, v)
+        entry = self.shapes.setdefault(str(layer), {})
+        if self.spec.cache_layers[layer]:
+            entry["heads"] = o
+        if self.spec.resid_layers[layer]:
+            entry["resid"] = o
+        return o
+
+    def run_layer(self, layer: int, compute):
+        out, ctx = compute()
+        if self.spec.skip_layers[layer]:
+            self.shapes[str(layer)].update({"out": out, **({"ctx": ctx} if ctx is not None else {})})
+        return out, ctx

@@ -1,0 +1,229 @@
+"""The head-wise compression runtime inside the scanned sampler equals hand-written step-by-step references."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import dfa2_jax
+from dfa2_jax import methods as M
+from dfa2_jax.models.attention import dense_attention
+from dfa2_jax.runtime import RuntimeSpec
+from dfa2_jax.sample import PlanArrays, _velocity, denoise, denoise_loop
+from dfa2_jax.scheduler import FlowMatchEulerConfig, euler_step, set_timesteps
+
+STEPS = 4
+
+
+@given(s_img=st.integers(1, 40), text=st.integers(0, 9), text_first=st.booleans(), hw=st.integers(-1, 45))
+@settings(max_examples=150, deadline=None)
+def test_arrow_mask_equals_official_formula(s_img, text, text_first, hw):
+    mask = np.asarray(M.arrow_mask(s_img + text, text, text_first, hw))
+    np.testing.assert_array_equal(mask, M.brute_force_mask(s_img + text, text, text_first, hw))
+
+
+@given(k=st.integers(1, 64), n_img=st.integers(1, 70000))
+def test_half_window_is_official(k, n_img):
+    assert M.parse_method(f"arrow:{k}").half_window(n_img) == (n_img // k) // 2
+    assert M.parse_method("cache").half_window(n_img) == -1
+
+
+def test_parse_method_errors():
+    for bad in ("arrow", "arrow:0", "window:8", "cfg_share+cache", "", "arrow:x"):
+        with pytest.raises(ValueError, match="method"):
+            M.parse_method(bad)
+    assert M.parse_method("cfg_share+arrow:16") == M.Method(M.CFG_SHARE_ARROW, 16)
+
+
+# --------------------------------------------------------------------------------------- tiny set-ups ---
+def _sd3():
+    cfg = dfa2_jax.SD3Config(sample_size=16, patch_size=2, in_channels=4, num_layers=3, attention_head_dim=8,
+                             num_attention_heads=4, caption_projection_dim=32, joint_attention_dim=32,
+                             pooled_projection_dim=16, out_channels=4, pos_embed_max_size=16,
+                             dual_attention_layers=(0,), qk_norm="rms_norm")
+    tr = dfa2_jax.random_transformer(cfg, dtype="float32", seed=1)
+    rng = np.random.default_rng(0)
+    cond = {"prompt_embeds": jnp.asarray(rng.standard_normal((4, 5, 32)), jnp.float32),
+            "pooled_projections": jnp.asarray(rng.standard_normal((4, 16)), jnp.float32),
+            "guidance_scale": jnp.asarray(4.0)}
+    latents = jnp.asarray(rng.standard_normal((2, 4, 8, 6)), jnp.float32)
+    t, s = set_timesteps(FlowMatchEulerConfig.sd3(), STEPS)
+    return tr, cond, latents, t, s, dict(family="sd3", do_cfg=True), (4 * 3, 5)  # n_img tokens, text tokens
+
+
+def _flux():
+    cfg = dfa2_jax.FluxConfig(patch_size=1, in_channels=8, num_layers=2, num_single_layers=2, attention_head_dim=16,
+                              num_attention_heads=2, joint_attention_dim=32, pooled_projection_dim=16,
+                              guidance_embeds=True, axes_dims_rope=(4, 4, 8))
+    tr = dfa2_jax.random_transformer(cfg, dtype="float32", seed=2)
+    rng = np.random.default_rng(1)
+    from dfa2_jax.pipeline import flux_image_ids
+    from dfa2_jax.transformer import flux_rope
+
+    cond = {"prompt_embeds": jnp.asarray(rng.standard_normal((2, 7, 32)), jnp.float32),
+            "pooled_projections": jnp.asarray(rng.standard_normal((2, 16)), jnp.float32),
+            "rope": flux_rope(cfg, np.zeros((7, 3)), flux_image_ids(8, 6)), "guidance": jnp.full((2,), 3.5)}
+    latents = jnp.asarray(rng.standard_normal((2, 12, 8)), jnp.float32)
+    t, s = set_timesteps(FlowMatchEulerConfig.flux_schnell(), STEPS, sigmas=np.linspace(1, 1 / STEPS, STEPS))
+    return tr, cond, latents, t, s, dict(family="flux", do_cfg=False), (12, 7)
+
+
+SETUPS = {"sd3": _sd3, "flux": _flux}
+
+
+def _arrays(codes, hw, resid):
+    return PlanArrays(np.asarray(codes, np.int32), np.asarray(hw, np.int32), np.asarray(resid, np.int32))
+
+
+def _random_plan(tr, rng, allowed, *, k_choices=(2, 4), n_img=12, ast_layer=None):
+    layers, heads = len(tr.attention_layer_names()), tr.config.num_attention_heads
+    codes = rng.choice(allowed, size=(STEPS, layers, heads)).astype(np.int32)
+    codes[0] = M.FULL
+    hw = np.full(codes.shape, -1, np.int32)
+    resid = np.full((layers, heads), -1, np.int32)
+    ks = rng.choice(k_choices, size=(layers, heads))
+    for idx in np.ndindex(codes.shape):
+        if codes[idx] in M.WINDOWED:
+            hw[idx] = M.Method(int(codes[idx]), int(ks[idx[1:]])).half_window(n_img)
+    for lh in np.ndindex(layers, heads):
+        if (codes[(slice(None),) + lh] == M.WARS).any():
+            resid[lh] = M.Method(M.WARS, int(ks[lh])).half_window(n_img)
+    if ast_layer is not None:
+        codes[2, ast_layer] = M.CACHE
+        hw[2, ast_layer] = -1
+    return _arrays(codes, hw, resid)
+
+
+# ----------------------------------------------------------------------- hand-written step reference ---
+class RefRuntime:
+    """Per head, per step, the methods written out plainly (loops over heads, no masks-by-where)."""
+
+    def __init__(self, codes, hw, resid_w, store, cfg):
+        self.codes, self.hw, self.resid_w, self.store, self.cfg = codes, hw, resid_w, store, cfg
+
+    def __call__(self, q, k, v, *, layer, layout):
+        outs = []
+        old = self.store.get(layer, {})
+        new_heads, new_resid = [], []
+        s = q.shape[1]
+        for h in range(q.shape[2]):
+            qh, kh, vh = q[:, :, h:h + 1], k[:, :, h:h + 1], v[:, :, h:h + 1]
+            code, w = int(self.codes[layer, h]), int(self.hw[layer, h])
+
+            def band(width):
+                return M.masked_attention(qh, kh, vh, M.arrow_mask(s, layout.text_len, layout.text_first,
+                                                                    np.array([width])))
+
+            full = dense_attention(qh, kh, vh)
+            if code == M.FULL:
+                o = full
+            elif code == M.ARROW:
+                o = band(w)
+            elif code == M.CACHE:
+                o = old["heads"][:, :, h:h + 1]
+            elif code == M.WARS:
+                o = band(w) + old["resid"][:, :, h:h + 1]
+            elif code in (M.CFG_SHARE, M.CFG_SHARE_ARROW):
+                half = q.shape[0] // 2
+                cond_q, cond_k, cond_v = qh[half:], kh[half:], vh[half:]
+                if code == M.CFG_SHARE:
+                    oc = dense_attention(cond_q, cond_k, cond_v)
+                else:
+                    oc = M.masked_attention(cond_q, cond_k, cond_v,
+                                            M.arrow_mask(s, layout.text_len, layout.text_first, np.array([w])))
+                o = jnp.concatenate([oc, oc], axis=0)
+            outs.append(o)
+            rw = int(self.resid_w[layer, h])
+            if rw < 0:
+                new_resid.append(jnp.zeros_like(full))
+            else:
+                new_resid.append(full - band(rw) if code == M.FULL else old["resid"][:, :, h:h + 1])
+        o = jnp.concatenate(outs, axis=2)
+        self.store[layer] = {"heads": o, "resid": jnp.concatenate(new_resid, axis=2)}
+        return o
+
+    def run_layer(self, layer, compute):
+        return compute()
+
+
+def _reference(tr, cond, latents, t, s, plan, family, do_cfg):
+    model = tr.module()
+    store = {}
+    x = latents
+    for i in range(len(t)):
+        rt = RefRuntime(plan.codes[i], plan.half_windows[i], plan.resid_windows, store, do_cfg)
+        x = euler_step(x, _velocity(model, x, t[i], cond, family=family, do_cfg=do_cfg, runtime=rt), s[i], s[i + 1])
+    return np.asarray(x)
+
+
+@pytest.mark.parametrize("name", ["sd3", "flux"])
+def test_all_full_plan_is_the_dense_sampler_bitwise(name):
+    tr, cond, latents, t, s, kw, _ = SETUPS[name]()
+    layers, heads = len(tr.attention_layer_names()), tr.config.num_attention_heads
+    plan = _arrays(np.zeros((STEPS, layers, heads)), np.full((STEPS, layers, heads), -1), np.full((layers, heads), -1))
+    dense = denoise(tr.graphdef, tr.state, jnp.array(latents), cond, t, s, **kw)
+    planned = denoise(tr.graphdef, tr.state, jnp.array(latents), cond, t, s, plan=plan, **kw)
+    np.testing.assert_array_equal(np.asarray(planned), np.asarray(dense))
+
+
+CASES = {
+    "arrow+cache": [M.FULL, M.ARROW, M.CACHE],
+    "wars": [M.FULL, M.WARS, M.ARROW],
+    "cfg_share": [M.FULL, M.CFG_SHARE, M.CFG_SHARE_ARROW, M.CACHE],
+}
+
+
+@pytest.mark.parametrize("name,case", [("sd3", c) for c in CASES] + [("flux", "arrow+cache"), ("flux", "wars")])
+def test_methods_equal_step_by_step_reference(name, case):
+    tr, cond, latents, t, s, kw, (n_img, _) = SETUPS[name]()
+    plan = _random_plan(tr, np.random.default_rng(hash(case) % 2**32), CASES[case], n_img=n_img)
+    assert not (plan.codes[1:] == M.FULL).all()
+    ours = denoise(tr.graphdef, tr.state, jnp.array(latents), cond, t, s, plan=plan, **kw)
+    looped = denoise_loop(tr.graphdef, tr.state, latents, cond, t, s, plan=plan, **kw)
+    ref = _reference(tr, cond, latents, t, s, plan, **kw)
+    np.testing.assert_allclose(np.asarray(ours), ref, rtol=2e-5, atol=2e-5)
+    np.testing.assert_allclose(np.asarray(looped), np.asarray(ours), rtol=1e-6, atol=1e-6)
+    dense = denoise(tr.graphdef, tr.state, jnp.array(latents), cond, t, s, **kw)
+    assert np.abs(np.asarray(ours) - np.asarray(dense)).max() > 1e-4  # the plan really changed something
+
+
+@pytest.mark.parametrize("name", ["sd3", "flux"])
+def test_ast_layer_skip_equals_caching_every_head(name, monkeypatch):
+    tr, cond, latents, t, s, kw, (n_img, _) = SETUPS[name]()
+    plan = _random_plan(tr, np.random.default_rng(5), [M.FULL, M.ARROW], n_img=n_img, ast_layer=1)
+    spec = RuntimeSpec.from_codes(plan.codes, cfg=kw["do_cfg"])
+    assert spec.skip_layers[1]
+    skipped = denoise(tr.graphdef, tr.state, jnp.array(latents), cond, t, s, plan=plan, **kw)
+    # the same plan with the skip switched off: layer 1 computes its projections and caches every head
+    import dfa2_jax.sample as S
+
+    orig = RuntimeSpec.from_codes
+
+    def no_skip(codes, *, cfg):
+        sp = orig(codes, cfg=cfg)
+        return dataclasses.replace(sp, skip_layers=tuple(False for _ in sp.skip_layers))
+
+    monkeypatch.setattr(S.RuntimeSpec, "from_codes", staticmethod(no_skip))
+    cached = denoise(tr.graphdef, tr.state, jnp.array(latents), cond, t, s, plan=plan, **kw)
+    np.testing.assert_allclose(np.asarray(skipped), np.asarray(cached), rtol=1e-6, atol=1e-6)
+
+
+def test_plan_state_only_for_layers_that_read_it():
+    tr, cond, latents, t, s, kw, (n_img, _) = _flux()
+    layers, heads = len(tr.attention_layer_names()), tr.config.num_attention_heads
+    codes = np.zeros((STEPS, layers, heads), np.int32)
+    codes[2, 1, 0] = M.CACHE
+    spec = RuntimeSpec.from_codes(codes, cfg=False)
+    from dfa2_jax.sample import initial_attention_state
+
+    state = initial_attention_state(tr.graphdef, tr.state, latents, cond, spec, **kw)
+    assert list(state) == ["1"] and list(state["1"]) == ["heads"]
+    assert state["1"]["heads"].shape == (2, 7 + 12, heads, 16)
+    with pytest.raises(ValueError, match="classifier-free guidance"):
+        RuntimeSpec.from_codes(np.full((2, 1, 1), M.CFG_SHARE), cfg=False)
