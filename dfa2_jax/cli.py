@@ -46,7 +46,7 @@ def _cmd_generate(args: argparse.Namespace) -> int:
     if args.latents:
         latents = np.load(args.latents)
     kwargs = dict(height=args.height, width=args.width, num_inference_steps=args.steps, guidance_scale=args.guidance,
-                  seed=args.seed, latents=latents, progress=not args.no_progress)
+                  seed=args.seed, latents=latents, progress=not args.no_progress, plan=args.plan)
     if args.negative_prompt is not None:
         kwargs["negative_prompt"] = args.negative_prompt
     t0 = time.perf_counter()
@@ -121,6 +121,8 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--latents", default=None, help="initial noise .npy in diffusers' layout (SD3 [B,16,H/8,W/8]; "
                                                       "FLUX packed [B,N,64])")
     gen.add_argument("--save-latents", default=None, help="write the final latents (before VAE decoding) as .npy")
+    gen.add_argument("--plan", default=None, help="compression plan (dfa2 calibrate / dfa2 plan import); "
+                                                   "default: dense attention")
     gen.add_argument("--cache-dir", default=None)
     gen.add_argument("--no-progress", action="store_true", help="no progress bar")
     gen.add_argument("-o", "--output", required=True, help="output PNG")

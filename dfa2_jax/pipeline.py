@@ -25,7 +25,7 @@ from flax import nnx
 from dfa2_jax.models.configs import FluxConfig, SD3Config
 from dfa2_jax.models.vae import VAEConfig, to_pil
 from dfa2_jax.models.vae import decode as vae_decode
-from dfa2_jax.sample import denoise, progress_hook
+from dfa2_jax.sample import PlanArrays, denoise, progress_hook
 from dfa2_jax.scheduler import FlowMatchEulerConfig, calculate_shift, set_timesteps
 from dfa2_jax.transformer import Transformer, flux_rope
 
@@ -113,17 +113,35 @@ class _Pipeline:
         ids = _tokenize(tok, prompts, max_sequence_length, "T5")
         return _t5_forward(enc.graphdef, enc.state, jnp.asarray(ids))
 
-    def _run(self, latents, cond, timesteps, sigmas, do_cfg: bool, progress: bool):
+    def plan_arrays(self, plan, n_img: int, steps: int, do_cfg: bool) -> PlanArrays | None:
+        """Validate ``plan`` (a Plan or a path) against this model, the step count and the image-token count,
+        and turn it into the sampler's arrays. None stays None (dense)."""
+        if plan is None:
+            return None
+        from dfa2_jax.plan import Plan, PlanError, model_info_for
+
+        if not isinstance(plan, Plan):
+            plan = Plan.load(plan)
+        # Windows are fractions of N_img and text rows/columns are always kept, so the plan's text length is
+        # informational: validate everything else against this model.
+        info = model_info_for(self.transformer.config, plan.model.get("text_tokens"))
+        plan.validate(info, n_img=n_img, cfg=do_cfg)
+        if plan.steps != steps:
+            raise PlanError(f"plan: steps = {plan.steps} but num_inference_steps = {steps}")
+        return PlanArrays(*plan.to_arrays(n_img))
+
+    def _run(self, latents, cond, timesteps, sigmas, do_cfg: bool, progress: bool, plan: PlanArrays | None = None):
         tr = self.transformer
         x = jnp.array(latents, copy=True)  # the sampler donates its latents buffer
         if not progress:
-            return denoise(tr.graphdef, tr.state, x, cond, timesteps, sigmas, family=self.family, do_cfg=do_cfg)
+            return denoise(tr.graphdef, tr.state, x, cond, timesteps, sigmas, family=self.family, do_cfg=do_cfg,
+                           plan=plan)
         from tqdm.auto import tqdm
 
         with tqdm(total=len(timesteps), desc="denoising", unit="step") as bar, \
                 progress_hook(lambda i: bar.update(1)):
             out = denoise(tr.graphdef, tr.state, x, cond, timesteps, sigmas, family=self.family, do_cfg=do_cfg,
-                          report=True)
+                          report=True, plan=plan)
             return jax.block_until_ready(out)
 
     def decode(self, latents_nchw) -> list:
@@ -154,7 +172,8 @@ class SD3Pipeline(_Pipeline):
     def __call__(self, prompt: str | list[str], negative_prompt: str | list[str] | None = None, *,
                  height: int | None = None, width: int | None = None, num_inference_steps: int = 28,
                  guidance_scale: float | None = None, seed: int = 0, latents=None, max_sequence_length: int = 256,
-                 output_type: str = "pil", progress: bool = False) -> PipelineOutput:
+                 output_type: str = "pil", progress: bool = False, plan=None) -> PipelineOutput:
+        """``plan``: a :class:`dfa2_jax.plan.Plan` or plan file (head-wise compression); None = dense."""
         cfg: SD3Config = self.transformer.config
         prompts = [prompt] if isinstance(prompt, str) else list(prompt)
         height = height or cfg.sample_size * self.vae_scale_factor
@@ -186,7 +205,9 @@ class SD3Pipeline(_Pipeline):
         timesteps, sigmas = set_timesteps(self.scheduler, num_inference_steps, mu=mu)
         cond = {"prompt_embeds": embeds.astype(self.dtype), "pooled_projections": pooled.astype(self.dtype),
                 "guidance_scale": jnp.asarray(g, jnp.float32)}
-        final = self._run(latents, cond, timesteps, sigmas, do_cfg, progress)
+        p = cfg.patch_size
+        arrays = self.plan_arrays(plan, (shape[2] // p) * (shape[3] // p), num_inference_steps, do_cfg)
+        final = self._run(latents, cond, timesteps, sigmas, do_cfg, progress, arrays)
         final_np = np.asarray(final.astype(jnp.float32))
         images = [] if output_type == "latent" else self.decode(final)
         return PipelineOutput(images, final_np)
@@ -227,7 +248,8 @@ class FluxPipeline(_Pipeline):
     def __call__(self, prompt: str | list[str], negative_prompt: str | list[str] | None = None, *,
                  height: int | None = None, width: int | None = None, num_inference_steps: int = 28,
                  guidance_scale: float | None = None, seed: int = 0, latents=None, max_sequence_length: int = 512,
-                 output_type: str = "pil", progress: bool = False) -> PipelineOutput:
+                 output_type: str = "pil", progress: bool = False, plan=None) -> PipelineOutput:
+        """``plan``: a :class:`dfa2_jax.plan.Plan` or plan file (head-wise compression); None = dense."""
         cfg: FluxConfig = self.transformer.config
         if negative_prompt is not None:
             raise ValueError("FluxPipeline: negative prompts need true CFG (true_cfg_scale), which is not "
@@ -262,7 +284,8 @@ class FluxPipeline(_Pipeline):
             guidance = jnp.full((len(prompts),), g, jnp.float32)
         cond = {"prompt_embeds": embeds.astype(self.dtype), "pooled_projections": pooled.astype(self.dtype),
                 "rope": flux_rope(cfg, txt_ids, flux_image_ids(h, w)), "guidance": guidance}
-        final = self._run(latents, cond, timesteps, sigmas, False, progress)
+        arrays = self.plan_arrays(plan, n, num_inference_steps, False)
+        final = self._run(latents, cond, timesteps, sigmas, False, progress, arrays)
         final_np = np.asarray(final.astype(jnp.float32))
         images = [] if output_type == "latent" else self.decode(unpack_latents(final, h, w))
         return PipelineOutput(images, final_np)

@@ -50,8 +50,16 @@ def main():
     from dfa2_jax.models.attention import dense_attention
     from dfa2_jax.transformer import flux_rope
 
-    def no_attention(q, k, v, *, layer, layout):
-        return v
+    class NoAttention:
+        """A runtime whose attention is free (returns v): the step's non-attention time."""
+
+        def __call__(self, q, k, v, *, layer, layout):
+            return v
+
+        def run_layer(self, layer, compute):
+            return compute()
+
+    no_attention = NoAttention()
 
     rows = []
     for model in args.models.split(","):
