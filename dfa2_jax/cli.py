@@ -134,6 +134,10 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--size", type=int, default=64, help="image height and width (multiple of 4)")
     demo.add_argument("--seed", type=int, default=0)
     demo.set_defaults(fn=_cmd_demo)
+
+    from dfa2_jax.plan_cli import add_plan_parser
+
+    add_plan_parser(sub)
     return p
 
 
