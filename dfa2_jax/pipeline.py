@@ -50,6 +50,20 @@ class VAEDecoder:
 
 
 @dataclasses.dataclass
+class Prepared:
+    """A generation up to the denoising loop (what calibration and the sampler take)."""
+
+    latents: jax.Array  # SD3 [B, C, h, w]; FLUX packed [B, N, 4C]
+    cond: dict[str, Any]  # the sampler's conditioning (see dfa2_jax.sample.denoise)
+    timesteps: np.ndarray
+    sigmas: np.ndarray
+    do_cfg: bool
+    n_img: int  # image tokens of the joint sequence
+    text_len: int  # text tokens of the joint sequence
+    size: tuple[int, int]  # (height, width) in pixels
+
+
+@dataclasses.dataclass
 class PipelineOutput:
     images: list  # PIL images (or [] when output_type="latent")
     latents: np.ndarray  # final latents before VAE decoding, diffusers' layout (SD3 [B,C,h,w]; FLUX [B,N,64])
@@ -144,6 +158,23 @@ class _Pipeline:
                           report=True, plan=plan)
             return jax.block_until_ready(out)
 
+    def __call__(self, prompt: str | list[str], negative_prompt: str | list[str] | None = None, *,
+                 height: int | None = None, width: int | None = None, num_inference_steps: int = 28,
+                 guidance_scale: float | None = None, seed: int = 0, latents=None,
+                 max_sequence_length: int | None = None, output_type: str = "pil", progress: bool = False,
+                 plan=None) -> PipelineOutput:
+        """Text to image as diffusers' pipeline. ``plan``: a :class:`dfa2_jax.plan.Plan` or plan file
+        (head-wise compression); None = dense. ``output_type="latent"``: no VAE decoding."""
+        kw = {} if max_sequence_length is None else {"max_sequence_length": max_sequence_length}
+        prep = self.prepare(prompt, negative_prompt, height=height, width=width,
+                            num_inference_steps=num_inference_steps, guidance_scale=guidance_scale, seed=seed,
+                            latents=latents, **kw)
+        arrays = self.plan_arrays(plan, prep.n_img, num_inference_steps, prep.do_cfg)
+        final = self._run(prep.latents, prep.cond, prep.timesteps, prep.sigmas, prep.do_cfg, progress, arrays)
+        final_np = np.asarray(final.astype(jnp.float32))
+        images = [] if output_type == "latent" else self.to_images(final, prep)
+        return PipelineOutput(images, final_np)
+
     def decode(self, latents_nchw) -> list:
         images = vae_decode(self.vae.graphdef, self.vae.state, jnp.asarray(latents_nchw))
         return to_pil(np.asarray(images, np.float32))
@@ -169,11 +200,11 @@ class SD3Pipeline(_Pipeline):
         clip = jnp.pad(clip, ((0, 0), (0, 0), (0, max(width - clip.shape[-1], 0))))[..., :width]
         return jnp.concatenate([clip, t5.astype(clip.dtype)], axis=-2), jnp.concatenate([pooled1, pooled2], axis=-1)
 
-    def __call__(self, prompt: str | list[str], negative_prompt: str | list[str] | None = None, *,
-                 height: int | None = None, width: int | None = None, num_inference_steps: int = 28,
-                 guidance_scale: float | None = None, seed: int = 0, latents=None, max_sequence_length: int = 256,
-                 output_type: str = "pil", progress: bool = False, plan=None) -> PipelineOutput:
-        """``plan``: a :class:`dfa2_jax.plan.Plan` or plan file (head-wise compression); None = dense."""
+    def prepare(self, prompt: str | list[str], negative_prompt: str | list[str] | None = None, *,
+                height: int | None = None, width: int | None = None, num_inference_steps: int = 28,
+                guidance_scale: float | None = None, seed: int = 0, latents=None,
+                max_sequence_length: int = 256) -> Prepared:
+        """Everything before the denoising loop: encoded prompts, initial latents, schedule."""
         cfg: SD3Config = self.transformer.config
         prompts = [prompt] if isinstance(prompt, str) else list(prompt)
         height = height or cfg.sample_size * self.vae_scale_factor
@@ -206,11 +237,11 @@ class SD3Pipeline(_Pipeline):
         cond = {"prompt_embeds": embeds.astype(self.dtype), "pooled_projections": pooled.astype(self.dtype),
                 "guidance_scale": jnp.asarray(g, jnp.float32)}
         p = cfg.patch_size
-        arrays = self.plan_arrays(plan, (shape[2] // p) * (shape[3] // p), num_inference_steps, do_cfg)
-        final = self._run(latents, cond, timesteps, sigmas, do_cfg, progress, arrays)
-        final_np = np.asarray(final.astype(jnp.float32))
-        images = [] if output_type == "latent" else self.decode(final)
-        return PipelineOutput(images, final_np)
+        return Prepared(latents, cond, timesteps, sigmas, do_cfg, (shape[2] // p) * (shape[3] // p),
+                        embeds.shape[1], (height, width))
+
+    def to_images(self, final, prepared: Prepared) -> list:
+        return self.decode(final)
 
 
 def pack_latents(latents: np.ndarray) -> np.ndarray:
@@ -245,11 +276,11 @@ class FluxPipeline(_Pipeline):
         t5 = self._t5("text_encoder_2", prompts, max_sequence_length)
         return t5, pooled
 
-    def __call__(self, prompt: str | list[str], negative_prompt: str | list[str] | None = None, *,
-                 height: int | None = None, width: int | None = None, num_inference_steps: int = 28,
-                 guidance_scale: float | None = None, seed: int = 0, latents=None, max_sequence_length: int = 512,
-                 output_type: str = "pil", progress: bool = False, plan=None) -> PipelineOutput:
-        """``plan``: a :class:`dfa2_jax.plan.Plan` or plan file (head-wise compression); None = dense."""
+    def prepare(self, prompt: str | list[str], negative_prompt: str | list[str] | None = None, *,
+                height: int | None = None, width: int | None = None, num_inference_steps: int = 28,
+                guidance_scale: float | None = None, seed: int = 0, latents=None,
+                max_sequence_length: int = 512) -> Prepared:
+        """Everything before the denoising loop: encoded prompts, initial (packed) latents, schedule."""
         cfg: FluxConfig = self.transformer.config
         if negative_prompt is not None:
             raise ValueError("FluxPipeline: negative prompts need true CFG (true_cfg_scale), which is not "
@@ -284,11 +315,12 @@ class FluxPipeline(_Pipeline):
             guidance = jnp.full((len(prompts),), g, jnp.float32)
         cond = {"prompt_embeds": embeds.astype(self.dtype), "pooled_projections": pooled.astype(self.dtype),
                 "rope": flux_rope(cfg, txt_ids, flux_image_ids(h, w)), "guidance": guidance}
-        arrays = self.plan_arrays(plan, n, num_inference_steps, False)
-        final = self._run(latents, cond, timesteps, sigmas, False, progress, arrays)
-        final_np = np.asarray(final.astype(jnp.float32))
-        images = [] if output_type == "latent" else self.decode(unpack_latents(final, h, w))
-        return PipelineOutput(images, final_np)
+        return Prepared(latents, cond, timesteps, sigmas, False, n, embeds.shape[1], (height, width))
+
+    def to_images(self, final, prepared: Prepared) -> list:
+        height, width = prepared.size
+        h, w = height // self.vae_scale_factor, width // self.vae_scale_factor
+        return self.decode(unpack_latents(final, h, w))
 
 
 def load_pipeline(path: str | os.PathLike, *, dtype="float32", cache_dir=None) -> SD3Pipeline | FluxPipeline:
