@@ -1,0 +1,245 @@
+"""``calibrate``: prompts -> a plan, through the progressive pass and CP-SAT (``dfa2 calibrate``).
+
+Savings per (layer, candidate) come from the exact attention-FLOP accounting of :mod:`dfa2_jax.flops` for the
+actual token layout: visited tiles of the kernel's block size (``savings="tiles"``, default, what the Pallas
+kernel runs), exact mask pairs (``"exact"``), or a measured latency table ``{method: latency / full}``.
+
+Resumable: after every step the latents, the per-layer state, the assignment so far and the settings' hash are
+written to one ``.npz`` (temp file + rename). ``resume=True`` continues from it and gives the same plan as an
+uninterrupted run (same inputs, same compiled steps, same solver answers).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import math
+import os
+import tempfile
+import time
+from collections.abc import Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from dfa2_jax import flops
+from dfa2_jax import methods as M
+from dfa2_jax.calibrate.progressive import initial_state, run_step
+from dfa2_jax.calibrate.solver import solve
+from dfa2_jax.plan import Plan, model_info_for
+
+DEFAULT_CANDIDATES = ("arrow:8", "arrow:16", "arrow:32", "cache")
+CKPT_VERSION = 1
+
+
+class CalibrationError(ValueError):
+    """Bad calibration settings (names the argument)."""
+
+
+def parse_candidates(names: Sequence[str] | str, *, cfg: bool) -> tuple[M.Method, ...]:
+    if isinstance(names, str):
+        names = [n for n in names.split(",") if n.strip()]
+    if not names:
+        raise CalibrationError("candidates: at least one method is needed")
+    out = []
+    for name in names:
+        try:
+            m = M.parse_method(name.strip())
+        except ValueError as e:
+            raise CalibrationError(f"candidates: {e}") from None
+        if m.code == M.FULL:
+            raise CalibrationError("candidates: 'full' is always available (unchosen heads stay full); do not list it")
+        if m.code in M.CFG_CODES and not cfg:
+            raise CalibrationError(f"candidates: {m.name} needs classifier-free guidance (SD3 with guidance > 1); "
+                                   "this model/pipeline has none")
+        if m in out:
+            raise CalibrationError(f"candidates: {m.name} is listed twice")
+        out.append(m)
+    return tuple(out)
+
+
+def savings_table(candidates: tuple[M.Method, ...], layer_names: list[str], n_img: int, text_len: int,
+                  text_first: bool, *, savings="tiles", blocks=flops.DEFAULT_BLOCKS) -> np.ndarray:
+    """saving(layer, m) = 1 − the FLOP fraction the method keeps for that layer's token layout: [L, M]."""
+    table = np.zeros((len(layer_names), len(candidates)))
+    for li, name in enumerate(layer_names):
+        t = flops.layer_text_len(name, text_len)
+        for mi, m in enumerate(candidates):
+            if isinstance(savings, dict):
+                if m.name not in savings:
+                    raise CalibrationError(f"latency table: no entry for candidate {m.name!r} "
+                                           f"(has {sorted(savings)})")
+                table[li, mi] = 1.0 - float(savings[m.name])
+            elif savings in ("tiles", "exact"):
+                kept = flops.kept_fraction(m, n_img, t, text_first, blocks=blocks if savings == "tiles" else None)
+                table[li, mi] = 1.0 - kept
+            else:
+                raise CalibrationError(f"savings={savings!r}: expected 'tiles', 'exact' or a latency table")
+    return np.clip(table, 0.0, 1.0)
+
+
+def load_latency_table(path: str) -> dict[str, float]:
+    """JSON ``{"arrow:8": 0.31, "cache": 0.0, ...}``: each method's latency relative to full attention."""
+    try:
+        with open(path) as f:
+            d = json.load(f)
+    except (OSError, json.JSONDecodeError) as e:
+        raise CalibrationError(f"{path}: cannot read the latency table ({e})") from None
+    if not isinstance(d, dict) or not all(isinstance(v, (int, float)) and v >= 0 for v in d.values()):
+        raise CalibrationError(f"{path}: expected a JSON object {{method: relative latency >= 0}}")
+    return {M.parse_method(k).name: float(v) for k, v in d.items()}
+
+
+@dataclasses.dataclass
+class CalibrationResult:
+    plan: Plan
+    summary: dict
+
+
+def _settings_key(**kw) -> str:
+    return hashlib.sha256(json.dumps(kw, sort_keys=True, default=str).encode()).hexdigest()[:24]
+
+
+def _save_ckpt(path: str, x, state, meta: dict) -> None:
+    arrays = {"x": np.asarray(x)}
+    for layer, d in state.items():
+        for name, a in d.items():
+            arrays[f"state/{layer}/{name}"] = np.asarray(a)
+    arrays["meta"] = np.frombuffer(json.dumps(meta).encode(), np.uint8)
+    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(os.path.abspath(path)), suffix=".npz.tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            np.savez(f, **arrays)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def _load_ckpt(path: str, key: str):
+    try:
+        z = np.load(path)
+        meta = json.loads(bytes(z["meta"]).decode())
+    except (OSError, ValueError, KeyError) as e:
+        raise CalibrationError(f"{path}: unreadable calibration checkpoint ({e})") from None
+    if meta.get("version") != CKPT_VERSION or meta.get("key") != key:
+        raise CalibrationError(f"{path}: the checkpoint was made with other settings (model, prompts, resolution, "
+                               "steps, delta, c, candidates, seed or savings); remove it or drop --resume")
+    state: dict[str, dict[str, jax.Array]] = {}
+    for name in z.files:
+        if name.startswith("state/"):
+            _, layer, leaf = name.split("/")
+            state.setdefault(layer, {})[leaf] = jnp.asarray(z[name])
+    return jnp.asarray(z["x"]), state, meta
+
+
+def calibrate(pipe, prompts: Sequence[str], *, resolution, steps: int, delta: float, c: float = 1.5,
+              candidates: Sequence[str] | str = DEFAULT_CANDIDATES, seed: int = 0, guidance_scale: float | None = None,
+              batch: int | None = None, savings="tiles", blocks=flops.DEFAULT_BLOCKS,
+              checkpoint: str | None = None, resume: bool = False, progress: bool = True,
+              stop_after: int | None = None, time_limit_s: float = 10.0,
+              max_sequence_length: int | None = None) -> CalibrationResult:
+    """Calibrate a plan for ``pipe`` (an SD3Pipeline / FluxPipeline) on ``prompts``.
+
+    ``resolution``: int or (height, width) in pixels. ``batch``: the most prompts run together; the progressive
+    pass decides each layer from all prompts at once, so every prompt is in one batch and ``batch`` must be at
+    least the number of prompts (a guard against out-of-memory surprises). ``checkpoint``: the ``.npz`` progress
+    file (written after every step); ``resume``: continue from it. ``stop_after``: stop after that many steps
+    (leaving the checkpoint; for tests and time-boxed runs) — the returned plan is then None.
+    """
+    t_start = time.perf_counter()
+    prompts = list(prompts)
+    if not prompts or any(not isinstance(p, str) for p in prompts):
+        raise CalibrationError("prompts: at least one prompt (a string) is needed")
+    if not (isinstance(delta, (int, float)) and math.isfinite(delta) and delta > 0):
+        raise CalibrationError(f"delta={delta!r} must be a finite number > 0")
+    if not (math.isfinite(c) and c > 0):
+        raise CalibrationError(f"c={c!r} must be a finite number > 0")
+    if steps < 2:
+        raise CalibrationError(f"steps={steps}: at least 2 (step 0 is always full)")
+    if batch is not None and batch < len(prompts):
+        raise CalibrationError(f"batch={batch} < {len(prompts)} prompts: the progressive pass needs all calibration "
+                               "prompts in one batch (use fewer prompts or a larger batch)")
+    h, w = (resolution, resolution) if isinstance(resolution, int) else tuple(resolution)
+    pipe._check_size(h, w)
+    extra = {} if max_sequence_length is None else {"max_sequence_length": max_sequence_length}
+    prep = pipe.prepare(prompts, height=h, width=w, num_inference_steps=steps, guidance_scale=guidance_scale,
+                        seed=seed, **extra)
+    cands = parse_candidates(candidates, cfg=prep.do_cfg)
+    tr = pipe.transformer
+    layer_names = tr.attention_layer_names()
+    heads = tr.config.num_attention_heads
+    text_first = tr.config.family == "flux"
+    if isinstance(savings, str) and savings.endswith(".json"):
+        savings = load_latency_table(savings)
+    sav = savings_table(cands, layer_names, prep.n_img, prep.text_len, text_first, savings=savings, blocks=blocks)
+    methods = ["full"] + [m.name for m in cands]
+    key = _settings_key(model=tr.config.to_diffusers(), dtype=str(tr.dtype), prompts=prompts, size=(h, w),
+                        steps=steps, delta=delta, c=c, candidates=methods, seed=seed, g=guidance_scale,
+                        savings=savings if isinstance(savings, (str, dict)) else str(savings), blocks=blocks,
+                        text=prep.text_len)
+    assignment = np.zeros((steps, len(layer_names), heads), np.int32)
+    solver_time = [0.0]
+    start = 0
+    x = prep.latents
+    if resume:
+        if not checkpoint or not os.path.isfile(checkpoint):
+            raise CalibrationError(f"--resume: no checkpoint at {checkpoint!r}")
+        x, state, meta = _load_ckpt(checkpoint, key)
+        start = meta["next_step"]
+        assignment = np.asarray(meta["assignment"], np.int32)
+        solver_time[0] = meta["solver_time"]
+    else:
+        state = initial_state(tr.graphdef, tr.state, x, prep.cond, cands, family=tr.family, do_cfg=prep.do_cfg)
+
+    bar = None
+    if progress:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=steps * len(layer_names), initial=start * len(layer_names), desc="calibrating",
+                   unit="layer")
+
+    def choose(step: int, layer: int, rse: np.ndarray) -> np.ndarray:
+        res = solve(rse, sav[layer], delta, c, num_heads=heads, time_limit_s=time_limit_s)
+        solver_time[0] += res.solver_time_s
+        assignment[step, layer] = res.choice + 1
+        if bar is not None:
+            bar.update(1)
+        return res.choice
+
+    end = steps if stop_after is None else min(steps, start + stop_after)
+    try:
+        for t in range(start, end):
+            x, state = run_step(choose, tr.graphdef, tr.state, x, prep.cond, jnp.asarray(prep.timesteps[t]),
+                                jnp.asarray(prep.sigmas[t]), jnp.asarray(prep.sigmas[t + 1]), state, jnp.int32(t),
+                                family=tr.family, do_cfg=prep.do_cfg, candidates=cands, n_img=prep.n_img,
+                                first=t == 0)
+            if t == 0 and bar is not None:
+                bar.update(len(layer_names))
+            if checkpoint:
+                _save_ckpt(checkpoint, x, state, {"version": CKPT_VERSION, "key": key, "next_step": t + 1,
+                                                  "assignment": assignment.tolist(), "solver_time": solver_time[0]})
+    finally:
+        if bar is not None:
+            bar.close()
+    if end < steps:
+        return CalibrationResult(None, {"stopped_after_step": end})
+    info = model_info_for(tr.config, prep.text_len)
+    calibration = {"delta": delta, "c": c, "prompts": len(prompts), "resolution": [h, w], "seed": seed,
+                   "solver": "cp-sat", "metric": "rse", "candidates": methods[1:],
+                   "savings": savings if isinstance(savings, str) else "latency-table",
+                   "blocks": list(blocks) if savings == "tiles" else None, "image_tokens": prep.n_img,
+                   "guidance_scale": guidance_scale}
+    plan = Plan(info, steps, methods, assignment, calibration)
+    plan.validate(info, n_img=prep.n_img, cfg=prep.do_cfg)
+    stats = flops.plan_stats(plan, prep.n_img, blocks=tuple(blocks))
+    exact = flops.plan_stats(plan, prep.n_img)
+    plan.stats = {"attention_flops_kept": exact["attention_flops_kept"],
+                  "attention_tiles_kept": stats["attention_flops_kept"], "method_counts": exact["method_counts"]}
+    wall = time.perf_counter() - t_start
+    summary = {**plan.stats, "wall_time_s": wall, "solver_time_s": solver_time[0],
+               "solves": int((steps - 1) * len(layer_names))}
+    return CalibrationResult(plan, summary)

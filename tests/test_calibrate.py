@@ -1,0 +1,136 @@
+"""Calibration: the progressive pass + CP-SAT on tiny models (planted heads, δ sweep, determinism, resume)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from dfa2_jax import flops
+from dfa2_jax.calibrate.calibrate import CalibrationError, calibrate
+from dfa2_jax.demo import tiny_pipelines
+
+PROMPTS = ["a red circle at the top left", "a blue square in the centre"]
+
+
+@pytest.fixture(scope="module")
+def pipes(tmp_path_factory):
+    return tiny_pipelines(str(tmp_path_factory.mktemp("tiny")), seed=0)
+
+
+def _set_head(state, path_prefix, h, head_dim, kernel=None, bias=None):
+    """Overwrite head h's columns of a projection (kernel [dim, H·D], bias [H·D]) in an nnx State."""
+    from flax import nnx
+
+    flat = dict(nnx.to_flat_state(state))
+    sl = slice(h * head_dim, (h + 1) * head_dim)
+    for leaf, val in (("kernel", kernel), ("bias", bias)):
+        if val is None:
+            continue
+        var = flat[path_prefix + (leaf,)]
+        arr = np.array(var[...])
+        arr[..., sl] = val
+        var[...] = arr
+
+
+def _planted_flux(pipe, local_heads, *, constant_v=False):
+    """Heads in ``local_heads``: q = k = a constant vector on the RoPE width axis (attention peaked at the
+    same column: strictly local); other heads: q = k = 0 (uniform, global). ``constant_v``: every head's value
+    is a constant (its output never changes between steps)."""
+    from flax import nnx
+
+    tr = pipe.transformer
+    cfg = tr.config
+    d = cfg.attention_head_dim
+    c = np.zeros(d, np.float32)
+    c[d - cfg.axes_dims_rope[-1]:] = 1.0  # only the width-axis rotary dims
+    flat = dict(nnx.to_flat_state(tr.state))
+    sites = sorted({p[:3] for p in flat if len(p) > 3 and p[2] == "attn"})
+    for site in sites:
+        for h in range(cfg.num_attention_heads):
+            for proj in ("to_q", "to_k", "add_q_proj", "add_k_proj"):
+                if site + (proj, "kernel") not in flat:
+                    continue
+                _set_head(tr.state, site + (proj,), h, d, kernel=0.0, bias=c if h in local_heads else 0.0)
+            if constant_v:
+                for proj in ("to_v", "add_v_proj"):
+                    if site + (proj, "kernel") in flat:
+                        _set_head(tr.state, site + (proj,), h, d, kernel=0.0, bias=0.3 + 0.1 * h)
+        for norm in ("norm_q", "norm_k", "norm_added_q", "norm_added_k"):
+            if site + (norm, "scale") in flat:
+                flat[site + (norm, "scale")][...] = np.full(d, 30.0, np.float32)  # sharp softmax
+
+
+def test_planted_local_heads_get_arrow_and_global_heads_full(tmp_path):
+    pipe = tiny_pipelines(str(tmp_path), seed=3)["flux"]
+    _planted_flux(pipe, local_heads={0, 2})
+    # 1 row of 32 image tokens: the flattened image index is the column, the rotary axis we planted.
+    res = calibrate(pipe, PROMPTS, resolution=(4, 128), steps=3, delta=0.4, candidates="arrow:2,arrow:4",
+                    savings="exact", progress=False, max_sequence_length=8)
+    a = res.plan.assignment[1:]  # [steps-1, layers, heads]; 0 = full, 1 = arrow:2, 2 = arrow:4
+    assert (a[:, :, [0, 2]] == 2).all(), a  # the narrower band saves more and is exact for local heads
+    assert (a[:, :, [1, 3]] == 0).all(), a
+
+
+def test_static_outputs_get_cache(tmp_path):
+    pipe = tiny_pipelines(str(tmp_path), seed=4)["flux"]
+    _planted_flux(pipe, local_heads=set(), constant_v=True)
+    res = calibrate(pipe, PROMPTS, resolution=(4, 128), steps=3, delta=0.05, candidates="arrow:4,cache",
+                    savings="exact", progress=False, max_sequence_length=8)
+    assert (res.plan.assignment[1:] == 2).all()  # cache everywhere after step 0
+    assert res.summary["attention_flops_kept"] == pytest.approx(1 / 3)
+
+
+def test_larger_delta_never_keeps_more(pipes):
+    kept = []
+    for delta in (0.01, 0.05, 0.2, 1.0, 4.0):
+        res = calibrate(pipes["sd3"], PROMPTS, resolution=32, steps=4, delta=delta,
+                        candidates="arrow:2,arrow:4,cache,cfg_share", savings="exact", progress=False,
+                        max_sequence_length=8)
+        kept.append(res.summary["attention_flops_kept"])
+    assert all(b <= a + 1e-12 for a, b in zip(kept, kept[1:])), kept
+    assert kept[0] > kept[-1]
+
+
+def test_deterministic_and_resumable(pipes, tmp_path):
+    kw = dict(resolution=32, steps=4, delta=0.3, candidates="arrow:2,cache,wars:2", savings="exact",
+              progress=False, max_sequence_length=8)
+    a = calibrate(pipes["flux"], PROMPTS, **kw).plan
+    b = calibrate(pipes["flux"], PROMPTS, **kw).plan
+    a.save(tmp_path / "a.json")
+    b.save(tmp_path / "b.json")
+    assert (tmp_path / "a.json").read_bytes() == (tmp_path / "b.json").read_bytes()
+    ck = str(tmp_path / "calib.npz")
+    partial = calibrate(pipes["flux"], PROMPTS, checkpoint=ck, stop_after=2, **kw)
+    assert partial.plan is None
+    resumed = calibrate(pipes["flux"], PROMPTS, checkpoint=ck, resume=True, **kw).plan
+    resumed.save(tmp_path / "c.json")
+    assert (tmp_path / "c.json").read_bytes() == (tmp_path / "a.json").read_bytes()
+    with pytest.raises(CalibrationError, match="other settings"):
+        calibrate(pipes["flux"], PROMPTS, checkpoint=ck, resume=True, **{**kw, "delta": 0.31})
+
+
+def test_plan_stats_match_flops(pipes):
+    res = calibrate(pipes["sd3"], PROMPTS, resolution=32, steps=3, delta=0.5, candidates="arrow:2,cache",
+                    savings="exact", progress=False, max_sequence_length=8)
+    n_img = res.plan.calibration["image_tokens"]
+    assert res.summary["attention_flops_kept"] == pytest.approx(
+        flops.plan_stats(res.plan, n_img)["attention_flops_kept"])
+    assert res.summary["solves"] == 2 * len(res.plan.model["layers"]) and res.summary["solver_time_s"] >= 0
+
+
+@pytest.mark.parametrize("kwargs,match", [
+    ({"delta": 0.0}, "delta=0.0 must be"),
+    ({"delta": -1.0}, "delta=-1.0 must be"),
+    ({"prompts": []}, "at least one prompt"),
+    ({"candidates": "arrow:8,cfg_share"}, "cfg_share needs classifier-free guidance"),
+    ({"resolution": 30}, "divisible by 4"),
+    ({"candidates": "arrow:8,window:3"}, "unknown method 'window:3'"),
+    ({"batch": 1}, "batch=1 < 2 prompts"),
+])
+def test_bad_inputs(pipes, kwargs, match):
+    kw = dict(prompts=PROMPTS, resolution=32, steps=3, delta=0.2, candidates="arrow:2,cache", progress=False,
+              max_sequence_length=8)
+    kw.update(kwargs)
+    prompts = kw.pop("prompts")
+    with pytest.raises(ValueError, match=match):
+        calibrate(pipes["flux"], prompts, **kw)
