@@ -207,6 +207,10 @@ def build_parser() -> argparse.ArgumentParser:
     from dfa2_jax.plan_cli import add_plan_parser
 
     add_plan_parser(sub)
+
+    from dfa2_jax.eval_cli import add_eval_parser
+
+    add_eval_parser(sub)
     return p
 
 

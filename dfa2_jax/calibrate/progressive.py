@@ -58,10 +58,10 @@ class CalibrationRuntime:
         self.wars_ks = sorted({m.k for m in candidates if m.code == M.WARS})
 
     def _band(self, q, k, v, layout: TokenLayout, kk: int) -> jax.Array:
+        # One band for every head: the banded form (O(S·(T + block + 2w)), no S² mask) computes it.
         n_img = q.shape[1] - layout.text_len
         w = M.Method(M.ARROW, kk).half_window(n_img)
-        return M.arrow_attention_reference(q, k, v, jnp.full((q.shape[2],), w, jnp.int32),
-                                           text_len=layout.text_len, text_first=layout.text_first)
+        return M.arrow_attention_banded(q, k, v, w, text_len=layout.text_len, text_first=layout.text_first)
 
     def _shared(self, o):
         half = o.shape[0] // 2
