@@ -4,6 +4,7 @@ from the same initial latents (float32, CPU)."""
 from __future__ import annotations
 
 import logging
+import os
 
 import numpy as np
 import pytest
@@ -204,16 +205,24 @@ def test_cli_generate_with_latents(pipes, tmp_path, capsys):
     assert "no guidance embedding" in capsys.readouterr().err
 
 
-def test_demo_writes_pngs(tmp_path):
+def test_demo_calibrates_generates_and_evaluates(tmp_path):
+    import json
+
     from PIL import Image
 
     from dfa2_jax.demo import run_demo
+    from dfa2_jax.plan import Plan
 
-    paths = run_demo(str(tmp_path), steps=2, size=32)
-    assert len(paths) == 4
-    for p in paths:
-        im = np.asarray(Image.open(p))
-        assert im.shape == (32, 32, 3) and im.std() > 0
+    paths = run_demo(str(tmp_path), steps=3, size=32)
+    assert sorted(os.path.basename(p) for p in paths) == sorted(["plan_sd3.json", "plan_flux.json"] +
+                                                                ["report.json", "grid.png"] * 2)
+    for family in ("sd3", "flux"):
+        plan = Plan.load(tmp_path / f"plan_{family}.json")
+        assert plan.steps == 3 and plan.calibration["solver"] == "cp-sat"
+        report = json.loads((tmp_path / family / "report.json").read_text())
+        assert report["steps"] == 3 and len(report["per_image"]) == 2
+        grid = np.asarray(Image.open(tmp_path / family / "grid.png"))
+        assert grid.shape[1] == 64 and grid.std() > 0
 
 
 def _plan_for(pipe, steps, methods, seed):
