@@ -211,7 +211,9 @@ def test_determinism_and_large_instance():
 
 
 def test_time_limit_returns_best_found():
-    rse, savings = _tied_instance(7, 64, 8)
+    # Every RSE just under the prefilter c·δ/H, so together they exceed δ: the budget binds (no fast path).
+    _, savings = _tied_instance(7, 64, 8)
+    rse = np.random.default_rng(7).choice([0.8, 0.9, 0.95], size=(64, 8)) * 1.5 * 0.2 / 64
     full = solve(rse, savings, 0.2)
     assert full.optimal
     # Cut before the first solve completes -> all full (always admitted).

@@ -314,6 +314,14 @@ def solve(rse, savings, delta: float, c: float = 1.5, *, num_heads: int | None =
     choice = np.full(h_count, -1, dtype=np.int32)
     if not any(cands):
         return _result(p, choice, True, time.perf_counter() - t0)
+    # Fast path, exact: each head's best candidate on its own (max s_int, then min r_int, then lowest index).
+    # If these fit the budget together, the budget does not bind, the optimal set is the product of the
+    # per-head optimal sets, and its lexicographic minimum is exactly this choice (full never ties: s_int > 0).
+    greedy = np.array([min(ms, key=lambda m, h=h: (-int(p.s_int[m]), int(p.r_int[h, m]), m)) if ms else -1
+                       for h, ms in enumerate(cands)], dtype=np.int32)
+    if sum(int(p.r_int[h, m]) for h, m in enumerate(greedy) if m >= 0) <= p.budget:
+        choice = greedy
+        return _result(p, choice, True, time.perf_counter() - t0)
     r_max = min(p.budget, sum(max(int(p.r_int[h, m]) for m in ms) for h, ms in enumerate(cands) if ms))
     w = r_max + 1
     assert h_count * m_count * (w * SAVING_SCALE + p.budget) < _INT64_SAFE  # guaranteed by MAX_HEADS, MAX_METHODS
