@@ -55,6 +55,7 @@ def main():
     ap.add_argument("--prompts", type=int, default=8)
     ap.add_argument("--steps", type=int, default=28)
     ap.add_argument("--delta", type=float, default=0.6)
+    ap.add_argument("--smoke", action="store_true", help="a 2+2-layer, 2-head model (CPU check of the script)")
     args = ap.parse_args()
     import jax
     import jax.numpy as jnp
@@ -63,7 +64,10 @@ def main():
     from dfa2_jax.calibrate.calibrate import calibrate
     from dfa2_jax.sample import denoise
 
-    tr = dfa2_jax.random_transformer(dfa2_jax.FluxConfig.dev(), dtype="bfloat16")
+    cfg = dfa2_jax.FluxConfig.dev()
+    if args.smoke:
+        cfg = dfa2_jax.FluxConfig.dev(num_layers=2, num_single_layers=2, num_attention_heads=2)
+    tr = dfa2_jax.random_transformer(cfg, dtype="bfloat16")
     pipe = _Pipe(tr, args.res, args.prompts, args.steps)
     p = pipe.prepared
     times = []
