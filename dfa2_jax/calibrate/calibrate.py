@@ -203,6 +203,10 @@ def calibrate(pipe, prompts: Sequence[str], *, resolution, steps: int, delta: fl
                    unit="layer")
 
     def choose(step: int, layer: int, rse: np.ndarray) -> np.ndarray:
+        if step == 0:  # the plan format: step 0 is full for every head
+            if bar is not None:
+                bar.update(1)
+            return np.full(heads, -1, np.int32)
         res = solve(rse, sav[layer], delta, c, num_heads=heads, time_limit_s=time_limit_s)
         solver_time[0] += res.solver_time_s
         assignment[step, layer] = res.choice + 1
@@ -215,10 +219,7 @@ def calibrate(pipe, prompts: Sequence[str], *, resolution, steps: int, delta: fl
         for t in range(start, end):
             x, state = run_step(choose, tr.graphdef, tr.state, x, prep.cond, jnp.asarray(prep.timesteps[t]),
                                 jnp.asarray(prep.sigmas[t]), jnp.asarray(prep.sigmas[t + 1]), state, jnp.int32(t),
-                                family=tr.family, do_cfg=prep.do_cfg, candidates=cands, n_img=prep.n_img,
-                                first=t == 0)
-            if t == 0 and bar is not None:
-                bar.update(len(layer_names))
+                                family=tr.family, do_cfg=prep.do_cfg, candidates=cands, n_img=prep.n_img)
             if checkpoint:
                 _save_ckpt(checkpoint, x, state, {"version": CKPT_VERSION, "key": key, "next_step": t + 1,
                                                   "assignment": assignment.tolist(), "solver_time": solver_time[0]})

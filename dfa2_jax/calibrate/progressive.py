@@ -51,9 +51,9 @@ class CalibrationRuntime:
     """Runtime for one calibration step: computes candidates, asks the host for the choice, passes the chosen
     output on and updates the per-layer state (head caches, wars residuals per k)."""
 
-    def __init__(self, candidates: tuple[M.Method, ...], n_img: int, cfg: bool, state, step, *, first: bool):
+    def __init__(self, candidates: tuple[M.Method, ...], n_img: int, cfg: bool, state, step):
         self.candidates, self.n_img, self.cfg = candidates, n_img, cfg
-        self.state, self.step, self.first = state, step, first
+        self.state, self.step = state, step
         self.new_state: dict[str, dict[str, jax.Array]] = {}
         self.wars_ks = sorted({m.k for m in candidates if m.code == M.WARS})
 
@@ -78,37 +78,32 @@ class CalibrationRuntime:
             return bands[kk]
 
         new = {}
-        if self.first:
-            o = y_o
-        else:
-            cands = []
-            for m in self.candidates:
-                if m.code == M.ARROW:
-                    cands.append(band(m.k))
-                elif m.code == M.CACHE:
-                    cands.append(old["heads"].astype(y_o.dtype))
-                elif m.code == M.WARS:
-                    cands.append(band(m.k) + old[f"resid{m.k}"].astype(y_o.dtype))
-                elif m.code == M.CFG_SHARE:
-                    cands.append(self._shared(y_o))
-                elif m.code == M.CFG_SHARE_ARROW:
-                    cands.append(self._shared(band(m.k)))
-                else:  # pragma: no cover - parse_candidates admits no other code
-                    raise ValueError(f"candidate {m.name} cannot be calibrated")
-            rse = rse_table(y_o, cands)
-            choice = jax.experimental.io_callback(
-                _host_choose, jax.ShapeDtypeStruct((q.shape[2],), jnp.int32), self.step, jnp.int32(layer), rse,
-                ordered=True)
-            o = y_o
-            for i, c in enumerate(cands):
-                o = jnp.where((choice == i)[None, None, :, None], c, o)
+        # Step 0 runs this same compiled step; the host answers "full" for every head there.
+        cands = []
+        for m in self.candidates:
+            if m.code == M.ARROW:
+                cands.append(band(m.k))
+            elif m.code == M.CACHE:
+                cands.append(old["heads"].astype(y_o.dtype))
+            elif m.code == M.WARS:
+                cands.append(band(m.k) + old[f"resid{m.k}"].astype(y_o.dtype))
+            elif m.code == M.CFG_SHARE:
+                cands.append(self._shared(y_o))
+            elif m.code == M.CFG_SHARE_ARROW:
+                cands.append(self._shared(band(m.k)))
+            else:  # pragma: no cover - parse_candidates admits no other code
+                raise ValueError(f"candidate {m.name} cannot be calibrated")
+        rse = rse_table(y_o, cands)
+        choice = jax.experimental.io_callback(
+            _host_choose, jax.ShapeDtypeStruct((q.shape[2],), jnp.int32), self.step, jnp.int32(layer), rse,
+            ordered=True)
+        o = y_o
+        for i, c in enumerate(cands):
+            o = jnp.where((choice == i)[None, None, :, None], c, o)
         new["heads"] = o
         for kk in self.wars_ks:  # residual full − window, refreshed where the head ran full
             resid = y_o - band(kk)
-            if self.first:
-                new[f"resid{kk}"] = resid
-            else:
-                new[f"resid{kk}"] = jnp.where((choice == -1)[None, None, :, None], resid, old[f"resid{kk}"])
+            new[f"resid{kk}"] = jnp.where((choice == -1)[None, None, :, None], resid, old[f"resid{kk}"])
         self.new_state[str(layer)] = new
         return o
 
@@ -143,11 +138,12 @@ def initial_state(graphdef, params, latents, cond, candidates, *, family: str, d
     return jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes)
 
 
-@functools.partial(jax.jit, static_argnums=(0,), static_argnames=("family", "do_cfg", "candidates", "n_img", "first"))
+@functools.partial(jax.jit, static_argnums=(0,), static_argnames=("family", "do_cfg", "candidates", "n_img"))
 def calibration_step(graphdef, params, x, cond, t, sigma, sigma_next, state, step, *, family: str, do_cfg: bool,
-                     candidates: tuple[M.Method, ...], n_img: int, first: bool):
-    """One denoising step of the calibration pass -> (latents, new state)."""
-    rt = CalibrationRuntime(candidates, n_img, do_cfg, state, step, first=first)
+                     candidates: tuple[M.Method, ...], n_img: int):
+    """One denoising step of the calibration pass -> (latents, new state). One compile serves every step:
+    step 0 differs only in the host's answers (every head full)."""
+    rt = CalibrationRuntime(candidates, n_img, do_cfg, state, step)
     v = _velocity(nnx.merge(graphdef, params), x, t, cond, family=family, do_cfg=do_cfg, runtime=rt)
     return euler_step(x, v, sigma, sigma_next), rt.new_state
 
