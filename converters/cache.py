@@ -13,11 +13,12 @@ import hashlib
 import json
 import os
 import shutil
-import tempfile
 
 import jax
 import numpy as np
 from flax import nnx
+
+from dfa2_jax.atomic import write_atomic
 
 CONVERTER_VERSION = 1
 
@@ -49,10 +50,7 @@ def save(entry: str, state: nnx.State, meta: dict) -> None:
     with ocp.StandardCheckpointer() as ckptr:
         ckptr.save(os.path.abspath(params_dir), _flat(state))
         ckptr.wait_until_finished()
-    fd, tmp = tempfile.mkstemp(dir=entry, suffix=".tmp")
-    with os.fdopen(fd, "w") as f:
-        json.dump(meta, f, indent=2)
-    os.replace(tmp, os.path.join(entry, "meta.json"))
+    write_atomic(os.path.join(entry, "meta.json"), json.dumps(meta, indent=2))
 
 
 def is_complete(entry: str) -> bool:

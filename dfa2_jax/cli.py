@@ -59,15 +59,12 @@ def _cmd_generate(args: argparse.Namespace) -> int:
 
 
 def _atomic_np_save(path: str, array) -> None:
-    import os
-    import tempfile
-
     import numpy as np
 
-    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(os.path.abspath(path)), suffix=".npy")
-    with os.fdopen(fd, "wb") as f:
+    from dfa2_jax.atomic import atomic_open
+
+    with atomic_open(path, "wb") as f:
         np.save(f, array)
-    os.replace(tmp, path)
 
 
 def _save_images(images, output: str) -> list[str]:

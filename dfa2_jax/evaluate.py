@@ -32,12 +32,13 @@ import json
 import math
 import os
 import platform
-import tempfile
 import time
 from collections.abc import Callable, Sequence
 from typing import Any
 
 import numpy as np
+
+from dfa2_jax.atomic import write_atomic
 
 SSIM_K1 = 0.01
 SSIM_K2 = 0.03
@@ -237,22 +238,7 @@ def _jsonable(x):
 
 def write_json_atomic(path: str, obj) -> None:
     """Write ``obj`` as JSON via a temp file in the same folder + os.replace (inf written as "inf")."""
-    text = json.dumps(_jsonable(obj), indent=2, ensure_ascii=False, allow_nan=False) + "\n"
-    folder = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(dir=folder, prefix=f".{os.path.basename(path)}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        mask = os.umask(0o022)
-        os.umask(mask)
-        os.chmod(tmp, 0o666 & ~mask)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    write_atomic(path, json.dumps(_jsonable(obj), indent=2, ensure_ascii=False, allow_nan=False) + "\n")
 
 
 def _versions() -> dict[str, str]:

@@ -28,12 +28,12 @@ import os
 import pickle
 import re
 import struct
-import tempfile
 import zipfile
 from typing import Any
 
 import numpy as np
 
+from dfa2_jax.atomic import write_atomic
 from dfa2_jax.methods import ARROW, CACHE, CFG_SHARE, CFG_SHARE_ARROW, FULL, WARS, parse_method
 from dfa2_jax.plan import Plan
 
@@ -375,20 +375,7 @@ def save_torch_file(obj, path: str | os.PathLike) -> None:
     path = os.fspath(path)
     root = os.path.splitext(os.path.basename(path))[0] or "archive"
     root = re.sub(r"[^A-Za-z0-9_.\-]", "_", root)
-    data = torch_file_bytes(obj, root)
-    folder = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(dir=folder, prefix=f".{os.path.basename(path)}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        mask = os.umask(0o022)
-        os.umask(mask)
-        os.chmod(tmp, 0o666 & ~mask)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    write_atomic(path, torch_file_bytes(obj, root))
 
 
 # ============================================================================================ V2 import

@@ -24,11 +24,11 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-import tempfile
 from typing import Any
 
 import numpy as np
 
+from dfa2_jax.atomic import write_atomic
 from dfa2_jax.methods import CACHE, CFG_CODES, FULL, WARS, Method, parse_method
 
 FORMAT = "dfa2-plan"
@@ -163,21 +163,7 @@ class Plan:
     def save(self, path: str | os.PathLike) -> None:
         """Validate, then write atomically (temp file in the same folder + os.replace)."""
         self.validate()
-        text = self.to_json()
-        path = os.fspath(path)
-        folder = os.path.dirname(os.path.abspath(path))
-        fd, tmp = tempfile.mkstemp(dir=folder, prefix=f".{os.path.basename(path)}.", suffix=".tmp")
-        try:
-            with os.fdopen(fd, "w", encoding="utf-8") as f:
-                f.write(text)
-                f.flush()
-                os.fsync(f.fileno())
-            os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600 files; a plan is an ordinary file
-            os.replace(tmp, path)
-        except BaseException:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
-            raise
+        write_atomic(path, self.to_json())
 
     def to_json(self) -> str:
         """Stable key order; the assignment one line per step; everything else indented."""
@@ -397,12 +383,6 @@ def _json_default(x):
     if isinstance(x, (np.generic, np.ndarray)):
         return x.tolist()
     raise TypeError(f"{type(x).__name__} is not JSON serialisable")
-
-
-def _umask() -> int:
-    mask = os.umask(0o022)
-    os.umask(mask)
-    return mask
 
 
 def _as_int_array(a):

@@ -16,7 +16,6 @@ import hashlib
 import json
 import math
 import os
-import tempfile
 import time
 from collections.abc import Sequence
 
@@ -25,6 +24,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from dfa2_jax import flops
+from dfa2_jax.atomic import atomic_open
 from dfa2_jax import methods as M
 from dfa2_jax.calibrate.progressive import initial_state, run_step
 from dfa2_jax.calibrate.solver import solve
@@ -108,15 +108,8 @@ def _save_ckpt(path: str, x, state, meta: dict) -> None:
         for name, a in d.items():
             arrays[f"state/{layer}/{name}"] = np.asarray(a)
     arrays["meta"] = np.frombuffer(json.dumps(meta).encode(), np.uint8)
-    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(os.path.abspath(path)), suffix=".npz.tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            np.savez(f, **arrays)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    with atomic_open(path, "wb") as f:
+        np.savez(f, **arrays)
 
 
 def _load_ckpt(path: str, key: str):
