@@ -129,6 +129,14 @@ def _load_ckpt(path: str, key: str):
     return jnp.asarray(z["x"]), state, meta
 
 
+def _effective_guidance(prep) -> float | None:
+    """The guidance the calibration ran with (SD3 CFG scale / FLUX guidance embedding), None without."""
+    if "guidance_scale" in prep.cond and prep.do_cfg:
+        return float(prep.cond["guidance_scale"])
+    g = prep.cond.get("guidance")
+    return None if g is None else float(np.asarray(g).reshape(-1)[0])
+
+
 def calibrate(pipe, prompts: Sequence[str], *, resolution, steps: int, delta: float, c: float = 1.5,
               candidates: Sequence[str] | str = DEFAULT_CANDIDATES, seed: int = 0, guidance_scale: float | None = None,
               batch: int | None = None, savings="tiles", blocks=flops.DEFAULT_BLOCKS,
@@ -226,7 +234,7 @@ def calibrate(pipe, prompts: Sequence[str], *, resolution, steps: int, delta: fl
                    "solver": "cp-sat", "metric": "rse", "candidates": methods[1:],
                    "savings": savings if isinstance(savings, str) else "latency-table",
                    "blocks": list(blocks) if savings == "tiles" else None, "image_tokens": prep.n_img,
-                   "guidance_scale": guidance_scale}
+                   "guidance_scale": _effective_guidance(prep)}
     plan = Plan(info, steps, methods, assignment, calibration)
     plan.validate(info, n_img=prep.n_img, cfg=prep.do_cfg)
     stats = flops.plan_stats(plan, prep.n_img, blocks=tuple(blocks))
