@@ -1,0 +1,166 @@
+"""Arrow-attention kernel vs dense cuDNN attention (issue 6), meant for one H100.
+
+    python scripts/bench_arrow.py                       # FLUX 2048² and SD3 1024² shapes on the GPU
+    python scripts/bench_arrow.py --interpret --small   # CPU smoke run: correctness part + a few timed calls
+
+For each shape: check the kernel against the pure-jnp reference first (full size: on up to 4 heads, one kind
+of each, one head at a time so the S×S reference fits), then time dense cuDNN
+(``jax.nn.dot_product_attention(implementation="cudnn")``; "xla" off GPU) and the kernel with all heads full,
+all arrow:8 / :16 / :32 and a mixed plan (25% cached heads, the rest arrow / full, fixed seed). Each figure is
+the median of ``--iters`` timed calls after warm-up, each call on fresh random inputs (drawn outside the
+timed region). Columns: ms; effective TFLOP/s = dense FLOPs (4·B·H·S²·D) / time; TFLOP/s on the kept tiles;
+speedup vs the dense baseline; kept fraction of (block_q × block_k) tiles (dfa2_jax.flops.arrow_tiles /
+total_tiles, cached heads 0); the ideal speedup 1/kept.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+
+from dfa2_jax.flops import arrow_tiles, total_tiles  # noqa: E402
+from pallas_kernels.arrow_attention import (ArrowConfig, arrow_attention, arrow_attention_reference,  # noqa: E402
+                                            heuristic_config)
+
+TOL = {jnp.dtype(jnp.bfloat16): 2e-2, jnp.dtype(jnp.float16): 4e-3, jnp.dtype(jnp.float32): 1e-5}
+# name, B, text_len, n_img, H, D, text_first
+FULL_SHAPES = [("FLUX-2048", 1, 512, 16384, 24, 128, True), ("SD3-1024", 1, 333, 4096, 24, 64, False)]
+SMALL_SHAPES = [("FLUX-small", 1, 24, 200, 4, 32, True), ("SD3-small", 1, 21, 160, 4, 32, False)]
+
+
+def half_window(n_img: int, k: int) -> int:
+    """arrow:k half-width (dfa2_jax.methods.Method.half_window)."""
+    return n_img // (2 * k)
+
+
+def kept_fraction(windows, n_img, text_len, text_first, blocks) -> float:
+    tot = total_tiles(n_img, text_len, blocks)
+    return float(np.mean([0.0 if w == 0 else arrow_tiles(n_img, text_len, text_first, int(w), blocks) / tot
+                          for w in windows]))
+
+
+def mixed_plan(h, n_img, text_len, text_first, blocks, target_kept=0.32, seed=0):
+    """25% cached heads, the rest drawn from full / arrow:8 / :16 / :32; among 64 draws of a fixed seed the one
+    whose kept tile fraction is closest to ``target_kept`` (68% of the FLOPs removed)."""
+    rng = np.random.default_rng(seed)
+    choices = [-1] + [half_window(n_img, k) for k in (8, 16, 32)]
+    best = None
+    for _ in range(64):
+        w = rng.choice(choices, size=h)
+        w[rng.permutation(h)[: h // 4]] = 0
+        err = abs(kept_fraction(w, n_img, text_len, text_first, blocks) - target_kept)
+        if best is None or err < best[0]:
+            best = (err, w)
+    return best[1].astype(np.int32)
+
+
+def random_inputs(key, b, s, h, d, dtype):
+    ks = jax.random.split(key, 4)
+    return tuple(jax.random.normal(x, (b, s, h, d), jnp.float32).astype(dtype) for x in ks)
+
+
+def check(q, k, v, cache, hw, *, text_len, text_first, interpret, config, max_heads):
+    """Max |kernel − reference| on up to ``max_heads`` heads (one of each distinct window first), one head
+    at a time; raises if above the dtype tolerance."""
+    hw_np = np.asarray(hw)
+    first = [int(np.flatnonzero(hw_np == w)[0]) for w in hw_np]  # one head of each window first, then the rest
+    heads = list(dict.fromkeys(first + list(range(len(hw_np)))))[:max_heads]
+    out = arrow_attention(q, k, v, hw, text_len=text_len, text_first=text_first, cache=cache,
+                          interpret=interpret, config=config)
+    worst = 0.0
+    for i in heads:
+        sl = slice(i, i + 1)
+        ref = arrow_attention_reference(q[:, :, sl], k[:, :, sl], v[:, :, sl], hw[sl], text_len=text_len,
+                                        text_first=text_first, cache=cache[:, :, sl])
+        err = float(jnp.max(jnp.abs(out[:, :, sl].astype(jnp.float32) - ref.astype(jnp.float32))))
+        worst = max(worst, err)
+    tol = TOL[jnp.dtype(q.dtype)]
+    if not np.isfinite(worst) or worst > tol:
+        raise AssertionError(f"kernel vs reference: max error {worst:.3g} > {tol} (windows {hw_np.tolist()})")
+    return worst, heads
+
+
+def time_fn(fn, make_inputs, iters, warmup):
+    for i in range(warmup):
+        jax.block_until_ready(fn(*make_inputs(10_000 + i)))
+    times = []
+    for i in range(iters):
+        args = jax.block_until_ready(make_inputs(i))
+        t0 = time.perf_counter()
+        jax.block_until_ready(fn(*args))
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--interpret", action="store_true", help="run the kernel in Pallas interpret mode (CPU)")
+    p.add_argument("--small", action="store_true", help="tiny shapes (CPU smoke run)")
+    p.add_argument("--iters", type=int, default=None, help="timed calls per row (default 20; 2 with --small)")
+    p.add_argument("--warmup", type=int, default=None, help="untimed calls first (default 3; 1 with --small)")
+    p.add_argument("--check-heads", type=int, default=4, help="heads compared with the reference per mode")
+    args = p.parse_args(argv)
+    iters = args.iters or (2 if args.small else 20)
+    warmup = args.warmup or (1 if args.small else 3)
+    on_gpu = jax.default_backend() == "gpu"
+    dense_impl = "cudnn" if on_gpu else "xla"
+    dtype = jnp.bfloat16
+    shapes = SMALL_SHAPES if args.small else FULL_SHAPES
+    print(f"backend={jax.default_backend()} device={jax.devices()[0].device_kind} interpret={args.interpret} "
+          f"dense={dense_impl} iters={iters} warmup={warmup}")
+
+    rows = []
+    for name, b, t, n, h, d, text_first in shapes:
+        s = t + n
+        config = ArrowConfig(16, 16, 4, 1) if args.small else heuristic_config(s, d, dtype)
+        blocks = (config.block_q, config.block_k)
+        dense_flops = 4 * b * h * s * s * d
+        modes = {"full": np.full(h, -1, np.int32)}
+        for kk in (8, 16, 32):
+            modes[f"arrow:{kk}"] = np.full(h, half_window(n, kk), np.int32)
+        modes["mixed"] = mixed_plan(h, n, t, text_first, blocks)
+        print(f"\n{name}: B={b} S={s} (text {t} {'first' if text_first else 'last'}, image {n}) H={h} D={d} "
+              f"{jnp.dtype(dtype).name} {config}")
+        print(f"  mixed plan windows: {modes['mixed'].tolist()}")
+
+        def make_inputs(seed, b=b, s=s, h=h, d=d):
+            return random_inputs(jax.random.PRNGKey(seed), b, s, h, d, dtype)
+
+        q, k, v, cache = make_inputs(12345)
+        for mode, w in modes.items():  # correctness first
+            err, heads = check(q, k, v, cache, jnp.asarray(w), text_len=t, text_first=text_first,
+                               interpret=args.interpret, config=config,
+                               max_heads=h if args.small else args.check_heads)
+            print(f"  check {mode:9s} heads {heads}: max |err| {err:.2e} ok")
+
+        dense = jax.jit(lambda q, k, v, c: jax.nn.dot_product_attention(q, k, v, implementation=dense_impl))
+        t_dense = time_fn(dense, make_inputs, iters, warmup)
+        rows.append((name, f"dense {dense_impl}", t_dense, dense_flops, 1.0))
+        for mode, w in modes.items():
+            hw = jnp.asarray(w)
+            fn = jax.jit(lambda q, k, v, c, hw=hw: arrow_attention(
+                q, k, v, hw, text_len=t, text_first=text_first, cache=c, interpret=args.interpret, config=config))
+            rows.append((name, mode, time_fn(fn, make_inputs, iters, warmup), dense_flops,
+                         kept_fraction(w, n, t, text_first, blocks)))
+        for r in rows:
+            if r[0] == name:
+                r_dense = t_dense
+                ms, eff, kept = r[2] * 1e3, r[3] / r[2] / 1e12, r[4]
+                ideal = f"{1 / kept:6.2f}" if kept > 0 else "   inf"
+                print(f"  {r[1]:12s} {ms:9.3f} ms  eff {eff:7.1f} TFLOP/s  kept-work {eff * kept:7.1f} TFLOP/s  "
+                      f"speedup {r_dense / r[2]:5.2f}x  kept {kept:5.3f}  ideal {ideal}x")
+    if args.interpret:
+        print("\n(interpret mode: timings are CPU interpreter times, not kernel performance)")
+
+
+if __name__ == "__main__":
+    main()

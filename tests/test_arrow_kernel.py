@@ -1,0 +1,158 @@
+"""The arrow-attention Pallas kernel in interpret mode (CPU) against its pure-jnp reference.
+
+Interpret mode starts every output buffer as NaN (jax's uninitialized_value), so "no NaN in the output and equal
+to the reference" also checks that every output element is written. Tiny tiles (16×16) and head_dim 16 keep
+each case to about a second.
+"""
+
+from __future__ import annotations
+
+import hypothesis.strategies as st
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from hypothesis import HealthCheck, given, settings
+
+from pallas_kernels.arrow_attention import (ArrowConfig, arrow_attention, arrow_attention_reference,
+                                            heuristic_config)
+
+TINY = ArrowConfig(block_q=16, block_k=16, num_warps=4, num_stages=1)
+ATOL = {jnp.float32: 1e-5, jnp.bfloat16: 2e-2, jnp.float16: 4e-3}  # max |kernel − reference|
+RTOL = {jnp.float32: 1e-5, jnp.bfloat16: 2e-2, jnp.float16: 4e-3}
+SETTINGS = dict(deadline=None, derandomize=True, suppress_health_check=[HealthCheck.too_slow])
+
+
+def _inputs(seed, b, s, h, d, dtype):
+    ks = jax.random.split(jax.random.PRNGKey(seed), 4)
+    return tuple(jax.random.normal(x, (b, s, h, d), jnp.float32).astype(dtype) for x in ks)
+
+
+def _check(q, k, v, c, hw, text_len, text_first, dtype, config=TINY):
+    hw = jnp.asarray(hw, jnp.int32)
+    out = arrow_attention(q, k, v, hw, text_len=text_len, text_first=text_first, cache=c, interpret=True,
+                          config=config)
+    ref = arrow_attention_reference(q, k, v, hw, text_len=text_len, text_first=text_first, cache=c)
+    assert out.shape == q.shape and out.dtype == q.dtype
+    out32, ref32 = np.asarray(out, np.float32), np.asarray(ref, np.float32)
+    assert np.isfinite(out32).all(), "unwritten (NaN-poisoned) or non-finite output elements"
+    np.testing.assert_allclose(out32, ref32, atol=ATOL[dtype], rtol=RTOL[dtype],
+                               err_msg=f"{hw=} {text_len=} {text_first=} shape={q.shape}")
+    return out
+
+
+@st.composite
+def _case(draw):
+    s = draw(st.integers(10, 120))
+    text_len = draw(st.sampled_from([0, 1, min(5, s - 1), min(16, s - 1), min(40, s - 1)]))
+    h = draw(st.integers(1, 3))
+    n_img = s - text_len
+    hw = draw(st.lists(st.sampled_from([-1, 0, 1, 2, 7, n_img, n_img + 5]), min_size=h, max_size=h))
+    return dict(s=s, text_len=text_len, h=h, hw=hw, b=draw(st.integers(1, 2)),
+                text_first=draw(st.booleans()), use_cache=draw(st.booleans()), seed=draw(st.integers(0, 99)))
+
+
+@pytest.mark.parametrize("dtype,examples", [(jnp.float32, 10), (jnp.bfloat16, 8), (jnp.float16, 4)])
+def test_kernel_matches_reference(dtype, examples):
+    @settings(max_examples=examples, **SETTINGS)
+    @given(_case())
+    def run(c):
+        q, k, v, cache = _inputs(c["seed"], c["b"], c["s"], c["h"], 16, dtype)
+        _check(q, k, v, cache if c["use_cache"] else None, c["hw"], c["text_len"], c["text_first"], dtype)
+
+    run()
+
+
+@pytest.mark.parametrize("text_first", [True, False])
+def test_mixed_heads_fixed(text_first):
+    """Every head kind in one launch, S not a multiple of either tile, text spanning several blocks."""
+    q, k, v, cache = _inputs(1, 2, 77, 5, 16, jnp.float32)
+    out = _check(q, k, v, cache, [-1, 0, 1, 9, 200], 21, text_first, jnp.float32,
+                 config=ArrowConfig(block_q=32, block_k=16))
+    np.testing.assert_array_equal(np.asarray(out[:, :, 1]), np.asarray(cache[:, :, 1]))  # cached head copied
+
+
+def test_zero_window_without_cache_is_width_zero_band():
+    q, k, v, _ = _inputs(2, 1, 40, 2, 16, jnp.float32)
+    _check(q, k, v, None, [0, 0], 7, True, jnp.float32)
+
+
+def test_deterministic():
+    q, k, v, cache = _inputs(3, 1, 50, 2, 16, jnp.bfloat16)
+    hw = jnp.asarray([3, -1], jnp.int32)
+    run = lambda: np.asarray(arrow_attention(q, k, v, hw, text_len=6, text_first=False, cache=cache,
+                                             interpret=True, config=TINY))
+    np.testing.assert_array_equal(run(), run())
+
+
+def _visits(qb, kb, *, s, text_len, text_first, w, bq, bk):
+    """Does query block qb visit key block kb (the rule of flops.arrow_tiles)?"""
+    n_img = s - text_len
+    off = text_len if text_first else 0
+    t_lo, t_hi = (0, text_len) if text_first else (n_img, s)
+    q0, q1 = qb * bq, (qb + 1) * bq - 1
+    if w < 0 or (text_len and q0 < t_hi and q1 >= t_lo):
+        return True
+    if text_len and kb * bk < t_hi and (kb + 1) * bk > t_lo:
+        return True
+    a0, a1 = q0 - off, min(q1 - off, n_img - 1)
+    lo, hi = max(a0 - w, 0) + off, min(a1 + w, n_img - 1) + off
+    return lo // bk <= kb <= hi // bk
+
+
+@pytest.mark.parametrize("text_first", [True, False])
+def test_out_of_band_blocks_are_never_loaded(text_first):
+    """Poison one image key block with NaN: a query block that visits it gets NaN (0·NaN in P·V), one that
+    skips it stays finite and exact. The NaN rows are exactly the visiting blocks."""
+    s, t, w, bq, bk = 96, 16, 3, 16, 16
+    q, k, v, _ = _inputs(4, 1, s, 1, 16, jnp.float32)
+    hw = jnp.asarray([w], jnp.int32)
+    kb = 2 if text_first else 1  # an image key block away from the text
+    kp = k.at[:, kb * bk:(kb + 1) * bk].set(jnp.nan)
+    vp = v.at[:, kb * bk:(kb + 1) * bk].set(jnp.nan)
+    out = np.asarray(arrow_attention(q, kp, vp, hw, text_len=t, text_first=text_first, interpret=True,
+                                     config=ArrowConfig(block_q=bq, block_k=bk)))
+    ref = np.asarray(arrow_attention_reference(q, k, v, hw, text_len=t, text_first=text_first))
+    skipped = 0
+    for qb in range(s // bq):
+        rows = slice(qb * bq, (qb + 1) * bq)
+        if _visits(qb, kb, s=s, text_len=t, text_first=text_first, w=w, bq=bq, bk=bk):
+            assert np.isnan(out[:, rows]).any(), f"query block {qb} should have visited key block {kb}"
+        else:
+            skipped += 1
+            np.testing.assert_allclose(out[:, rows], ref[:, rows], atol=1e-5, rtol=1e-5)
+    assert skipped >= 2
+
+
+def test_heuristic_config():
+    assert heuristic_config(16896, 128, jnp.bfloat16) == ArrowConfig(128, 64, 8, 3)
+    assert heuristic_config(4429, 64, jnp.bfloat16).block_q == 128
+    assert heuristic_config(20, 16, jnp.float32) == ArrowConfig(32, 32, 4, 3)
+
+
+def test_validation_errors():
+    q, k, v, cache = _inputs(5, 1, 20, 2, 16, jnp.float32)
+    hw = jnp.asarray([1, -1], jnp.int32)
+    kw = dict(text_len=4, text_first=True, interpret=True, config=TINY)
+    with pytest.raises(ValueError, match="same shape"):
+        arrow_attention(q, k[:, :10], v, hw, **kw)
+    with pytest.raises(ValueError, match="share a dtype"):
+        arrow_attention(q, k.astype(jnp.bfloat16), v, hw, **kw)
+    with pytest.raises(ValueError, match=r"half_window must be int32 \[H=2\]"):
+        arrow_attention(q, k, v, jnp.asarray([1, 2, 3], jnp.int32), **kw)
+    with pytest.raises(ValueError, match="half_window must be int32"):
+        arrow_attention(q, k, v, hw.astype(jnp.float32), **kw)
+    with pytest.raises(ValueError, match="text_len"):
+        arrow_attention(q, k, v, hw, **{**kw, "text_len": 20})
+    with pytest.raises(ValueError, match="text_len"):
+        arrow_attention(q, k, v, hw, **{**kw, "text_len": -1})
+    with pytest.raises(ValueError, match="cache must be"):
+        arrow_attention(q, k, v, hw, cache=cache[:, :, :1], **kw)
+    with pytest.raises(ValueError, match="head_dim"):
+        q24 = q[..., :12]
+        arrow_attention(q24, q24, q24, hw, **kw)
+    with pytest.raises(ValueError, match="dtype"):
+        qi = q.astype(jnp.int32)
+        arrow_attention(qi, qi, qi, hw, **kw)
+    with pytest.raises(ValueError, match="power of two"):
+        ArrowConfig(block_q=48)
