@@ -22,6 +22,7 @@ Per head at one step (reference path, pure jnp; the Pallas kernel replaces the a
 from __future__ import annotations
 
 import dataclasses
+import os
 from collections.abc import Callable
 
 import jax
@@ -41,19 +42,27 @@ class RuntimeSpec:
     resid_layers: tuple[bool, ...]  # some head is `wars`
     skip_layers: tuple[bool, ...]  # every head `cache` at some step: projections skipped then
     cfg: bool  # the batch is [uncond, cond] (SD3 with classifier-free guidance)
+    # Per-head attention of compressed layers: "reference" (pure jnp, O(S²) mask), "pallas" (the Pallas kernel,
+    # GPU) or "interpret" (the kernel in interpret mode, CPU tests). Default from $DFA2_ARROW_IMPL, else
+    # "reference": the kernel becomes the GPU default once it has been validated on a GPU (kernel issue).
+    impl: str = "reference"
 
     @classmethod
-    def from_codes(cls, codes: np.ndarray, *, cfg: bool) -> RuntimeSpec:
+    def from_codes(cls, codes: np.ndarray, *, cfg: bool, impl: str | None = None) -> RuntimeSpec:
         codes = np.asarray(codes)  # [steps, layers, heads]
         if codes.ndim != 3:
             raise ValueError(f"codes must be [steps, layers, heads]; got shape {codes.shape}")
         if not cfg and np.isin(codes, M.CFG_CODES).any():
             raise ValueError("cfg_share methods need classifier-free guidance (SD3 with guidance_scale > 1)")
         skip = (codes == M.CACHE).all(axis=2).any(axis=0)
+        impl = impl or os.environ.get("DFA2_ARROW_IMPL", "reference")
+        if impl not in ("reference", "pallas", "interpret"):
+            raise ValueError(f"attention implementation {impl!r}: expected reference, pallas or interpret "
+                             "($DFA2_ARROW_IMPL)")
         return cls(dense_layers=tuple(bool(x) for x in (codes == M.FULL).all(axis=(0, 2))),
                    cache_layers=tuple(bool(x) for x in (codes == M.CACHE).any(axis=(0, 2)) | skip),
                    resid_layers=tuple(bool(x) for x in (codes == M.WARS).any(axis=(0, 2))),
-                   skip_layers=tuple(bool(x) for x in skip), cfg=cfg)
+                   skip_layers=tuple(bool(x) for x in skip), cfg=cfg, impl=impl)
 
     @property
     def num_layers(self) -> int:
@@ -90,12 +99,14 @@ class PlanRuntime:
         codes, hw = self.codes[layer], self.half_windows[layer]  # [H]
         old = self.state.get(str(layer), {})
         band = jnp.where(jnp.isin(codes, jnp.asarray(M.WINDOWED)), hw, -1)
-        s = q.shape[1]
-        o = M.masked_attention(q, k, v, M.arrow_mask(s, layout.text_len, layout.text_first, band))
+        cache = None
+        if spec.cache_layers[layer] and spec.impl != "reference":  # the kernel copies cached heads itself
+            band = jnp.where(codes == M.CACHE, 0, band)
+            cache = old["heads"].astype(q.dtype)
+        o = self._attend(q, k, v, band, layout, cache)
         pending = {}
         if spec.resid_layers[layer]:
-            window = M.masked_attention(q, k, v, M.arrow_mask(s, layout.text_len, layout.text_first,
-                                                              self.resid_windows[layer]))
+            window = self._attend(q, k, v, self.resid_windows[layer], layout, None)
             is_full = _per_head(codes == M.FULL)
             pending["resid"] = jnp.where(is_full, o - window, old["resid"])
             o = jnp.where(_per_head(codes == M.WARS), o + old["resid"], o)
@@ -108,6 +119,15 @@ class PlanRuntime:
             pending["heads"] = o
         self._pending[layer] = pending
         return o
+
+    def _attend(self, q, k, v, band, layout: TokenLayout, cache):
+        """Per-head arrow attention (band −1 = full; 0 with ``cache`` = copy the cached head)."""
+        if self.spec.impl == "reference":
+            return M.masked_attention(q, k, v, M.arrow_mask(q.shape[1], layout.text_len, layout.text_first, band))
+        from pallas_kernels.arrow_attention import arrow_attention
+
+        return arrow_attention(q, k, v, band.astype(jnp.int32), text_len=layout.text_len,
+                               text_first=layout.text_first, cache=cache, interpret=self.spec.impl == "interpret")
 
     # -- around an attention site ------------------------------------------------------------------------
     def run_layer(self, layer: int, compute: Callable[[], tuple[jax.Array, jax.Array | None]]):

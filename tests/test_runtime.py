@@ -238,3 +238,18 @@ def test_banded_arrow_equals_masked_reference(n_img, text, text_first, hw, block
     ref = M.arrow_attention_reference(q, k, v, jnp.full((3,), hw), text_len=text, text_first=text_first)
     out = M.arrow_attention_banded(q, k, v, hw, text_len=text, text_first=text_first, block=block)
     np.testing.assert_allclose(np.asarray(out), np.asarray(ref), rtol=2e-5, atol=2e-5)
+
+
+def test_runtime_through_the_pallas_kernel_in_interpret_mode(monkeypatch):
+    """The same plan (arrow, cache, wars, an AST layer) through the Pallas kernel (interpret mode) and the jnp
+    reference give the same latents."""
+    tr, cond, latents, t, s, kw, (n_img, _) = _flux()
+    plan = _random_plan(tr, np.random.default_rng(11), [M.FULL, M.ARROW, M.CACHE, M.WARS], n_img=n_img, ast_layer=2)
+    ref = denoise(tr.graphdef, tr.state, jnp.array(latents), cond, t, s, plan=plan, **kw)
+    monkeypatch.setenv("DFA2_ARROW_IMPL", "interpret")
+    assert RuntimeSpec.from_codes(plan.codes, cfg=False).impl == "interpret"
+    out = denoise(tr.graphdef, tr.state, jnp.array(latents), cond, t, s, plan=plan, **kw)
+    np.testing.assert_allclose(np.asarray(out), np.asarray(ref), rtol=2e-5, atol=2e-5)
+    monkeypatch.setenv("DFA2_ARROW_IMPL", "cuda")
+    with pytest.raises(ValueError, match="DFA2_ARROW_IMPL"):
+        RuntimeSpec.from_codes(plan.codes, cfg=False)
