@@ -46,7 +46,8 @@ def _cmd_generate(args: argparse.Namespace) -> int:
     if args.latents:
         latents = np.load(args.latents)
     kwargs = dict(height=args.height, width=args.width, num_inference_steps=args.steps, guidance_scale=args.guidance,
-                  seed=args.seed, latents=latents, progress=not args.no_progress, plan=args.plan)
+                  seed=args.seed, latents=latents, progress=not args.no_progress, plan=args.plan,
+                  mesh=args.mesh, fsdp=args.fsdp)
     if args.negative_prompt is not None:
         kwargs["negative_prompt"] = args.negative_prompt
     t0 = time.perf_counter()
@@ -165,6 +166,9 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--save-latents", default=None, help="write the final latents (before VAE decoding) as .npy")
     gen.add_argument("--plan", default=None, help="compression plan (dfa2 calibrate / dfa2 plan import); "
                                                    "default: dense attention")
+    gen.add_argument("--mesh", default=None, help="device mesh for the sampler, e.g. data=2,heads=4 (axes: data, "
+                     "cfg (SD3 CFG halves), heads); default: one device")
+    gen.add_argument("--fsdp", action="store_true", help="with --mesh: shard the params over its data axis")
     gen.add_argument("--cache-dir", default=None)
     gen.add_argument("--no-progress", action="store_true", help="no progress bar")
     gen.add_argument("-o", "--output", required=True, help="output PNG")

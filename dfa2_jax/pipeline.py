@@ -144,17 +144,30 @@ class _Pipeline:
             raise PlanError(f"plan: steps = {plan.steps} but num_inference_steps = {steps}")
         return PlanArrays(*plan.to_arrays(n_img))
 
-    def _run(self, latents, cond, timesteps, sigmas, do_cfg: bool, progress: bool, plan: PlanArrays | None = None):
+    def _run(self, latents, cond, timesteps, sigmas, do_cfg: bool, progress: bool, plan: PlanArrays | None = None,
+             mesh=None, fsdp: bool = False):
         tr = self.transformer
         x = jnp.array(latents, copy=True)  # the sampler donates its latents buffer
+        sampler = denoise
+        if mesh is not None:  # a jax.sharding.Mesh or a spec such as "data=2,heads=4"
+            from dfa2_jax.sharding import make_mesh, parse_mesh, shard_denoise, validate
+
+            if isinstance(mesh, (str, dict)):  # the work's checks first: their errors name the real misfit
+                sizes = parse_mesh(mesh) if isinstance(mesh, str) else mesh
+                validate(sizes, batch=x.shape[0], heads=tr.config.num_attention_heads, family=self.family,
+                         do_cfg=do_cfg)
+                mesh = make_mesh(sizes)
+            sampler = functools.partial(shard_denoise, mesh, fsdp=fsdp, num_heads=tr.config.num_attention_heads)
+        elif fsdp:
+            raise ValueError("fsdp needs a mesh with a data axis")
         if not progress:
-            return denoise(tr.graphdef, tr.state, x, cond, timesteps, sigmas, family=self.family, do_cfg=do_cfg,
+            return sampler(tr.graphdef, tr.state, x, cond, timesteps, sigmas, family=self.family, do_cfg=do_cfg,
                            plan=plan)
         from tqdm.auto import tqdm
 
         with tqdm(total=len(timesteps), desc="denoising", unit="step") as bar, \
                 progress_hook(lambda i: bar.update(1)):
-            out = denoise(tr.graphdef, tr.state, x, cond, timesteps, sigmas, family=self.family, do_cfg=do_cfg,
+            out = sampler(tr.graphdef, tr.state, x, cond, timesteps, sigmas, family=self.family, do_cfg=do_cfg,
                           report=True, plan=plan)
             return jax.block_until_ready(out)
 
@@ -162,15 +175,18 @@ class _Pipeline:
                  height: int | None = None, width: int | None = None, num_inference_steps: int = 28,
                  guidance_scale: float | None = None, seed: int = 0, latents=None,
                  max_sequence_length: int | None = None, output_type: str = "pil", progress: bool = False,
-                 plan=None) -> PipelineOutput:
+                 plan=None, mesh=None, fsdp: bool = False) -> PipelineOutput:
         """Text to image as diffusers' pipeline. ``plan``: a :class:`dfa2_jax.plan.Plan` or plan file
-        (head-wise compression); None = dense. ``output_type="latent"``: no VAE decoding."""
+        (head-wise compression); None = dense. ``output_type="latent"``: no VAE decoding. ``mesh``: run the
+        sampler on a device mesh (:mod:`dfa2_jax.sharding`; a Mesh or "data=2,heads=4"), ``fsdp``: params
+        sharded over its data axis."""
         kw = {} if max_sequence_length is None else {"max_sequence_length": max_sequence_length}
         prep = self.prepare(prompt, negative_prompt, height=height, width=width,
                             num_inference_steps=num_inference_steps, guidance_scale=guidance_scale, seed=seed,
                             latents=latents, **kw)
         arrays = self.plan_arrays(plan, prep.n_img, num_inference_steps, prep.do_cfg)
-        final = self._run(prep.latents, prep.cond, prep.timesteps, prep.sigmas, prep.do_cfg, progress, arrays)
+        final = self._run(prep.latents, prep.cond, prep.timesteps, prep.sigmas, prep.do_cfg, progress, arrays,
+                          mesh=mesh, fsdp=fsdp)
         final_np = np.asarray(final.astype(jnp.float32))
         images = [] if output_type == "latent" else self.to_images(final, prep)
         return PipelineOutput(images, final_np)

@@ -25,10 +25,15 @@ from dfa2_jax.runtime import PlanRuntime, RuntimeSpec, ShapeProbe
 from dfa2_jax.scheduler import euler_step
 
 
-def _velocity(model, x, t, cond: dict[str, Any], *, family: str, do_cfg: bool, runtime=None):
-    """One transformer evaluation at timestep t (diffusers' scale: 0..1000) -> velocity, x's shape."""
+def _velocity(model, x, t, cond: dict[str, Any], *, family: str, do_cfg: bool, runtime=None, batch_sharding=None):
+    """One transformer evaluation at timestep t (diffusers' scale: 0..1000) -> velocity, x's shape.
+
+    ``batch_sharding``: a ``jax.sharding.Sharding`` for the model batch (SD3 with CFG: the doubled batch
+    [uncond; cond], so a mesh axis can split the two halves: CFG parallel); None leaves it to GSPMD."""
     if family == "sd3":
         model_in = jnp.concatenate([x, x], axis=0) if do_cfg else x
+        if batch_sharding is not None:
+            model_in = jax.lax.with_sharding_constraint(model_in, batch_sharding)
         ts = jnp.broadcast_to(t, (model_in.shape[0],))
         v = model(model_in, cond["prompt_embeds"], cond["pooled_projections"], ts, runtime=runtime)
         if do_cfg:
@@ -62,7 +67,7 @@ def progress_hook(fn: Callable[[int], None]) -> Iterator[None]:
 
 
 def _scan_denoise(graphdef, state, latents, cond, timesteps, sigmas, plan, *, family: str, do_cfg: bool,
-                  report: bool, spec: RuntimeSpec | None):
+                  report: bool, spec: RuntimeSpec | None, batch_sharding=None):
     model = nnx.merge(graphdef, state)
 
     def step(carry, xs):
@@ -70,7 +75,8 @@ def _scan_denoise(graphdef, state, latents, cond, timesteps, sigmas, plan, *, fa
         runtime = None
         if spec is not None:
             runtime = PlanRuntime(spec, xs["codes"], xs["half_windows"], plan["resid_windows"], carry["attn"])
-        v = _velocity(model, x, xs["t"], cond, family=family, do_cfg=do_cfg, runtime=runtime)
+        v = _velocity(model, x, xs["t"], cond, family=family, do_cfg=do_cfg, runtime=runtime,
+                      batch_sharding=batch_sharding)
         x = euler_step(x, v, xs["sigma"], xs["sigma_next"])
         if report:
             jax.debug.callback(_report, xs["i"], ordered=True)
@@ -89,7 +95,8 @@ def _scan_denoise(graphdef, state, latents, cond, timesteps, sigmas, plan, *, fa
 
 
 _scan_denoise_jit = jax.jit(_scan_denoise, static_argnums=(0,),
-                            static_argnames=("family", "do_cfg", "report", "spec"), donate_argnums=(2,))
+                            static_argnames=("family", "do_cfg", "report", "spec", "batch_sharding"),
+                            donate_argnums=(2,))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -133,17 +140,22 @@ def denoise(graphdef, state, latents, cond: dict[str, Any], timesteps, sigmas, *
     ``report``: call the :func:`progress_hook` after every step (a host callback; off for benchmarks).
     ``plan``: head-wise compression (:class:`PlanArrays` for this resolution); None is dense attention.
     """
-    spec, plan_in = None, None
-    if plan is not None:
-        if plan.codes.shape[0] != len(timesteps):
-            raise ValueError(f"the plan has {plan.codes.shape[0]} steps; the schedule has {len(timesteps)}")
-        spec = RuntimeSpec.from_codes(plan.codes, cfg=do_cfg)
-        plan_in = {"codes": jnp.asarray(plan.codes, jnp.int32), "half_windows": jnp.asarray(plan.half_windows, jnp.int32),
-                   "resid_windows": jnp.asarray(plan.resid_windows, jnp.int32),
-                   "state": initial_attention_state(graphdef, state, latents, cond, spec, family=family,
-                                                    do_cfg=do_cfg)}
+    spec, plan_in = plan_inputs(graphdef, state, latents, cond, timesteps, plan, family=family, do_cfg=do_cfg)
     return _scan_denoise_jit(graphdef, state, latents, cond, jnp.asarray(timesteps), jnp.asarray(sigmas), plan_in,
                              family=family, do_cfg=do_cfg, report=report, spec=spec)
+
+
+def plan_inputs(graphdef, state, latents, cond, timesteps, plan: PlanArrays | None, *, family: str, do_cfg: bool):
+    """(static :class:`RuntimeSpec`, the sampler's plan arrays and initial carried state) or (None, None)."""
+    if plan is None:
+        return None, None
+    if plan.codes.shape[0] != len(timesteps):
+        raise ValueError(f"the plan has {plan.codes.shape[0]} steps; the schedule has {len(timesteps)}")
+    spec = RuntimeSpec.from_codes(plan.codes, cfg=do_cfg)
+    plan_in = {"codes": jnp.asarray(plan.codes, jnp.int32), "half_windows": jnp.asarray(plan.half_windows, jnp.int32),
+               "resid_windows": jnp.asarray(plan.resid_windows, jnp.int32),
+               "state": initial_attention_state(graphdef, state, latents, cond, spec, family=family, do_cfg=do_cfg)}
+    return spec, plan_in
 
 
 @functools.partial(jax.jit, static_argnums=(0,), static_argnames=("family", "do_cfg", "spec"))

@@ -267,3 +267,20 @@ def test_cli_generate_with_plan(pipes, ours, tmp_path):
     bad = args[:]
     bad[bad.index("--plan") + 1] = str(tmp_path / "flux_plan.json")
     assert main(bad) == 2  # a FLUX plan on an SD3 model: a clear error, exit 2
+
+
+def test_cli_generate_with_mesh(pipes, tmp_path, capsys):
+    """--mesh on one device gives the plain sampler's latents; a mesh that does not fit is a clear error."""
+    from dfa2_jax.cli import main
+
+    args = ["generate", "--model", pipes["flux_dev"][1], "--prompt", PROMPTS[0], "--height", "32", "--width", "24",
+            "--steps", "2", "--dtype", "float32", "--cache-dir", str(tmp_path / "cache"), "--no-progress",
+            "--save-latents", str(tmp_path / "plain.npy"), "-o", str(tmp_path / "plain.png")]
+    assert main(args) == 0
+    meshed = args[:-4] + ["--mesh", "data=1,heads=1", "--fsdp", "--save-latents", str(tmp_path / "mesh.npy"),
+                          "-o", str(tmp_path / "mesh.png")]
+    assert main(meshed) == 0
+    np.testing.assert_allclose(np.load(tmp_path / "mesh.npy"), np.load(tmp_path / "plain.npy"), rtol=1e-5, atol=1e-5)
+    capsys.readouterr()
+    assert main(args[:-4] + ["--mesh", "heads=3", "-o", str(tmp_path / "bad.png")]) == 2
+    assert "not divisible by the heads axis size 3" in capsys.readouterr().err

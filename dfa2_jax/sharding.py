@@ -1,0 +1,217 @@
+"""The sampler on a ``jax.sharding`` mesh: data, CFG and head parallel, params replicated or FSDP-style.
+
+Everything is GSPMD: arrays are placed with :class:`~jax.sharding.NamedSharding` (``jax.device_put``) and
+the existing jitted sampler (:func:`dfa2_jax.sample._scan_denoise_jit`) is called on them; XLA propagates
+the shardings and inserts the collectives. No hand-written collectives.
+
+Mesh axes (any subset, ``parse_mesh("data=2,heads=4")``):
+
+- ``data``: latents, conditioning and the plan's carried caches split on the batch;
+- ``cfg`` (SD3 with classifier-free guidance only, size 1 or 2): the model batch [uncond; cond] split in its
+  two halves (a sharding constraint on the doubled batch inside ``_velocity``); the model batch axis is
+  sharded over ``("cfg", "data")``;
+- ``heads``: Megatron-style head parallel attention — to_q/to_k/to_v/add_{q,k,v}_proj kernels and biases
+  column-split on their H·D output dim (each device holds whole heads), to_out / to_add_out kernels
+  row-split; the plan's per-head arrays and the carried head caches [B, S, H, D] split on H. FLUX single
+  blocks' ``proj_out`` (packed rows [attention H·D; MLP]) stays replicated: a contiguous row split would not
+  line up with the heads.
+
+``fsdp=True`` additionally shards each parameter's largest axis that divides by the ``data`` size (and is not
+already head-split) over ``data``; GSPMD gathers it where it is used.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
+
+from dfa2_jax.sample import PlanArrays, _scan_denoise_jit, plan_inputs
+
+AXES = ("data", "cfg", "heads")  # the mesh's axis order (batch-like axes major)
+
+_COLUMN = {"to_q", "to_k", "to_v", "add_q_proj", "add_k_proj", "add_v_proj"}  # out dim = H·D
+_ROW = {"to_out", "to_add_out"}  # in dim = H·D
+
+
+def parse_mesh(spec: str) -> dict[str, int]:
+    """``"data=2,heads=4"`` -> ``{"data": 2, "heads": 4}`` (axes: data, cfg, heads)."""
+    out: dict[str, int] = {}
+    for part in (p.strip() for p in spec.split(",")):
+        if not part:
+            continue
+        name, eq, size = part.partition("=")
+        name = name.strip()
+        if not eq:
+            raise ValueError(f"mesh {spec!r}: expected axis=size entries such as data=2,heads=4; got {part!r}")
+        if name not in AXES:
+            raise ValueError(f"mesh {spec!r}: unknown axis {name!r} (expected one of {', '.join(AXES)})")
+        if name in out:
+            raise ValueError(f"mesh {spec!r}: axis {name!r} given twice")
+        try:
+            n = int(size)
+        except ValueError:
+            raise ValueError(f"mesh {spec!r}: size of {name!r} must be an integer; got {size!r}") from None
+        if n < 1:
+            raise ValueError(f"mesh {spec!r}: size of {name!r} must be >= 1; got {n}")
+        out[name] = n
+    if not out:
+        raise ValueError(f"mesh {spec!r}: no axes given (e.g. data=2,heads=4)")
+    return out
+
+
+def make_mesh(spec: str | dict[str, int], devices: Sequence[jax.Device] | None = None) -> Mesh:
+    """A :class:`Mesh` with the given axes (in the order data, cfg, heads) over ``devices`` (default: all).
+
+    The product of the sizes must equal the number of devices given; with ``devices=None`` it may be at most
+    the number available, and the first ones are used."""
+    sizes = parse_mesh(spec) if isinstance(spec, str) else dict(spec)
+    for name, n in sizes.items():
+        if name not in AXES:
+            raise ValueError(f"unknown mesh axis {name!r} (expected one of {', '.join(AXES)})")
+        if int(n) < 1:
+            raise ValueError(f"mesh axis {name!r}: size must be >= 1; got {n}")
+    names = tuple(a for a in AXES if a in sizes)
+    shape = tuple(int(sizes[a]) for a in names)
+    total = math.prod(shape)
+    if devices is None:
+        available = jax.devices()
+        if total > len(available):
+            raise ValueError(f"mesh {sizes} needs {total} devices; {len(available)} available "
+                             f"({available[0].platform})")
+        devices = available[:total]
+    elif total != len(devices):
+        raise ValueError(f"mesh {sizes} needs {total} devices; {len(devices)} given")
+    return Mesh(np.asarray(devices, dtype=object).reshape(shape), names)
+
+
+def _size(mesh: Mesh, axis: str) -> int:
+    return int(mesh.shape[axis]) if axis in mesh.axis_names else 1
+
+
+def validate(sizes: dict[str, int], *, batch: int, heads: int, family: str, do_cfg: bool) -> None:
+    """Clear errors for a mesh that does not fit the work (before any device is touched)."""
+    data, cfg, h = sizes.get("data", 1), sizes.get("cfg", 1), sizes.get("heads", 1)
+    if batch % data:
+        raise ValueError(f"batch {batch} is not divisible by the data axis size {data}")
+    if heads % h:
+        raise ValueError(f"{heads} attention heads are not divisible by the heads axis size {h}")
+    if cfg > 1:
+        if not (family == "sd3" and do_cfg):
+            raise ValueError(f"the cfg axis (size {cfg}) needs SD3 with classifier-free guidance "
+                             f"(family {family!r}, do_cfg={do_cfg})")
+        if cfg != 2:
+            raise ValueError(f"the cfg axis splits [uncond; cond]: its size must be 1 or 2; got {cfg}")
+
+
+def _batch_axes(mesh: Mesh, model_batch: bool):
+    """The mesh axes the batch dim is sharded over (model batch: the doubled CFG batch)."""
+    axes = tuple(a for a in (("cfg", "data") if model_batch else ("data",)) if _size(mesh, a) > 1)
+    return axes if axes else None
+
+
+def _key_name(k) -> Any:
+    for attr in ("key", "idx", "name"):
+        if hasattr(k, attr):
+            return getattr(k, attr)
+    return str(k)
+
+
+def param_spec(path: tuple, shape: tuple[int, ...], mesh: Mesh, *, fsdp: bool) -> P:
+    """The PartitionSpec of one parameter (``path``: its names, e.g. ('transformer_blocks', 0, 'attn',
+    'to_q', 'kernel'))."""
+    names = [n for n in path if n != "value"]
+    leaf = names[-1] if names else None
+    in_attn = any(isinstance(n, str) and n.startswith("attn") for n in names)
+    module = next((n for n in reversed(names[:-1]) if isinstance(n, str)), None)  # to_out[0] -> to_out
+    spec: list[Any] = [None] * len(shape)
+    if _size(mesh, "heads") > 1 and in_attn:
+        if module in _COLUMN and leaf in ("kernel", "bias"):
+            spec[-1] = "heads"
+        elif module in _ROW and leaf == "kernel":
+            spec[0] = "heads"
+    data = _size(mesh, "data")
+    if fsdp and data > 1:
+        free = [i for i in range(len(shape)) if spec[i] is None and shape[i] % data == 0]
+        if free:
+            spec[max(free, key=lambda i: shape[i])] = "data"
+    return P(*spec)
+
+
+def place_params(state, mesh: Mesh, *, fsdp: bool = False):
+    """The transformer state on the mesh: replicated, head-split projections, FSDP on ``data`` if asked."""
+    def put(path, x):
+        names = tuple(_key_name(k) for k in path)
+        return jax.device_put(x, NamedSharding(mesh, param_spec(names, x.shape, mesh, fsdp=fsdp)))
+
+    return jax.tree_util.tree_map_with_path(put, state)
+
+
+def _batch_put(x, mesh: Mesh, axes, batch: int):
+    """Arrays whose leading dim is ``batch`` are split on it over ``axes``; anything else is replicated."""
+    x = jnp.asarray(x)
+    if axes is not None and x.ndim >= 1 and x.shape[0] == batch:
+        return jax.device_put(x, NamedSharding(mesh, P(axes)))
+    return jax.device_put(x, NamedSharding(mesh, P()))
+
+
+def place_plan(plan_in: dict, mesh: Mesh, *, model_axes):
+    """Plan arrays split on their head axis; carried caches: batch over ``model_axes``, heads over heads."""
+    heads = "heads" if _size(mesh, "heads") > 1 else None
+
+    def cache_spec(name, x):
+        if name in ("heads", "resid"):  # [B, S, H, D]
+            return P(model_axes, None, heads, None)
+        return P(model_axes)  # out / ctx [B, S, dim]
+
+    return {
+        "codes": jax.device_put(plan_in["codes"], NamedSharding(mesh, P(None, None, heads))),
+        "half_windows": jax.device_put(plan_in["half_windows"], NamedSharding(mesh, P(None, None, heads))),
+        "resid_windows": jax.device_put(plan_in["resid_windows"], NamedSharding(mesh, P(None, heads))),
+        "state": {layer: {name: jax.device_put(x, NamedSharding(mesh, cache_spec(name, x)))
+                          for name, x in entry.items()} for layer, entry in plan_in["state"].items()},
+    }
+
+
+def _num_heads(graphdef, state) -> int:
+    from flax import nnx
+
+    model = nnx.merge(graphdef, state)
+    return int(model.config.num_attention_heads)
+
+
+def shard_denoise(mesh: Mesh, graphdef, state, latents, cond: dict[str, Any], timesteps, sigmas, *, family: str,
+                  do_cfg: bool = False, plan: PlanArrays | None = None, fsdp: bool = False, report: bool = False,
+                  num_heads: int | None = None):
+    """:func:`dfa2_jax.sample.denoise` on ``mesh``: places params, latents, conditioning and the plan (see the
+    module docstring), then runs the same jitted sampler; returns the latents (sharded on ``data``)."""
+    latents = jnp.asarray(latents)
+    batch = latents.shape[0]
+    heads = num_heads if num_heads is not None else _num_heads(graphdef, state)
+    validate({a: _size(mesh, a) for a in mesh.axis_names}, batch=batch, heads=heads, family=family, do_cfg=do_cfg)
+    cfg_model = family == "sd3" and do_cfg
+    model_batch = 2 * batch if cfg_model else batch
+    model_axes = _batch_axes(mesh, model_batch=True)
+    data_axes = _batch_axes(mesh, model_batch=False)
+
+    spec, plan_in = plan_inputs(graphdef, state, latents, cond, timesteps, plan, family=family, do_cfg=do_cfg)
+    replicated = NamedSharding(mesh, P())
+    state = place_params(state, mesh, fsdp=fsdp)
+    x = jax.device_put(latents, NamedSharding(mesh, P(data_axes)))
+    cond_batch, cond_axes = (model_batch, model_axes) if cfg_model else (batch, data_axes)
+    cond = {k: (None if v is None else
+                jax.tree.map(lambda a: jax.device_put(jnp.asarray(a), replicated), v) if k == "rope" else
+                tuple(_batch_put(a, mesh, cond_axes, cond_batch) for a in v) if isinstance(v, tuple) else
+                _batch_put(v, mesh, cond_axes, cond_batch)) for k, v in cond.items()}
+    if plan_in is not None:
+        plan_in = place_plan(plan_in, mesh, model_axes=model_axes if cfg_model else data_axes)
+    batch_sharding = NamedSharding(mesh, P(model_axes)) if cfg_model and model_axes is not None else None
+    return _scan_denoise_jit(graphdef, state, x, cond, jax.device_put(jnp.asarray(timesteps), replicated),
+                             jax.device_put(jnp.asarray(sigmas), replicated), plan_in, family=family, do_cfg=do_cfg,
+                             report=report, spec=spec, batch_sharding=batch_sharding)

@@ -1,0 +1,109 @@
+"""Each parallel mode of dfa2_jax.sharding.shard_denoise equals the single-device sampler (arrow + cache plan).
+
+Run in a subprocess with XLA_FLAGS=--xla_force_host_platform_device_count=4 (tests/test_sharding.py);
+prints ``OK <mode> <max rel err>`` per mode, exits non-zero on the first mismatch.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
+os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=4").strip()
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+
+jax.config.update("jax_default_matmul_precision", "highest")
+
+import dfa2_jax  # noqa: E402
+from dfa2_jax import methods as M  # noqa: E402
+from dfa2_jax.sample import PlanArrays, denoise  # noqa: E402
+from dfa2_jax.scheduler import FlowMatchEulerConfig, set_timesteps  # noqa: E402
+from dfa2_jax.sharding import make_mesh, shard_denoise  # noqa: E402
+
+STEPS = 4
+BATCH = 4
+TOL = 1e-5
+
+
+def _sd3():
+    cfg = dfa2_jax.SD3Config(sample_size=16, patch_size=2, in_channels=4, num_layers=3, attention_head_dim=8,
+                             num_attention_heads=4, caption_projection_dim=32, joint_attention_dim=32,
+                             pooled_projection_dim=16, out_channels=4, pos_embed_max_size=16,
+                             dual_attention_layers=(0,), qk_norm="rms_norm")
+    tr = dfa2_jax.random_transformer(cfg, dtype="float32", seed=1)
+    rng = np.random.default_rng(0)
+    cond = {"prompt_embeds": jnp.asarray(rng.standard_normal((2 * BATCH, 5, 32)), jnp.float32),
+            "pooled_projections": jnp.asarray(rng.standard_normal((2 * BATCH, 16)), jnp.float32),
+            "guidance_scale": jnp.asarray(4.0)}
+    latents = np.asarray(rng.standard_normal((BATCH, 4, 8, 6)), np.float32)
+    t, s = set_timesteps(FlowMatchEulerConfig.sd3(), STEPS)
+    return tr, cond, latents, t, s, dict(family="sd3", do_cfg=True), 4 * 3
+
+
+def _flux():
+    cfg = dfa2_jax.FluxConfig(patch_size=1, in_channels=8, num_layers=2, num_single_layers=2, attention_head_dim=16,
+                              num_attention_heads=4, joint_attention_dim=32, pooled_projection_dim=16,
+                              guidance_embeds=True, axes_dims_rope=(4, 4, 8))
+    tr = dfa2_jax.random_transformer(cfg, dtype="float32", seed=2)
+    rng = np.random.default_rng(1)
+    from dfa2_jax.pipeline import flux_image_ids
+    from dfa2_jax.transformer import flux_rope
+
+    cond = {"prompt_embeds": jnp.asarray(rng.standard_normal((BATCH, 7, 32)), jnp.float32),
+            "pooled_projections": jnp.asarray(rng.standard_normal((BATCH, 16)), jnp.float32),
+            "rope": flux_rope(cfg, np.zeros((7, 3)), flux_image_ids(8, 6)), "guidance": jnp.full((BATCH,), 3.5)}
+    latents = np.asarray(rng.standard_normal((BATCH, 12, 8)), np.float32)
+    t, s = set_timesteps(FlowMatchEulerConfig.flux_schnell(), STEPS, sigmas=np.linspace(1, 1 / STEPS, STEPS))
+    return tr, cond, latents, t, s, dict(family="flux", do_cfg=False), 12
+
+
+def _plan(tr, n_img, seed):
+    """Random full / arrow / cache per step and head (step 0 full), plus one layer all-cache at step 2."""
+    rng = np.random.default_rng(seed)
+    layers, heads = len(tr.attention_layer_names()), tr.config.num_attention_heads
+    codes = rng.choice([M.FULL, M.ARROW, M.CACHE], size=(STEPS, layers, heads)).astype(np.int32)
+    codes[0] = M.FULL
+    codes[2, 1] = M.CACHE
+    ks = rng.choice([2, 4], size=(layers, heads))
+    hw = np.full(codes.shape, -1, np.int32)
+    for idx in np.ndindex(codes.shape):
+        if codes[idx] == M.ARROW:
+            hw[idx] = M.Method(M.ARROW, int(ks[idx[1:]])).half_window(n_img)
+    assert (codes == M.ARROW).any() and (codes == M.CACHE).any()
+    return PlanArrays(codes, hw, np.full((layers, heads), -1, np.int32))
+
+
+MODES = {
+    "flux": [("data=4", False), ("heads=4", False), ("heads=2", False), ("data=2,heads=2", False),
+             ("data=4", True), ("data=2,heads=2", True)],
+    "sd3": [("data=4", False), ("heads=4", False), ("cfg=2,data=2", False), ("cfg=2,heads=2", False),
+            ("data=2,heads=2", True)],
+}
+
+
+def main() -> int:
+    assert jax.device_count() == 4, jax.devices()
+    for name, setup in (("flux", _flux), ("sd3", _sd3)):
+        tr, cond, latents, t, s, kw, n_img = setup()
+        plan = _plan(tr, n_img, seed=3)
+        ref = np.asarray(denoise(tr.graphdef, tr.state, jnp.array(latents), cond, t, s, plan=plan, **kw))
+        scale = float(np.max(np.abs(ref)))
+        for mesh_spec, fsdp in MODES[name]:
+            mesh = make_mesh(mesh_spec)
+            out = shard_denoise(mesh, tr.graphdef, tr.state, jnp.array(latents), cond, t, s, plan=plan, fsdp=fsdp,
+                                **kw)
+            err = float(np.max(np.abs(np.asarray(out) - ref)) / scale)
+            mode = f"{name} {mesh_spec}{' fsdp' if fsdp else ''}"
+            if not np.isfinite(err) or err > TOL:
+                print(f"FAIL {mode} {err:.3e}", flush=True)
+                return 1
+            print(f"OK {mode} {err:.3e} sharding={out.sharding.spec}", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,78 @@
+"""dfa2_jax.sharding: mesh parsing / validation in process; every parallel mode against the single-device
+sampler in a subprocess with 4 forced host devices (this process already initialised jax with one)."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import jax
+import pytest
+from jax.sharding import AbstractMesh
+from jax.sharding import PartitionSpec as P
+
+from dfa2_jax.sharding import make_mesh, param_spec, parse_mesh, validate
+
+
+def test_parse_mesh():
+    assert parse_mesh("data=2,heads=4") == {"data": 2, "heads": 4}
+    assert parse_mesh(" cfg=2 , data=1") == {"cfg": 2, "data": 1}
+    for bad, msg in (("tensor=2", "unknown axis 'tensor'"), ("data=0", ">= 1"), ("data=-2", ">= 1"),
+                     ("data", "axis=size"), ("data=x", "integer"), ("data=2,data=2", "twice"), ("", "no axes")):
+        with pytest.raises(ValueError, match=msg):
+            parse_mesh(bad)
+
+
+def test_make_mesh_device_count_errors():
+    n = len(jax.devices())
+    with pytest.raises(ValueError, match=f"needs {4 * n} devices; {n} available"):
+        make_mesh(f"data=2,heads={2 * n}")
+    with pytest.raises(ValueError, match="needs 2 devices; 1 given"):
+        make_mesh("heads=2", devices=jax.devices()[:1])
+    with pytest.raises(ValueError, match="unknown mesh axis 'x'"):
+        make_mesh({"x": 1})
+    mesh = make_mesh("heads=1,data=1", devices=jax.devices()[:1])
+    assert mesh.axis_names == ("data", "heads")  # canonical order
+
+
+def test_validate_errors():
+    validate({"data": 2, "heads": 4}, batch=4, heads=24, family="flux", do_cfg=False)
+    with pytest.raises(ValueError, match="24 attention heads are not divisible by the heads axis size 5"):
+        validate({"heads": 5}, batch=1, heads=24, family="flux", do_cfg=False)
+    with pytest.raises(ValueError, match="batch 3 is not divisible by the data axis size 2"):
+        validate({"data": 2}, batch=3, heads=24, family="sd3", do_cfg=True)
+    with pytest.raises(ValueError, match="cfg axis .* needs SD3 with classifier-free guidance"):
+        validate({"cfg": 2}, batch=1, heads=24, family="flux", do_cfg=False)
+    with pytest.raises(ValueError, match="size must be 1 or 2; got 4"):
+        validate({"cfg": 4}, batch=1, heads=24, family="sd3", do_cfg=True)
+
+
+def test_param_specs():
+    mesh = AbstractMesh((2, 2), ("data", "heads"))
+    blk = ("transformer_blocks", 0, "attn")
+    assert param_spec(blk + ("to_q", "kernel"), (64, 64), mesh, fsdp=False) == P(None, "heads")
+    assert param_spec(blk + ("add_v_proj", "bias"), (64,), mesh, fsdp=False) == P("heads")
+    assert param_spec(blk + ("to_out", 0, "kernel"), (64, 64), mesh, fsdp=False) == P("heads", None)
+    assert param_spec(blk + ("to_out", 0, "bias"), (64,), mesh, fsdp=False) == P(None)
+    assert param_spec(blk + ("to_add_out", "kernel"), (64, 32), mesh, fsdp=False) == P("heads", None)
+    assert param_spec(("single_transformer_blocks", 0, "proj_out", "kernel"), (320, 64), mesh,
+                      fsdp=False) == P(None, None)
+    # FSDP: the largest free axis divisible by the data size; head-split axes are kept.
+    assert param_spec(blk + ("to_q", "kernel"), (64, 64), mesh, fsdp=True) == P("data", "heads")
+    assert param_spec(("ff", "net", 0, "proj", "kernel"), (64, 256), mesh, fsdp=True) == P(None, "data")
+    assert param_spec(("x_embedder", "bias"), (3,), mesh, fsdp=True) == P(None)
+
+
+def test_parallel_modes_match_single_device():
+    script = Path(__file__).with_name("_sharding_check.py")
+    env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="--xla_force_host_platform_device_count=4")
+    proc = subprocess.run([sys.executable, str(script)], env=env, capture_output=True, text=True, timeout=300,
+                          cwd=script.parent.parent)
+    out = proc.stdout + proc.stderr
+    assert proc.returncode == 0, out[-4000:]
+    ok = [line for line in proc.stdout.splitlines() if line.startswith("OK ")]
+    modes = {" ".join(line.split()[1:-2]) for line in ok}
+    assert {"flux data=4", "flux heads=4", "flux heads=2", "flux data=2,heads=2", "flux data=4 fsdp",
+            "sd3 data=4", "sd3 heads=4", "sd3 cfg=2,data=2", "sd3 cfg=2,heads=2", "sd3 data=2,heads=2 fsdp"} <= modes, out
