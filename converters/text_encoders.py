@@ -79,31 +79,9 @@ def _fill(model_fn: Callable[[], nnx.Module], sources: dict[str, tuple[str, str]
           folder: str, model_name: str, put) -> tuple[nnx.GraphDef, nnx.State]:
     """Stream ``sources`` (our key -> (checkpoint key, file)) into the abstract model's leaves, each cast to
     the leaf's dtype; every leaf must be filled and every source used."""
-    graphdef, abstract = nnx.split(nnx.eval_shape(model_fn))
-    flat = dict(nnx.to_flat_state(abstract))
-    by_key = {leaf_key(path): path for path in flat}
-    put = put or (lambda a, _: jax.device_put(a))
-    filled = {}
-    for ours, (src, file) in sources.items():
-        path = by_key.get(ours)
-        if path is None:
-            raise CheckpointError(f"{file}: tensor {src!r} has no place in the {model_name} built from the config "
-                                  "(unused key; does config.json match the weights?)")
-        target = flat[path]
-        arr = ckpt.get(src)
-        leaf = arr.T if path[-1] == "kernel" else arr
-        if tuple(leaf.shape) != tuple(target.shape):
-            want = tuple(target.shape)[::-1] if path[-1] == "kernel" else tuple(target.shape)
-            raise CheckpointError(f"{file}: tensor {src!r} has shape {tuple(arr.shape)}, config.json implies {want}")
-        host = np.ascontiguousarray(leaf, dtype=target.dtype)
-        filled[path] = put(host, path)
-        del host
-    missing = sorted(leaf_key(p) for p in flat if p not in filled)
-    if missing:
-        raise CheckpointError(f"{folder}: the checkpoint lacks {len(missing)} tensor(s) the {model_name} config "
-                              f"needs, e.g. {missing[:5]} (does config.json match the weights?)")
-    state = nnx.from_flat_state([(p, flat[p].replace(filled[p])) for p in flat])
-    return graphdef, state
+    items = ((ours, ckpt.get(src), src, file) for ours, (src, file) in sources.items())
+    return common.fill_state(nnx.eval_shape(model_fn), items, root=folder, what=model_name,
+                             weight_leaves=_LEAF_TO_WEIGHT, put=put)
 
 
 def _add(sources: dict, ours: str, src: str, ckpt: ShardedCheckpoint) -> None:

@@ -28,7 +28,7 @@ import numpy as np
 from flax import nnx
 
 from converters import single_file
-from converters.common import DTYPES, from_leaf, leaf_key, parse_dtype, to_leaf, torch_shape  # noqa: F401 (re-exported)
+from converters.common import fill_state, from_leaf, leaf_key, parse_dtype
 from converters.safetensors_io import CheckpointError, ShardedCheckpoint
 from dfa2_jax.models.configs import (ConfigError, FluxConfig, SD3Config, TransformerConfig, config_from_dict,
                                      config_from_json)
@@ -159,31 +159,9 @@ def load_params(resolved: ResolvedCheckpoint, dtype="float32",
     ``put(array, path)`` places one host array (default ``jax.device_put`` on the default device); the
     sharding issue passes a per-leaf sharding here.
     """
-    dtype = parse_dtype(dtype)
-    graphdef, abstract = nnx.split(abstract_model(resolved.config, dtype))
-    flat = dict(nnx.to_flat_state(abstract))
-    by_key = {leaf_key(path): path for path in flat}
-    put = put or (lambda a, _: jax.device_put(a))
-    filled: dict[tuple, jax.Array] = {}
-    for key, arr, file in diffusers_tensors(resolved):
-        path = by_key.get(key)
-        if path is None:
-            raise CheckpointError(f"{file}: tensor {key!r} has no place in the {type(resolved.config).__name__} "
-                                  f"model built from the config (unused key; does the config match the weights?)")
-        target = flat[path]
-        leaf = to_leaf(str(path[-1]), arr)
-        if tuple(leaf.shape) != tuple(target.shape):
-            raise CheckpointError(f"{file}: tensor {key!r} has shape {tuple(arr.shape)}, the config expects "
-                                  f"{torch_shape(str(path[-1]), tuple(target.shape))}")
-        host = np.ascontiguousarray(leaf, dtype=dtype)  # one host copy in the target dtype
-        filled[path] = put(host, path)
-        del host
-    missing = sorted(leaf_key(p) for p in flat if p not in filled)
-    if missing:
-        raise CheckpointError(f"{resolved.root}: the checkpoint lacks {len(missing)} tensor(s) the config needs, "
-                              f"e.g. {missing[:5]} (does the config match the weights?)")
-    state = nnx.from_flat_state([(p, flat[p].replace(filled[p])) for p in flat])
-    return graphdef, state
+    items = ((key, arr, key, file) for key, arr, file in diffusers_tensors(resolved))
+    return fill_state(abstract_model(resolved.config, parse_dtype(dtype)), items, root=resolved.root,
+                      what=type(resolved.config).__name__ + " model", put=put)
 
 
 def state_to_diffusers(state: nnx.State) -> dict[str, np.ndarray]:

@@ -27,7 +27,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from converters.common import leaf_key, parse_dtype, to_leaf, torch_shape  # noqa: F401
+from converters.common import fill_state, leaf_key, parse_dtype  # noqa: F401 (leaf_key re-exported)
 from converters.safetensors_io import CheckpointError, ShardedCheckpoint
 from dfa2_jax.models.configs import ConfigError
 from dfa2_jax.models.vae import AutoencoderKLDecoder, VAEConfig
@@ -108,33 +108,8 @@ def load_vae_decoder(path: str | os.PathLike, dtype="float32",
                               "its vae/ folder)")
     config = VAEConfig.from_json(config_path)
     ckpt = _open_weights(folder)
-    graphdef, abstract = nnx.split(abstract_decoder(config, dtype))
-    flat = dict(nnx.to_flat_state(abstract))
-    by_key = {leaf_key(p): p for p in flat}
-    put = put or (lambda a, _: jax.device_put(a))
-    filled: dict[tuple, jax.Array] = {}
-    for key, src in _renamed(ckpt).items():
-        if src.startswith(SKIPPED_PREFIXES):
-            continue
-        file = ckpt.file_of(src)
-        target_path = by_key.get(key)
-        if target_path is None:
-            raise CheckpointError(f"{file}: tensor {src!r} has no place in the decoder built from {config_path} "
-                                  "(unused key; does the config match the weights?)")
-        target = flat[target_path]
-        name = str(target_path[-1])
-        arr = ckpt.get(src)
-        want = torch_shape(name, tuple(target.shape))
-        if tuple(arr.shape) != want:
-            raise CheckpointError(f"{file}: tensor {src!r} has shape {tuple(arr.shape)}, {config_path} implies "
-                                  f"{want}")
-        host = np.ascontiguousarray(to_leaf(name, arr), dtype=dtype)
-        filled[target_path] = put(host, target_path)
-        del host
-    missing = sorted(leaf_key(p) for p in flat if p not in filled)
-    if missing:
-        raise CheckpointError(f"{folder}: the VAE weights {[f.path for f in ckpt.files]} lack {len(missing)} "
-                              f"decoder tensor(s) that {config_path} implies, e.g. {missing[:5]} (does the config "
-                              "match the weights?)")
-    state = nnx.from_flat_state([(p, flat[p].replace(filled[p])) for p in flat])
+    items = ((key, ckpt.get(src), src, ckpt.file_of(src)) for key, src in _renamed(ckpt).items()
+             if not src.startswith(SKIPPED_PREFIXES))
+    graphdef, state = fill_state(abstract_decoder(config, dtype), items, root=folder,
+                                 what=f"decoder ({config_path})", put=put)
     return config, graphdef, state
