@@ -22,7 +22,6 @@ Keys read differently or ignored on purpose:
 from __future__ import annotations
 
 import functools
-import json
 import os
 from collections.abc import Callable
 
@@ -35,7 +34,7 @@ from converters import common
 from converters.common import parse_dtype  # noqa: F401
 from converters.safetensors_io import CheckpointError, ShardedCheckpoint
 from dfa2_jax.models.clip import CLIPOutput, CLIPTextConfig, CLIPTextModel
-from dfa2_jax.models.configs import ConfigError
+from dfa2_jax.models.configs import ConfigError, read_config_json
 from dfa2_jax.models.t5 import T5Config, T5EncoderModel
 
 WEIGHTS_NAME = "model.safetensors"
@@ -54,11 +53,7 @@ def read_folder(folder: str | os.PathLike) -> tuple[dict, str, ShardedCheckpoint
     if not os.path.isfile(config_path):
         raise CheckpointError(f"{folder}: no config.json (expected a transformers save_pretrained folder, e.g. a "
                               "diffusers pipeline's text_encoder/ subfolder)")
-    try:
-        with open(config_path) as f:
-            config = json.load(f)
-    except json.JSONDecodeError as e:
-        raise ConfigError(f"{config_path}: not valid JSON ({e})") from None
+    config = read_config_json(config_path)
     index, single = os.path.join(folder, WEIGHTS_INDEX_NAME), os.path.join(folder, WEIGHTS_NAME)
     if os.path.isfile(index):
         ckpt = ShardedCheckpoint.from_index(index)

@@ -164,11 +164,12 @@ class ShapeProbe:
 
     def __call__(self, q, k, v, *, layer: int, layout: TokenLayout) -> jax.Array:
         o = dense_attention(q, k, v)
-        entry = self.shapes.setdefault(str(layer), {})
-        if self.spec.cache_layers[layer]:
-            entry["heads"] = o
-        if self.spec.resid_layers[layer]:
-            entry["resid"] = o
+        if self.spec.stateful(layer):
+            entry = self.shapes.setdefault(str(layer), {})
+            if self.spec.cache_layers[layer]:
+                entry["heads"] = o
+            if self.spec.resid_layers[layer]:
+                entry["resid"] = o
         return o
 
     def run_layer(self, layer: int, compute):

@@ -117,17 +117,23 @@ class PlanArrays:
                              f"{self.codes.shape[1:]}")
 
 
-def initial_attention_state(graphdef, state, latents, cond, spec: RuntimeSpec, *, family: str, do_cfg: bool):
-    """Zeros for every per-layer state the plan reads (shapes found by tracing one step with a probe)."""
+def zero_state(graphdef, state, latents, cond, make_probe, *, family: str, do_cfg: bool):
+    """Zeros shaped like a probe runtime's ``shapes`` after one traced step (``jax.eval_shape``: nothing runs).
+    ``make_probe()`` builds a runtime that runs dense attention and records the per-layer state it needs."""
 
     def probe_step(state, latents, cond):
-        model = nnx.merge(graphdef, state)
-        probe = ShapeProbe(spec)
-        _velocity(model, latents, jnp.zeros(()), cond, family=family, do_cfg=do_cfg, runtime=probe)
-        return {k: v for k, v in probe.shapes.items() if spec.stateful(int(k))}
+        probe = make_probe()
+        _velocity(nnx.merge(graphdef, state), latents, jnp.zeros(()), cond, family=family, do_cfg=do_cfg,
+                  runtime=probe)
+        return probe.shapes
 
     shapes = jax.eval_shape(probe_step, state, latents, cond)
     return jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes)
+
+
+def initial_attention_state(graphdef, state, latents, cond, spec: RuntimeSpec, *, family: str, do_cfg: bool):
+    """Zeros for every per-layer state the plan reads."""
+    return zero_state(graphdef, state, latents, cond, lambda: ShapeProbe(spec), family=family, do_cfg=do_cfg)
 
 
 def denoise(graphdef, state, latents, cond: dict[str, Any], timesteps, sigmas, *, family: str, do_cfg: bool = False,

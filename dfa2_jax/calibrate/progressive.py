@@ -27,7 +27,7 @@ from flax import nnx
 
 from dfa2_jax import methods as M
 from dfa2_jax.models.attention import TokenLayout, dense_attention
-from dfa2_jax.sample import _velocity
+from dfa2_jax.sample import _velocity, zero_state
 from dfa2_jax.scheduler import euler_step
 
 # The host side of the in-jit solver call: the active calibration session (set by ``run_step``).
@@ -128,14 +128,7 @@ class _StateProbe:
 
 def initial_state(graphdef, params, latents, cond, candidates, *, family: str, do_cfg: bool):
     wars_ks = sorted({m.k for m in candidates if m.code == M.WARS})
-
-    def probe(params, latents, cond):
-        p = _StateProbe(wars_ks)
-        _velocity(nnx.merge(graphdef, params), latents, jnp.zeros(()), cond, family=family, do_cfg=do_cfg, runtime=p)
-        return p.shapes
-
-    shapes = jax.eval_shape(probe, params, latents, cond)
-    return jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes)
+    return zero_state(graphdef, params, latents, cond, lambda: _StateProbe(wars_ks), family=family, do_cfg=do_cfg)
 
 
 @functools.partial(jax.jit, static_argnums=(0,), static_argnames=("family", "do_cfg", "candidates", "n_img"))

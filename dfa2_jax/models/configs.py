@@ -179,7 +179,8 @@ def config_from_dict(d: dict[str, Any], source: str = "config") -> TransformerCo
     return _BY_CLASS[name].from_diffusers(d, source)
 
 
-def config_from_json(path: str | os.PathLike) -> TransformerConfig:
+def read_config_json(path: str | os.PathLike) -> dict[str, Any]:
+    """A config.json as a dict; ConfigError naming the file when it is not a JSON object."""
     try:
         with open(path) as f:
             d = json.load(f)
@@ -187,4 +188,8 @@ def config_from_json(path: str | os.PathLike) -> TransformerConfig:
         raise ConfigError(f"{path}: not valid JSON ({e})") from None
     if not isinstance(d, dict):
         raise ConfigError(f"{path}: expected a JSON object")
-    return config_from_dict(d, str(path))
+    return d
+
+
+def config_from_json(path: str | os.PathLike) -> TransformerConfig:
+    return config_from_dict(read_config_json(path), str(path))

@@ -19,7 +19,6 @@ decodes; ``to_pil`` is ``VaeImageProcessor.postprocess(..., output_type="pil")``
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
 import os
 from typing import Any, ClassVar
@@ -29,7 +28,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from dfa2_jax.models.configs import ConfigError
+from dfa2_jax.models.configs import ConfigError, read_config_json
 from dfa2_jax.models.layers import Linear
 
 VAE_CLASS = "AutoencoderKL"
@@ -131,14 +130,7 @@ class VAEConfig:
 
     @classmethod
     def from_json(cls, path: str | os.PathLike) -> VAEConfig:
-        try:
-            with open(path) as f:
-                d = json.load(f)
-        except json.JSONDecodeError as e:
-            raise ConfigError(f"{path}: not valid JSON ({e})") from None
-        if not isinstance(d, dict):
-            raise ConfigError(f"{path}: expected a JSON object")
-        return cls.from_dict(d, os.fspath(path))
+        return cls.from_dict(read_config_json(path), os.fspath(path))
 
     def to_diffusers(self) -> dict[str, Any]:
         d = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
