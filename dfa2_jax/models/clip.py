@@ -304,11 +304,5 @@ class CLIPTextModel(nnx.Module):
         return CLIPOutput(last, tuple(hidden_states), pooled, text_embeds)
 
 
-def random_clip(config: CLIPTextConfig, *, with_projection: bool = False, dtype=jnp.float32,
-                seed: int = 0) -> CLIPTextModel:
-    """A randomly initialised model (tests, demos)."""
-    return CLIPTextModel(config, with_projection=with_projection, dtype=dtype, rngs=nnx.Rngs(seed))
-
-
 __all__ = ["ACTIVATIONS", "CLIPOutput", "CLIPTextConfig", "CLIPTextModel", "Embedding", "LayerNorm",
-           "dot_product_attention", "hf_config_kwargs", "random_clip"]
+           "dot_product_attention", "hf_config_kwargs"]

@@ -186,18 +186,6 @@ def rope_frequencies(ids: np.ndarray, axes_dims: tuple[int, ...], theta: float =
     return (np.concatenate(cos, axis=1).astype(np.float32), np.concatenate(sin, axis=1).astype(np.float32))
 
 
-def rope_frequencies_jnp(ids: jax.Array, axes_dims: tuple[int, ...], theta: float = 10000.0
-                         ) -> tuple[jax.Array, jax.Array]:
-    """Traceable float32 variant of :func:`rope_frequencies` (for ids that are only known inside jit)."""
-    cos, sin = [], []
-    for axis, dim in enumerate(axes_dims):
-        freqs = jnp.asarray(1.0 / theta ** (np.arange(0, dim, 2, dtype=np.float64) / dim), jnp.float32)
-        angles = ids[:, axis].astype(jnp.float32)[:, None] * freqs[None, :]
-        cos.append(jnp.repeat(jnp.cos(angles), 2, axis=1))
-        sin.append(jnp.repeat(jnp.sin(angles), 2, axis=1))
-    return jnp.concatenate(cos, axis=1), jnp.concatenate(sin, axis=1)
-
-
 class Attention(nnx.Module):
     """Projections around one attention site (diffusers ``Attention`` / ``FluxAttention``).
 

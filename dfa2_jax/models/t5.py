@@ -267,9 +267,4 @@ class T5EncoderModel(nnx.Module):
         return self.encoder(self.shared(input_ids))
 
 
-def random_t5(config: T5Config, *, dtype=jnp.float32, seed: int = 0) -> T5EncoderModel:
-    """A randomly initialised encoder (tests, demos)."""
-    return T5EncoderModel(config, dtype=dtype, rngs=nnx.Rngs(seed))
-
-
-__all__ = ["RMSNorm", "T5Config", "T5EncoderModel", "random_t5", "relative_position_bucket"]
+__all__ = ["RMSNorm", "T5Config", "T5EncoderModel", "relative_position_bucket"]
