@@ -55,10 +55,7 @@ class RuntimeSpec:
         if not cfg and np.isin(codes, M.CFG_CODES).any():
             raise ValueError("cfg_share methods need classifier-free guidance (SD3 with guidance_scale > 1)")
         skip = (codes == M.CACHE).all(axis=2).any(axis=0)
-        impl = impl or os.environ.get("DFA2_ARROW_IMPL", "reference")
-        if impl not in ("reference", "pallas", "interpret"):
-            raise ValueError(f"attention implementation {impl!r}: expected reference, pallas or interpret "
-                             "($DFA2_ARROW_IMPL)")
+        impl = arrow_impl(impl)
         return cls(dense_layers=tuple(bool(x) for x in (codes == M.FULL).all(axis=(0, 2))),
                    cache_layers=tuple(bool(x) for x in (codes == M.CACHE).any(axis=(0, 2)) | skip),
                    resid_layers=tuple(bool(x) for x in (codes == M.WARS).any(axis=(0, 2))),
@@ -70,6 +67,31 @@ class RuntimeSpec:
 
     def stateful(self, layer: int) -> bool:
         return self.cache_layers[layer] or self.resid_layers[layer]
+
+
+IMPLS = ("reference", "pallas", "interpret")
+
+
+def arrow_impl(impl: str | None = None) -> str:
+    """The per-head attention implementation: ``impl`` if given, else ``$DFA2_ARROW_IMPL``, else "reference"."""
+    impl = impl or os.environ.get("DFA2_ARROW_IMPL") or "reference"
+    if impl not in IMPLS:
+        raise ValueError(f"attention implementation {impl!r}: expected one of {', '.join(IMPLS)} ($DFA2_ARROW_IMPL)")
+    return impl
+
+
+def arrow_heads(q, k, v, half_windows, layout: TokenLayout, cache, impl: str) -> jax.Array:
+    """Per-head arrow attention (half-window −1 = full; 0 with ``cache`` = copy the cached head) with the
+    chosen implementation: the O(S²) masked reference or the Pallas kernel (GPU, or interpret mode on CPU)."""
+    if impl == "reference":
+        o = M.masked_attention(q, k, v, M.arrow_mask(q.shape[1], layout.text_len, layout.text_first, half_windows))
+        if cache is not None:
+            o = jnp.where(_per_head(half_windows == 0), cache.astype(o.dtype), o)
+        return o
+    from pallas_kernels.arrow_attention import arrow_attention
+
+    return arrow_attention(q, k, v, half_windows.astype(jnp.int32), text_len=layout.text_len,
+                           text_first=layout.text_first, cache=cache, interpret=impl == "interpret")
 
 
 def _per_head(mask_h: jax.Array) -> jax.Array:
@@ -121,13 +143,7 @@ class PlanRuntime:
         return o
 
     def _attend(self, q, k, v, band, layout: TokenLayout, cache):
-        """Per-head arrow attention (band −1 = full; 0 with ``cache`` = copy the cached head)."""
-        if self.spec.impl == "reference":
-            return M.masked_attention(q, k, v, M.arrow_mask(q.shape[1], layout.text_len, layout.text_first, band))
-        from pallas_kernels.arrow_attention import arrow_attention
-
-        return arrow_attention(q, k, v, band.astype(jnp.int32), text_len=layout.text_len,
-                               text_first=layout.text_first, cache=cache, interpret=self.spec.impl == "interpret")
+        return arrow_heads(q, k, v, band, layout, cache, self.spec.impl)
 
     # -- around an attention site ------------------------------------------------------------------------
     def run_layer(self, layer: int, compute: Callable[[], tuple[jax.Array, jax.Array | None]]):

@@ -19,8 +19,8 @@ input and derives the key blocks it must visit (FLUX layout: text first; SD3 lay
 * a cached head: no key block (the cache block is written).
 
 Key blocks outside a head's band are never loaded. Online softmax (FlashAttention-2, base-2 exponentials) in
-float32. First version: every visited block is masked element-wise (the mask is a few integer compares per
-element; restricting it to edge blocks is a later tuning step).
+float32. Only edge blocks are masked element-wise: key blocks fully inside every row's band (and the
+pure-text key blocks, and every unpadded block of a full head or an all-text query block) run an unmasked body.
 
 The sequence is padded in the wrapper to a multiple of max(block_q, block_k); padded keys are always masked
 out and padded query rows are sliced off.
@@ -30,7 +30,12 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import json
 import math
+import os
+import statistics
+import time
+from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -40,6 +45,8 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as pltriton
 
 from dfa2_jax.methods import arrow_mask
+
+_dot = getattr(pltriton, "dot", None) or pl.dot  # jax 0.10: pallas.triton.dot; both take (a, b)
 
 # Finite "minus infinity": a row whose first visited block is fully masked must not produce inf − inf = NaN;
 # its junk is wiped by the exp2(m_prev − m_next) = 0 correction once a real key arrives.
@@ -78,6 +85,98 @@ def heuristic_config(seq_len: int, head_dim: int, dtype) -> ArrowConfig:
     return ArrowConfig(block_q=block_q, block_k=block_k, num_warps=num_warps, num_stages=3)
 
 
+# -- autotuning ---------------------------------------------------------------------------------------------
+
+TUNE_CANDIDATES = tuple(ArrowConfig(bq, bk, nw, ns) for bq, bk, nw, ns in (
+    (128, 64, 8, 3), (128, 64, 4, 3), (128, 64, 8, 2), (128, 128, 8, 2), (128, 128, 8, 3), (128, 32, 4, 3),
+    (64, 64, 4, 3), (64, 64, 4, 4), (64, 128, 4, 3), (128, 64, 8, 4), (64, 32, 4, 3), (128, 32, 8, 4)))
+
+
+def tune_cache_path() -> Path:
+    """``$DFA2_ARROW_TUNE_CACHE``, else ``$XDG_CACHE_HOME/dfa2_jax/arrow_tune.json`` (``~/.cache`` default)."""
+    env = os.environ.get("DFA2_ARROW_TUNE_CACHE")
+    if env:
+        return Path(env)
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "dfa2_jax" / "arrow_tune.json"
+
+
+def tune_key(shape, dtype, text_len: int, text_first: bool, device_kind: str | None = None) -> str:
+    """The cache key: device kind, jax version, [B, S, H, D], dtype and token layout."""
+    device_kind = device_kind or jax.devices()[0].device_kind
+    b, s, h, d = shape
+    return (f"{device_kind}|jax{jax.__version__}|B{b}S{s}H{h}D{d}|{jnp.dtype(dtype).name}|"
+            f"text{text_len}{'first' if text_first else 'last'}")
+
+
+@functools.lru_cache(maxsize=8)
+def _read_tune_cache(path: str, mtime_ns: int) -> dict:
+    del mtime_ns  # part of the memo key: a rewritten file is read again
+    try:
+        data = json.loads(Path(path).read_text())
+    except (OSError, ValueError):
+        return {}  # unreadable / half-written by an older version: tuning results are only a speed hint
+    return data if isinstance(data, dict) else {}
+
+
+def _tuned_entries(path: Path) -> dict:
+    try:
+        return _read_tune_cache(str(path), path.stat().st_mtime_ns)
+    except OSError:
+        return {}
+
+
+def tuned_config(shape, dtype, text_len: int, text_first: bool) -> ArrowConfig | None:
+    """The autotuned config cached on disk for this shape on this device, or None."""
+    entry = _tuned_entries(tune_cache_path()).get(tune_key(shape, dtype, text_len, text_first))
+    if not isinstance(entry, dict):
+        return None
+    try:
+        return ArrowConfig(**{f.name: int(entry[f.name]) for f in dataclasses.fields(ArrowConfig)})
+    except (KeyError, TypeError, ValueError):
+        return None
+
+
+def autotune(q, k, v, half_window, *, text_len: int, text_first: bool, cache=None, candidates=None,
+             iters: int = 10, force: bool = False, interpret: bool = False, log=None) -> ArrowConfig:
+    """Time every candidate config on these inputs (median of ``iters`` calls after one compile call) and
+    store the fastest in the on-disk cache (:func:`tune_cache_path`), which :func:`arrow_attention` then uses
+    for this shape whenever it gets no explicit config. Candidates that fail to compile are skipped (and
+    reported through ``log``). Returns the cached choice at once unless ``force``. ``interpret`` is for tests."""
+    _validate(q, k, v, half_window, text_len, cache, kernel=True)
+    key = tune_key(q.shape, q.dtype, text_len, text_first)
+    if not force and (hit := tuned_config(q.shape, q.dtype, text_len, text_first)) is not None:
+        return hit
+    log = log or (lambda msg: None)
+    timings = {}
+    for cfg in candidates or TUNE_CANDIDATES:
+        if cfg.block_q > max(16, pl.next_power_of_2(q.shape[1])):
+            continue
+        try:
+            run = lambda: arrow_attention(q, k, v, half_window, text_len=text_len, text_first=text_first,
+                                          cache=cache, config=cfg, interpret=interpret)
+            jax.block_until_ready(run())
+            times = []
+            for _ in range(iters):
+                t0 = time.perf_counter()
+                jax.block_until_ready(run())
+                times.append(time.perf_counter() - t0)
+            timings[cfg] = statistics.median(times)
+            log(f"autotune {cfg}: {timings[cfg] * 1e3:.3f} ms")
+        except Exception as e:  # noqa: BLE001 - a config the compiler rejects is just not a candidate
+            log(f"autotune {cfg}: failed ({type(e).__name__}: {str(e).splitlines()[0][:200]})")
+    if not timings:
+        raise RuntimeError(f"arrow_attention autotune: no candidate config ran for {key}")
+    best = min(timings, key=timings.get)
+    path = tune_cache_path()
+    entries = dict(_tuned_entries(path))
+    entries[key] = {**dataclasses.asdict(best), "ms": round(timings[best] * 1e3, 4)}
+    from dfa2_jax.atomic import write_atomic
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    write_atomic(path, json.dumps(entries, indent=1, sort_keys=True) + "\n")
+    return best
+
+
 def _arrow_kernel(hw_ref, q_ref, k_ref, v_ref, *rest, num_heads: int, seq_len: int, text_len: int,
                   text_first: bool, sm_scale: float, block_q: int, block_k: int, has_cache: bool):
     """One (query block, batch·head) program. q_ref, o_ref (and cache_ref): [block_q, D]; k_ref, v_ref:
@@ -102,8 +201,19 @@ def _arrow_kernel(hw_ref, q_ref, k_ref, v_ref, *rest, num_heads: int, seq_len: i
     else:
         has_text_row = (q0 < t_hi) & (q1 >= t_lo)
 
-    # Text key blocks [tb0, tb1) and band key blocks [bb0, bb1) for an image-only query block.
-    tb0, tb1 = (t_lo // block_k, pl.cdiv(t_hi, block_k)) if text_len else (0, 0)
+    # Key-block ranges, each a fori_loop. Blocks where every (row, key) pair of the tile is allowed run the
+    # unmasked body; only edge blocks (band edges, text/image boundary, padding) are masked element-wise.
+    i32 = lambda x: jnp.asarray(x, jnp.int32)
+    n_full = seq_len // block_k  # key blocks holding no padding
+    all_text_rows = (q0 >= t_lo) & (q1 < t_hi) if text_len else jnp.bool_(False)
+    # Text key blocks [tb0, tb1); the pure-text ones [ti0, ti1) need no mask (every query sees text keys).
+    if text_len:
+        tb0, tb1 = t_lo // block_k, pl.cdiv(t_hi, block_k)
+        ti0, ti1 = pl.cdiv(t_lo, block_k), t_hi // block_k
+        ti1 = max(ti1, ti0)
+    else:
+        tb0 = tb1 = ti0 = ti1 = 0
+    # Band key blocks [bb0, bb1) for an image-only query block with image rows [a0, a1].
     a0 = q0 - off
     a1 = jnp.minimum(q1 - off, n_img - 1)
     lo = jnp.maximum(a0 - w, 0) + off
@@ -115,13 +225,35 @@ def _arrow_kernel(hw_ref, q_ref, k_ref, v_ref, *rest, num_heads: int, seq_len: i
         else:
             bb1 = jnp.minimum(bb1, tb0)
     bb1 = jnp.maximum(bb1, bb0)
+    # Interior band blocks: image keys only, no padding, inside the band of every row: [i0, i1).
+    img_kb0, img_kb1 = pl.cdiv(off, block_k), (off + n_img) // block_k
+    i0 = jnp.maximum(jnp.maximum(bb0, img_kb0), lax.div(a1 - w + off + block_k - 1, block_k))
+    i0 = jnp.minimum(i0, bb1)
+    i1 = jnp.minimum(jnp.minimum(bb1, img_kb1), lax.div(a0 + w + off + 1, block_k))
+    i1 = jnp.maximum(i1, i0)
+
     visit_all = (w < 0) | has_text_row
+    clean_all = (w < 0) | all_text_rows  # every pair allowed: only padding needs a mask
     cached = (w == 0) if has_cache else jnp.bool_(False)
-    zero = jnp.int32(0)
-    r1_lo = jnp.where(cached | visit_all, zero, jnp.int32(tb0))
-    r1_hi = jnp.where(cached | visit_all, zero, jnp.int32(tb1))
-    r2_lo = jnp.where(cached, zero, jnp.where(visit_all, zero, bb0)).astype(jnp.int32)
-    r2_hi = jnp.where(cached, zero, jnp.where(visit_all, jnp.int32(n_kb), bb1)).astype(jnp.int32)
+    empty = (i32(0), i32(0))
+
+    def pick(all_clean, all_masked, image_block):
+        """Range for this program: cached heads visit nothing; blocks seeing every key take one of the first
+        two; image-only query blocks the third."""
+        los = jnp.where(cached, 0, jnp.where(visit_all, jnp.where(clean_all, all_clean[0], all_masked[0]),
+                                              image_block[0]))
+        his = jnp.where(cached, 0, jnp.where(visit_all, jnp.where(clean_all, all_clean[1], all_masked[1]),
+                                              image_block[1]))
+        return i32(los), i32(his)
+
+    ranges = (  # (range, masked): the order of the visits does not matter (online softmax)
+        (pick((0, n_full), empty, (ti0, ti1)), False),
+        (pick((n_full, n_kb), (0, n_kb), (tb0, ti0)), True),
+        (pick(empty, empty, (ti1, tb1)), True),
+        (pick(empty, empty, (bb0, i0)), True),
+        (pick(empty, empty, (i0, i1)), False),
+        (pick(empty, empty, (i1, bb1)), True),
+    )
 
     q = q_ref[...]
     d = q.shape[-1]
@@ -129,29 +261,33 @@ def _arrow_kernel(hw_ref, q_ref, k_ref, v_ref, *rest, num_heads: int, seq_len: i
     q_is_text = (rows >= t_lo) & (rows < t_hi)
     q_img = rows - off
 
-    def body(kb, carry):
+    def body(kb, carry, masked: bool):
         acc, m_prev, l_prev = carry
         start = pl.multiple_of(kb * block_k, block_k)
         k = k_ref[pl.ds(start, block_k), :]
         v = v_ref[pl.ds(start, block_k), :]
-        s = pltriton.dot(q, k, trans_b=True).astype(jnp.float32) * (sm_scale * _LOG2E)  # [bq, bk], base 2
-        cols = start + jnp.arange(block_k, dtype=jnp.int32)
-        k_is_text = (cols >= t_lo) & (cols < t_hi)
-        band = jnp.abs(q_img[:, None] - (cols - off)[None, :]) <= w
-        allowed = (w < 0) | q_is_text[:, None] | k_is_text[None, :] | band
-        allowed = allowed & (cols < seq_len)[None, :]  # padded keys are never attended
-        s = jnp.where(allowed, s, _MASK_VALUE)
+        s = _dot(q, k.T).astype(jnp.float32) * (sm_scale * _LOG2E)  # [bq, bk], base 2
+        if masked:
+            cols = start + jnp.arange(block_k, dtype=jnp.int32)
+            k_is_text = (cols >= t_lo) & (cols < t_hi)
+            band = jnp.abs(q_img[:, None] - (cols - off)[None, :]) <= w
+            allowed = (w < 0) | q_is_text[:, None] | k_is_text[None, :] | band
+            allowed = allowed & (cols < seq_len)[None, :]  # padded keys are never attended
+            s = jnp.where(allowed, s, _MASK_VALUE)
         m_next = jnp.maximum(m_prev, s.max(axis=-1))
         corr = jnp.exp2(m_prev - m_next)
         p = jnp.exp2(s - m_next[:, None])
         l_next = corr * l_prev + p.sum(axis=-1)
-        acc = corr[:, None] * acc + pltriton.dot(p.astype(v.dtype), v).astype(jnp.float32)
+        acc = corr[:, None] * acc + _dot(p.astype(v.dtype), v).astype(jnp.float32)
         return acc, m_next, l_next
 
     carry = (jnp.zeros((block_q, d), jnp.float32), jnp.full((block_q,), -jnp.inf, jnp.float32),
              jnp.zeros((block_q,), jnp.float32))
-    carry = lax.fori_loop(r1_lo, r1_hi, body, carry)
-    acc, _, l = lax.fori_loop(r2_lo, r2_hi, body, carry)
+    masked_body = functools.partial(body, masked=True)
+    clean_body = functools.partial(body, masked=False)
+    for (r_lo, r_hi), masked in ranges:
+        carry = lax.fori_loop(r_lo, r_hi, masked_body if masked else clean_body, carry)
+    acc, _, l = carry
     out = acc / jnp.where(l == 0.0, 1.0, l)[:, None]  # l == 0 only for cached heads / all-padding rows
     if has_cache:
         out = jnp.where(cached, cache_ref[...].astype(jnp.float32), out)
@@ -225,12 +361,14 @@ def arrow_attention(q, k, v, half_window, *, text_len: int, text_first: bool, ca
     half_window: int32 [H], runtime data: −1 full, 0 cached when ``cache`` is given (else a band of width 0, see
     the module docstring), w > 0 arrow band over the image tokens. text_first: FLUX [text, image] when True, SD3
     [image, text] when False. sm_scale defaults to D ** −0.5. interpret=True runs the kernel on CPU (tests; it
-    does not check Triton's rules). config defaults to :func:`heuristic_config`.
+    does not check Triton's rules). config defaults to the autotuned choice cached on disk for this shape and
+    device (:func:`autotune`), else :func:`heuristic_config`.
     """
     _validate(q, k, v, half_window, text_len, cache, kernel=True)
     _, s, _, d = q.shape
     if config is None:
-        config = heuristic_config(s, d, q.dtype)
+        config = (None if interpret else tuned_config(q.shape, q.dtype, text_len, text_first)) or \
+            heuristic_config(s, d, q.dtype)
     if not isinstance(config, ArrowConfig):
         raise ValueError(f"arrow_attention: config must be an ArrowConfig, got {type(config).__name__}")
     sm_scale = float(d ** -0.5 if sm_scale is None else sm_scale)

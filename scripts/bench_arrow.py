@@ -29,7 +29,7 @@ import numpy as np  # noqa: E402
 
 from dfa2_jax.flops import arrow_tiles, total_tiles  # noqa: E402
 from pallas_kernels.arrow_attention import (ArrowConfig, arrow_attention, arrow_attention_reference,  # noqa: E402
-                                            heuristic_config)
+                                            autotune, heuristic_config, tuned_config)
 
 TOL = {jnp.dtype(jnp.bfloat16): 2e-2, jnp.dtype(jnp.float16): 4e-3, jnp.dtype(jnp.float32): 1e-5}
 # name, B, text_len, n_img, H, D, text_first
@@ -101,6 +101,35 @@ def time_fn(fn, make_inputs, iters, warmup):
     return statistics.median(times)
 
 
+def mgpu_rows(name, make_inputs, b, s, h, d, dense_flops, iters, warmup):
+    """jax's Mosaic GPU FA3 example, dense, on the sequence padded to its tile multiple (padding keys are
+    attended too: a speed reference only). Configs that fail are reported and skipped."""
+    try:
+        from jax.experimental.pallas.ops.gpu import attention_mgpu as fa3
+    except Exception as e:  # noqa: BLE001
+        print(f"  mgpu: unavailable ({type(e).__name__}: {e})")
+        return []
+    out = []
+    for bq, bkv, steps in ((64, 128, 2), (64, 64, 2), (128, 128, 2), (64, 128, 3)):
+        s_pad = -(-s // (2 * bq)) * (2 * bq)
+        s_pad = -(-s_pad // bkv) * bkv
+        pad = ((0, 0), (0, s_pad - s), (0, 0), (0, 0))
+        try:
+            cfg = fa3.TuningConfig(block_q=bq, block_kv=bkv, max_concurrent_steps=steps)
+            fn = jax.jit(lambda q, k, v, c, cfg=cfg: fa3.attention(*(jnp.pad(x, pad) for x in (q, k, v)), cfg)[:, :s])
+            q, k, v, c = make_inputs(4242)
+            ref = jax.nn.dot_product_attention(q, k, v, implementation="cudnn")
+            err = float(jnp.max(jnp.abs(fn(q, k, v, c)[:, :, :2].astype(jnp.float32)
+                                        - ref[:, :, :2].astype(jnp.float32)))) if s_pad == s else float("nan")
+            ms = time_fn(fn, make_inputs, iters, warmup)
+            print(f"  mgpu fa3 bq={bq} bkv={bkv} steps={steps} S_pad={s_pad}: {ms * 1e3:.3f} ms (err vs cudnn {err:.2e})")
+            out.append((name, f"mgpu{bq}/{bkv}/{steps}", ms, dense_flops, 1.0))
+        except Exception as e:  # noqa: BLE001
+            print(f"  mgpu fa3 bq={bq} bkv={bkv} steps={steps}: failed ({type(e).__name__}: "
+                  f"{str(e).splitlines()[0][:300] if str(e) else ''})")
+    return out
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--interpret", action="store_true", help="run the kernel in Pallas interpret mode (CPU)")
@@ -108,6 +137,11 @@ def main(argv=None):
     p.add_argument("--iters", type=int, default=None, help="timed calls per row (default 20; 2 with --small)")
     p.add_argument("--warmup", type=int, default=None, help="untimed calls first (default 3; 1 with --small)")
     p.add_argument("--check-heads", type=int, default=4, help="heads compared with the reference per mode")
+    p.add_argument("--tune", action="store_true", help="autotune each shape on its mixed plan first (the choice "
+                   "is cached on disk and used by every later call without a config)")
+    p.add_argument("--mgpu", action="store_true", help="also time jax's Mosaic GPU FlashAttention-3 example "
+                   "(jax.experimental.pallas.ops.gpu.attention_mgpu, dense) as a Hopper reference point")
+    p.add_argument("--shapes", default=None, help="comma-separated subset of the shape names")
     args = p.parse_args(argv)
     iters = args.iters or (2 if args.small else 20)
     warmup = args.warmup or (1 if args.small else 3)
@@ -115,6 +149,8 @@ def main(argv=None):
     dense_impl = "cudnn" if on_gpu else "xla"
     dtype = jnp.bfloat16
     shapes = SMALL_SHAPES if args.small else FULL_SHAPES
+    if args.shapes:
+        shapes = [x for x in shapes if x[0] in args.shapes.split(",")]
     print(f"backend={jax.default_backend()} device={jax.devices()[0].device_kind} interpret={args.interpret} "
           f"dense={dense_impl} iters={iters} warmup={warmup}")
 
@@ -122,12 +158,20 @@ def main(argv=None):
     for name, b, t, n, h, d, text_first in shapes:
         s = t + n
         config = ArrowConfig(16, 16, 4, 1) if args.small else heuristic_config(s, d, dtype)
-        blocks = (config.block_q, config.block_k)
+        blocks = (128, 64)  # the plan's kept fraction is counted on the default tiles, whatever the tuning
         dense_flops = 4 * b * h * s * s * d
         modes = {"full": np.full(h, -1, np.int32)}
         for kk in (8, 16, 32):
             modes[f"arrow:{kk}"] = np.full(h, half_window(n, kk), np.int32)
         modes["mixed"] = mixed_plan(h, n, t, text_first, blocks)
+        if args.tune:
+            q, k, v, cache = random_inputs(jax.random.PRNGKey(7), b, s, h, d, dtype)
+            config = autotune(q, k, v, jnp.asarray(modes["mixed"]), text_len=t, text_first=text_first, cache=cache,
+                              force=True, interpret=args.interpret, log=lambda m: print("  " + m, flush=True),
+                              candidates=[ArrowConfig(16, 16, 4, 1), ArrowConfig(32, 16, 4, 1)] if args.small
+                              else None)
+        elif not args.small:
+            config = tuned_config((b, s, h, d), dtype, t, text_first) or config
         print(f"\n{name}: B={b} S={s} (text {t} {'first' if text_first else 'last'}, image {n}) H={h} D={d} "
               f"{jnp.dtype(dtype).name} {config}")
         print(f"  mixed plan windows: {modes['mixed'].tolist()}")
@@ -136,21 +180,31 @@ def main(argv=None):
             return random_inputs(jax.random.PRNGKey(seed), b, s, h, d, dtype)
 
         q, k, v, cache = make_inputs(12345)
+        failed = set()
         for mode, w in modes.items():  # correctness first
-            err, heads = check(q, k, v, cache, jnp.asarray(w), text_len=t, text_first=text_first,
-                               interpret=args.interpret, config=config,
-                               max_heads=h if args.small else args.check_heads)
-            print(f"  check {mode:9s} heads {heads}: max |err| {err:.2e} ok")
+            try:
+                err, heads = check(q, k, v, cache, jnp.asarray(w), text_len=t, text_first=text_first,
+                                   interpret=args.interpret, config=config,
+                                   max_heads=h if args.small else args.check_heads)
+            except Exception as e:  # noqa: BLE001 - report and go on to the other modes and the baselines
+                failed.add(mode)
+                print(f"  check {mode:9s} FAILED: {type(e).__name__}: {str(e)[:2000]}", flush=True)
+                continue
+            print(f"  check {mode:9s} heads {heads}: max |err| {err:.2e} ok", flush=True)
 
         dense = jax.jit(lambda q, k, v, c: jax.nn.dot_product_attention(q, k, v, implementation=dense_impl))
         t_dense = time_fn(dense, make_inputs, iters, warmup)
         rows.append((name, f"dense {dense_impl}", t_dense, dense_flops, 1.0))
         for mode, w in modes.items():
+            if mode in failed:
+                continue
             hw = jnp.asarray(w)
             fn = jax.jit(lambda q, k, v, c, hw=hw: arrow_attention(
                 q, k, v, hw, text_len=t, text_first=text_first, cache=c, interpret=args.interpret, config=config))
             rows.append((name, mode, time_fn(fn, make_inputs, iters, warmup), dense_flops,
                          kept_fraction(w, n, t, text_first, blocks)))
+        if args.mgpu:
+            rows.extend(mgpu_rows(name, make_inputs, b, s, h, d, dense_flops, iters, warmup))
         for r in rows:
             if r[0] == name:
                 r_dense = t_dense

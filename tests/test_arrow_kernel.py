@@ -7,6 +7,8 @@ each case to about a second.
 
 from __future__ import annotations
 
+import json
+
 import hypothesis.strategies as st
 import jax
 import jax.numpy as jnp
@@ -47,7 +49,7 @@ def _case(draw):
     text_len = draw(st.sampled_from([0, 1, min(5, s - 1), min(16, s - 1), min(40, s - 1)]))
     h = draw(st.integers(1, 3))
     n_img = s - text_len
-    hw = draw(st.lists(st.sampled_from([-1, 0, 1, 2, 7, n_img, n_img + 5]), min_size=h, max_size=h))
+    hw = draw(st.lists(st.sampled_from([-1, 0, 1, 2, 7, 15, 24, 40, n_img, n_img + 5]), min_size=h, max_size=h))
     return dict(s=s, text_len=text_len, h=h, hw=hw, b=draw(st.integers(1, 2)),
                 text_first=draw(st.booleans()), use_cache=draw(st.booleans()), seed=draw(st.integers(0, 99)))
 
@@ -156,3 +158,36 @@ def test_validation_errors():
         arrow_attention(qi, qi, qi, hw, **kw)
     with pytest.raises(ValueError, match="power of two"):
         ArrowConfig(block_q=48)
+
+
+@pytest.mark.parametrize("text_first,text_len", [(True, 21), (False, 21), (True, 32), (False, 0)])
+def test_interior_blocks_unmasked(text_first, text_len):
+    """Windows around the tile size: key blocks wholly inside the band run the unmasked body, the band's edge
+    blocks and the text/image boundary the masked one; both must agree with the reference."""
+    q, k, v, cache = _inputs(3, 1, 150, 6, 16, jnp.float32)
+    _check(q, k, v, cache, [15, 16, 17, 31, 47, 64], text_len, text_first, jnp.float32)
+    _check(q, k, v, None, [15, 32, -1, 100, 1, 33], text_len, text_first, jnp.float32,
+           config=ArrowConfig(block_q=32, block_k=16))
+
+
+def test_autotune_caches_choice(tmp_path, monkeypatch):
+    from pallas_kernels import arrow_attention as A
+
+    monkeypatch.setenv("DFA2_ARROW_TUNE_CACHE", str(tmp_path / "tune.json"))
+    q, k, v, cache = _inputs(4, 1, 40, 2, 16, jnp.float32)
+    hw = jnp.asarray([3, -1], jnp.int32)
+    kw = dict(text_len=5, text_first=True)
+    assert A.tuned_config(q.shape, q.dtype, **kw) is None
+    cands = (ArrowConfig(16, 16, 4, 1), ArrowConfig(32, 16, 4, 1))
+    logs = []
+    best = A.autotune(q, k, v, hw, candidates=cands, iters=1, interpret=True, log=logs.append, **kw)
+    assert best in cands and len(logs) == 2
+    entry = json.loads((tmp_path / "tune.json").read_text())[A.tune_key(q.shape, q.dtype, **kw)]
+    assert ArrowConfig(entry["block_q"], entry["block_k"], entry["num_warps"], entry["num_stages"]) == best
+    assert A.tuned_config(q.shape, q.dtype, **kw) == best
+    assert A.tuned_config(q.shape, q.dtype, text_len=6, text_first=True) is None  # other layout: no entry
+    logs.clear()  # a second call is answered from the cache, nothing is timed
+    assert A.autotune(q, k, v, hw, candidates=cands, iters=1, interpret=True, log=logs.append, **kw) == best
+    assert logs == []
+    (tmp_path / "tune.json").write_text("{not json")  # a corrupt cache is ignored, not fatal
+    assert A.tuned_config(q.shape, q.dtype, **kw) is None

@@ -27,6 +27,7 @@ from flax import nnx
 
 from dfa2_jax import methods as M
 from dfa2_jax.models.attention import TokenLayout, dense_attention
+from dfa2_jax.runtime import arrow_heads, arrow_impl
 from dfa2_jax.sample import _velocity, zero_state
 from dfa2_jax.scheduler import euler_step
 
@@ -51,16 +52,19 @@ class CalibrationRuntime:
     """Runtime for one calibration step: computes candidates, asks the host for the choice, passes the chosen
     output on and updates the per-layer state (head caches, wars residuals per k)."""
 
-    def __init__(self, candidates: tuple[M.Method, ...], n_img: int, cfg: bool, state, step):
-        self.candidates, self.n_img, self.cfg = candidates, n_img, cfg
+    def __init__(self, candidates: tuple[M.Method, ...], n_img: int, cfg: bool, state, step, impl: str):
+        self.candidates, self.n_img, self.cfg, self.impl = candidates, n_img, cfg, impl
         self.state, self.step = state, step
         self.new_state: dict[str, dict[str, jax.Array]] = {}
         self.wars_ks = sorted({m.k for m in candidates if m.code == M.WARS})
 
     def _band(self, q, k, v, layout: TokenLayout, kk: int) -> jax.Array:
-        # One band for every head: the banded form (O(S·(T + block + 2w)), no S² mask) computes it.
+        # One band for every head: the Pallas kernel (one launch, out-of-band key blocks never loaded), or off
+        # the kernel the banded jnp form (O(S·(T + block + 2w)) memory, no S² mask).
         n_img = q.shape[1] - layout.text_len
         w = M.Method(M.ARROW, kk).half_window(n_img)
+        if self.impl != "reference":
+            return arrow_heads(q, k, v, jnp.full((q.shape[2],), w, jnp.int32), layout, None, self.impl)
         return M.arrow_attention_banded(q, k, v, w, text_len=layout.text_len, text_first=layout.text_first)
 
     def _shared(self, o):
@@ -131,18 +135,21 @@ def initial_state(graphdef, params, latents, cond, candidates, *, family: str, d
     return zero_state(graphdef, params, latents, cond, lambda: _StateProbe(wars_ks), family=family, do_cfg=do_cfg)
 
 
-@functools.partial(jax.jit, static_argnums=(0,), static_argnames=("family", "do_cfg", "candidates", "n_img"))
+@functools.partial(jax.jit, static_argnums=(0,),
+                   static_argnames=("family", "do_cfg", "candidates", "n_img", "impl"))
 def calibration_step(graphdef, params, x, cond, t, sigma, sigma_next, state, step, *, family: str, do_cfg: bool,
-                     candidates: tuple[M.Method, ...], n_img: int):
+                     candidates: tuple[M.Method, ...], n_img: int, impl: str = "reference"):
     """One denoising step of the calibration pass -> (latents, new state). One compile serves every step:
-    step 0 differs only in the host's answers (every head full)."""
-    rt = CalibrationRuntime(candidates, n_img, do_cfg, state, step)
+    step 0 differs only in the host's answers (every head full). ``impl``: how the arrow candidates are
+    computed (:func:`dfa2_jax.runtime.arrow_impl`)."""
+    rt = CalibrationRuntime(candidates, n_img, do_cfg, state, step, impl)
     v = _velocity(nnx.merge(graphdef, params), x, t, cond, family=family, do_cfg=do_cfg, runtime=rt)
     return euler_step(x, v, sigma, sigma_next), rt.new_state
 
 
 def run_step(choose: Callable[[int, int, np.ndarray], np.ndarray], *args, **kwargs):
     """``calibration_step`` with ``choose(step, layer, rse [H, M]) -> choice [H]`` answering the solver calls."""
+    kwargs["impl"] = arrow_impl(kwargs.get("impl"))
     with _session_lock:
         _active.append(choose)
         try:

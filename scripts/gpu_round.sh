@@ -1,0 +1,14 @@
+#!/usr/bin/env bash
+# One device call: kernel benchmark (autotune + Mosaic FA3 reference) then calibration timing with the kernel.
+# Usage on the device: bash scripts/gpu_round.sh [kernel|calib|all]
+set -o pipefail
+export PYTHONUNBUFFERED=1 PYTHONPATH=.${PYTHONPATH:+:$PYTHONPATH} DFA2_ARROW_TUNE_CACHE=${OUT:-/tmp}/arrow_tune.json
+what=${1:-all}
+nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader
+python3 -c "import jax, flax; print('jax', jax.__version__, 'flax', flax.__version__, jax.devices())"
+if [[ $what == kernel || $what == all ]]; then
+  timeout ${KERNEL_TIMEOUT:-330} python3 scripts/bench_arrow.py --tune --mgpu ${BENCH_ARGS:-} 2>&1 | tee $OUT/bench_arrow.log
+fi
+if [[ $what == calib || $what == all ]]; then
+  DFA2_ARROW_IMPL=pallas timeout ${CALIB_TIMEOUT:-250} python3 scripts/bench_calibrate.py 2>&1 | tee $OUT/calib.log
+fi
