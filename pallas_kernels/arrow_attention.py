@@ -240,11 +240,14 @@ def _arrow_kernel(hw_ref, q_ref, k_ref, v_ref, *rest, num_heads: int, seq_len: i
     def pick(all_clean, all_masked, image_block):
         """Range for this program: cached heads visit nothing; blocks seeing every key take one of the first
         two; image-only query blocks the third."""
-        los = jnp.where(cached, 0, jnp.where(visit_all, jnp.where(clean_all, all_clean[0], all_masked[0]),
-                                              image_block[0]))
-        his = jnp.where(cached, 0, jnp.where(visit_all, jnp.where(clean_all, all_clean[1], all_masked[1]),
-                                              image_block[1]))
-        return i32(los), i32(his)
+        # Every operand an explicit (non-weak) int32: Pallas-Triton lowers a select of two weak-typed
+        # literals with the predicate's type (i1), which breaks the loop bounds.
+        out = []
+        for j in (0, 1):
+            x = jnp.where(visit_all, jnp.where(clean_all, i32(all_clean[j]), i32(all_masked[j])),
+                          i32(image_block[j]))
+            out.append(jnp.where(cached, i32(0), x))
+        return tuple(out)
 
     ranges = (  # (range, masked): the order of the visits does not matter (online softmax)
         (pick((0, n_full), empty, (ti0, ti1)), False),

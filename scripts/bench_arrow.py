@@ -101,6 +101,31 @@ def time_fn(fn, make_inputs, iters, warmup):
     return statistics.median(times)
 
 
+def triton_fa_rows(name, make_inputs, s, d, dense_flops, iters, warmup):
+    """jax's Pallas-Triton FlashAttention example (dense, 128×64 tiles) on the sequence padded to 128: what the
+    Triton backend reaches on a plain dense kernel (padding keys attended: a speed reference only)."""
+    try:
+        from jax.experimental.pallas.ops.gpu import attention as fa
+    except Exception as e:  # noqa: BLE001
+        print(f"  triton fa: unavailable ({type(e).__name__}: {e})")
+        return []
+    out = []
+    s_pad = -(-s // 128) * 128
+    pad = ((0, 0), (0, s_pad - s), (0, 0), (0, 0))
+    for nw, ns in ((8, 3), (4, 3), (8, 2)):
+        try:
+            bs = fa.BlockSizes(block_q=128, block_k=64)
+            fn = jax.jit(lambda q, k, v, c, nw=nw, ns=ns: fa.mha(*(jnp.pad(x, pad) for x in (q, k, v)), None,
+                                                              sm_scale=d ** -0.5, block_sizes=bs, num_warps=nw,
+                                                              num_stages=ns)[:, :s])
+            ms = time_fn(fn, make_inputs, iters, warmup)
+            print(f"  triton fa 128x64 warps={nw} stages={ns}: {ms * 1e3:.3f} ms")
+            out.append((name, f"tritonFA{nw}/{ns}", ms, dense_flops, 1.0))
+        except Exception as e:  # noqa: BLE001
+            print(f"  triton fa warps={nw} stages={ns}: failed ({type(e).__name__}: {str(e)[:300]})")
+    return out
+
+
 def mgpu_rows(name, make_inputs, b, s, h, d, dense_flops, iters, warmup):
     """jax's Mosaic GPU FA3 example, dense, on the sequence padded to its tile multiple (padding keys are
     attended too: a speed reference only). Configs that fail are reported and skipped."""
@@ -204,6 +229,7 @@ def main(argv=None):
             rows.append((name, mode, time_fn(fn, make_inputs, iters, warmup), dense_flops,
                          kept_fraction(w, n, t, text_first, blocks)))
         if args.mgpu:
+            rows.extend(triton_fa_rows(name, make_inputs, s, d, dense_flops, iters, warmup))
             rows.extend(mgpu_rows(name, make_inputs, b, s, h, d, dense_flops, iters, warmup))
         for r in rows:
             if r[0] == name:

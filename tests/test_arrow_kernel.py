@@ -7,6 +7,7 @@ each case to about a second.
 
 from __future__ import annotations
 
+import functools
 import json
 
 import hypothesis.strategies as st
@@ -191,3 +192,19 @@ def test_autotune_caches_choice(tmp_path, monkeypatch):
     assert logs == []
     (tmp_path / "tune.json").write_text("{not json")  # a corrupt cache is ignored, not fatal
     assert A.tuned_config(q.shape, q.dtype, **kw) is None
+
+
+@pytest.mark.parametrize("text_first,use_cache", [(True, True), (False, False)])
+def test_lowers_to_triton(text_first, use_cache):
+    """The kernel lowers to Triton IR for an NVIDIA GPU (cross-platform lowering, no GPU needed): catches
+    constructs the Triton lowering rejects (interpret mode accepts everything) for every autotuner config."""
+    from pallas_kernels.arrow_attention import TUNE_CANDIDATES, _arrow_call
+
+    q = jax.ShapeDtypeStruct((1, 300, 3, 64), jnp.bfloat16)
+    hw = jax.ShapeDtypeStruct((3,), jnp.int32)
+    for cfg in TUNE_CANDIDATES:
+        f = functools.partial(_arrow_call, text_len=40, text_first=text_first, sm_scale=0.125, interpret=False,
+                              config=cfg)
+        text = jax.jit(f).trace(q, q, q, hw, q if use_cache else None).lower(
+            lowering_platforms=("cuda",)).as_text()
+        assert "arrow_attention" in text
