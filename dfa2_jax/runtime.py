@@ -12,7 +12,7 @@ before the output projection [B, S, H, D]; ``resid`` — the ``wars`` residual f
 refreshed at the head's ``full`` steps; ``out``/``ctx`` — the layer's projected outputs, returned as they
 are when the layer is skipped.
 
-Per head at one step (reference path, pure jnp; the Pallas kernel replaces the attention on GPU):
+Per head at one step (the Pallas kernel on a GPU, :func:`arrow_heads`; the pure-jnp reference elsewhere):
 - full / cfg_share: dense over the joint sequence; arrow / wars / cfg_share+arrow: the arrow band;
 - wars: band output + the stored residual; at a full step the residual is refreshed (full − band);
 - cfg_share(+arrow): the conditional half's output is used for both CFG halves (batch = [uncond, cond]);
@@ -43,8 +43,7 @@ class RuntimeSpec:
     skip_layers: tuple[bool, ...]  # every head `cache` at some step: projections skipped then
     cfg: bool  # the batch is [uncond, cond] (SD3 with classifier-free guidance)
     # Per-head attention of compressed layers: "reference" (pure jnp, O(S²) mask), "pallas" (the Pallas kernel,
-    # GPU) or "interpret" (the kernel in interpret mode, CPU tests). Default from $DFA2_ARROW_IMPL, else
-    # "reference": the kernel becomes the GPU default once it has been validated on a GPU (kernel issue).
+    # GPU) or "interpret" (the kernel in interpret mode, CPU tests). Default: :func:`arrow_impl`.
     impl: str = "reference"
 
     @classmethod
@@ -73,8 +72,10 @@ IMPLS = ("reference", "pallas", "interpret")
 
 
 def arrow_impl(impl: str | None = None) -> str:
-    """The per-head attention implementation: ``impl`` if given, else ``$DFA2_ARROW_IMPL``, else "reference"."""
-    impl = impl or os.environ.get("DFA2_ARROW_IMPL") or "reference"
+    """The per-head attention implementation: ``impl`` if given, else ``$DFA2_ARROW_IMPL``, else "pallas" on a
+    GPU backend (the kernel, checked against the reference on an H100 by scripts/bench_arrow.py) and
+    "reference" elsewhere."""
+    impl = impl or os.environ.get("DFA2_ARROW_IMPL") or ("pallas" if jax.default_backend() == "gpu" else "reference")
     if impl not in IMPLS:
         raise ValueError(f"attention implementation {impl!r}: expected one of {', '.join(IMPLS)} ($DFA2_ARROW_IMPL)")
     return impl
@@ -83,7 +84,8 @@ def arrow_impl(impl: str | None = None) -> str:
 def arrow_heads(q, k, v, half_windows, layout: TokenLayout, cache, impl: str) -> jax.Array:
     """Per-head arrow attention (half-window −1 = full; 0 with ``cache`` = copy the cached head) with the
     chosen implementation: the O(S²) masked reference or the Pallas kernel (GPU, or interpret mode on CPU)."""
-    if impl == "reference":
+    d = q.shape[-1]
+    if impl == "reference" or d < 16 or d & (d - 1):  # the kernel's block loads need a power-of-two head_dim
         o = M.masked_attention(q, k, v, M.arrow_mask(q.shape[1], layout.text_len, layout.text_first, half_windows))
         if cache is not None:
             o = jnp.where(_per_head(half_windows == 0), cache.astype(o.dtype), o)
