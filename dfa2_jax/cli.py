@@ -59,6 +59,14 @@ def _cmd_generate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _mesh_args(parser: argparse.ArgumentParser, what: str) -> None:
+    parser.add_argument("--mesh", default="auto",
+                        help=f"device mesh for {what}, e.g. data=2,heads=4 (axes: data, cfg (SD3 CFG halves), "
+                             "heads); 'auto' (default): every local device on the data axis when the batch divides "
+                             "over them, else one device; 'none': one device")
+    parser.add_argument("--fsdp", action="store_true", help="with --mesh: shard the params over its data axis")
+
+
 def _atomic_np_save(path: str, array) -> None:
     import numpy as np
 
@@ -105,7 +113,7 @@ def _cmd_calibrate(args: argparse.Namespace) -> int:
     res = calibrate(pipe, prompts, resolution=_resolution(args.resolution), steps=args.steps, delta=args.delta,
                     c=args.c, candidates=args.candidates, seed=args.seed, guidance_scale=args.guidance,
                     batch=args.batch, savings=savings, checkpoint=ckpt, resume=args.resume,
-                    progress=not args.no_progress)
+                    progress=not args.no_progress, mesh=args.mesh, fsdp=args.fsdp)
     res.plan.save(args.output)
     if os.path.exists(ckpt):
         os.unlink(ckpt)
@@ -166,9 +174,7 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--save-latents", default=None, help="write the final latents (before VAE decoding) as .npy")
     gen.add_argument("--plan", default=None, help="compression plan (dfa2 calibrate / dfa2 plan import); "
                                                    "default: dense attention")
-    gen.add_argument("--mesh", default=None, help="device mesh for the sampler, e.g. data=2,heads=4 (axes: data, "
-                     "cfg (SD3 CFG halves), heads); default: one device")
-    gen.add_argument("--fsdp", action="store_true", help="with --mesh: shard the params over its data axis")
+    _mesh_args(gen, "the sampler")
     gen.add_argument("--cache-dir", default=None)
     gen.add_argument("--no-progress", action="store_true", help="no progress bar")
     gen.add_argument("-o", "--output", required=True, help="output PNG")
@@ -202,6 +208,7 @@ def build_parser() -> argparse.ArgumentParser:
     cal.add_argument("--checkpoint", default=None, help="progress file (default: OUTPUT.calib.npz)")
     cal.add_argument("--resume", action="store_true", help="continue from the checkpoint")
     cal.add_argument("--no-progress", action="store_true")
+    _mesh_args(cal, "the calibration pass")
     cal.add_argument("-o", "--output", required=True, help="plan.json to write")
     cal.set_defaults(fn=_cmd_calibrate)
 

@@ -149,14 +149,12 @@ class _Pipeline:
         tr = self.transformer
         x = jnp.array(latents, copy=True)  # the sampler donates its latents buffer
         sampler = denoise
-        if mesh is not None:  # a jax.sharding.Mesh or a spec such as "data=2,heads=4"
-            from dfa2_jax.sharding import make_mesh, parse_mesh, shard_denoise, validate
+        if mesh is not None:  # a Mesh, a spec such as "data=2,heads=4", "auto" or "none"
+            from dfa2_jax.sharding import resolve_mesh, shard_denoise
 
-            if isinstance(mesh, (str, dict)):  # the work's checks first: their errors name the real misfit
-                sizes = parse_mesh(mesh) if isinstance(mesh, str) else mesh
-                validate(sizes, batch=x.shape[0], heads=tr.config.num_attention_heads, family=self.family,
-                         do_cfg=do_cfg)
-                mesh = make_mesh(sizes)
+            mesh = resolve_mesh(mesh, batch=x.shape[0], heads=tr.config.num_attention_heads, family=self.family,
+                                do_cfg=do_cfg)
+        if mesh is not None:
             sampler = functools.partial(shard_denoise, mesh, fsdp=fsdp, num_heads=tr.config.num_attention_heads)
         elif fsdp:
             raise ValueError("fsdp needs a mesh with a data axis")
@@ -178,8 +176,9 @@ class _Pipeline:
                  plan=None, mesh=None, fsdp: bool = False) -> PipelineOutput:
         """Text to image as diffusers' pipeline. ``plan``: a :class:`dfa2_jax.plan.Plan` or plan file
         (head-wise compression); None = dense. ``output_type="latent"``: no VAE decoding. ``mesh``: run the
-        sampler on a device mesh (:mod:`dfa2_jax.sharding`; a Mesh or "data=2,heads=4"), ``fsdp``: params
-        sharded over its data axis."""
+        sampler on a device mesh (:mod:`dfa2_jax.sharding`; a Mesh, "data=2,heads=4", "auto" = every local device
+        on the data axis when the batch divides over them, or None = one device), ``fsdp``: params sharded over
+        its data axis."""
         kw = {} if max_sequence_length is None else {"max_sequence_length": max_sequence_length}
         prep = self.prepare(prompt, negative_prompt, height=height, width=width,
                             num_inference_steps=num_inference_steps, guidance_scale=guidance_scale, seed=seed,

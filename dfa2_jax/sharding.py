@@ -22,6 +22,7 @@ already head-split) over ``data``; GSPMD gathers it where it is used.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Sequence
 from typing import Any
@@ -164,18 +165,11 @@ def _batch_put(x, mesh: Mesh, axes, batch: int):
 def place_plan(plan_in: dict, mesh: Mesh, *, model_axes):
     """Plan arrays split on their head axis; carried caches: batch over ``model_axes``, heads over heads."""
     heads = "heads" if _size(mesh, "heads") > 1 else None
-
-    def cache_spec(name, x):
-        if name in ("heads", "resid"):  # [B, S, H, D]
-            return P(model_axes, None, heads, None)
-        return P(model_axes)  # out / ctx [B, S, dim]
-
     return {
         "codes": jax.device_put(plan_in["codes"], NamedSharding(mesh, P(None, None, heads))),
         "half_windows": jax.device_put(plan_in["half_windows"], NamedSharding(mesh, P(None, None, heads))),
         "resid_windows": jax.device_put(plan_in["resid_windows"], NamedSharding(mesh, P(None, heads))),
-        "state": {layer: {name: jax.device_put(x, NamedSharding(mesh, cache_spec(name, x)))
-                          for name, x in entry.items()} for layer, entry in plan_in["state"].items()},
+        "state": place_carry(plan_in["state"], mesh, model_axes),
     }
 
 
@@ -186,21 +180,55 @@ def _num_heads(graphdef, state) -> int:
     return int(model.config.num_attention_heads)
 
 
-def shard_denoise(mesh: Mesh, graphdef, state, latents, cond: dict[str, Any], timesteps, sigmas, *, family: str,
-                  do_cfg: bool = False, plan: PlanArrays | None = None, fsdp: bool = False, report: bool = False,
-                  num_heads: int | None = None):
-    """:func:`dfa2_jax.sample.denoise` on ``mesh``: places params, latents, conditioning and the plan (see the
-    module docstring), then runs the same jitted sampler; returns the latents (sharded on ``data``)."""
+def resolve_mesh(mesh, *, batch: int, heads: int, family: str, do_cfg: bool, devices=None) -> Mesh | None:
+    """A Mesh from ``mesh``: a Mesh, a spec ("data=2,heads=4" or a dict) checked against the work first (its
+    errors name the real misfit), "auto" (every local device on the data axis when the batch divides over
+    them, else None = one device) or None / "none" (one device)."""
+    if mesh is None or (isinstance(mesh, str) and mesh.strip().lower() in ("none", "")):
+        return None
+    if isinstance(mesh, str) and mesh.strip().lower() == "auto":
+        n = len(devices if devices is not None else jax.local_devices())
+        if n <= 1 or batch % n:
+            return None
+        return make_mesh({"data": n}, devices=devices or jax.local_devices())
+    if isinstance(mesh, (str, dict)):
+        sizes = parse_mesh(mesh) if isinstance(mesh, str) else dict(mesh)
+        validate(sizes, batch=batch, heads=heads, family=family, do_cfg=do_cfg)
+        return make_mesh(sizes, devices=devices)
+    if not isinstance(mesh, Mesh):
+        raise ValueError(f"mesh must be a jax.sharding.Mesh, a spec such as 'data=2,heads=4', 'auto' or None; "
+                         f"got {type(mesh).__name__}")
+    return mesh
+
+
+@dataclasses.dataclass
+class Placed:
+    """Sampler inputs on a mesh (:func:`place_inputs`)."""
+
+    state: Any
+    latents: jax.Array
+    cond: dict[str, Any]
+    model_axes: Any  # mesh axes of the model batch (the doubled CFG batch for SD3 with CFG)
+    data_axes: Any  # mesh axes of the latents' batch
+    cfg_model: bool
+
+    @property
+    def carry_axes(self):
+        """Batch axes of per-layer carried state ([B_model, S, H, D] caches)."""
+        return self.model_axes if self.cfg_model else self.data_axes
+
+
+def place_inputs(mesh: Mesh, state, latents, cond: dict[str, Any], *, family: str, do_cfg: bool, fsdp: bool,
+                 num_heads: int) -> Placed:
+    """Validate ``mesh`` against the work, then place params, latents and conditioning on it."""
     latents = jnp.asarray(latents)
     batch = latents.shape[0]
-    heads = num_heads if num_heads is not None else _num_heads(graphdef, state)
-    validate({a: _size(mesh, a) for a in mesh.axis_names}, batch=batch, heads=heads, family=family, do_cfg=do_cfg)
+    validate({a: _size(mesh, a) for a in mesh.axis_names}, batch=batch, heads=num_heads, family=family,
+             do_cfg=do_cfg)
     cfg_model = family == "sd3" and do_cfg
     model_batch = 2 * batch if cfg_model else batch
     model_axes = _batch_axes(mesh, model_batch=True)
     data_axes = _batch_axes(mesh, model_batch=False)
-
-    spec, plan_in = plan_inputs(graphdef, state, latents, cond, timesteps, plan, family=family, do_cfg=do_cfg)
     replicated = NamedSharding(mesh, P())
     state = place_params(state, mesh, fsdp=fsdp)
     x = jax.device_put(latents, NamedSharding(mesh, P(data_axes)))
@@ -209,9 +237,36 @@ def shard_denoise(mesh: Mesh, graphdef, state, latents, cond: dict[str, Any], ti
                 jax.tree.map(lambda a: jax.device_put(jnp.asarray(a), replicated), v) if k == "rope" else
                 tuple(_batch_put(a, mesh, cond_axes, cond_batch) for a in v) if isinstance(v, tuple) else
                 _batch_put(v, mesh, cond_axes, cond_batch)) for k, v in cond.items()}
+    return Placed(state, x, cond, model_axes, data_axes, cfg_model)
+
+
+def place_carry(tree, mesh: Mesh, batch_axes):
+    """Per-layer carried state on the mesh: [B, S, H, D] head caches split on batch and heads, [B, ...]
+    layer outputs on batch."""
+    heads = "heads" if _size(mesh, "heads") > 1 else None
+
+    def put(x):
+        spec = P(batch_axes, None, heads, None) if x.ndim == 4 else P(batch_axes)
+        return jax.device_put(x, NamedSharding(mesh, spec))
+
+    return jax.tree.map(put, tree)
+
+
+def shard_denoise(mesh: Mesh, graphdef, state, latents, cond: dict[str, Any], timesteps, sigmas, *, family: str,
+                  do_cfg: bool = False, plan: PlanArrays | None = None, fsdp: bool = False, report: bool = False,
+                  num_heads: int | None = None):
+    """:func:`dfa2_jax.sample.denoise` on ``mesh``: places params, latents, conditioning and the plan (see the
+    module docstring), then runs the same jitted sampler; returns the latents (sharded on ``data``)."""
+    heads = num_heads if num_heads is not None else _num_heads(graphdef, state)
+    spec, plan_in = plan_inputs(graphdef, state, jnp.asarray(latents), cond, timesteps, plan, family=family,
+                                do_cfg=do_cfg)
+    pl_ = place_inputs(mesh, state, latents, cond, family=family, do_cfg=do_cfg, fsdp=fsdp, num_heads=heads)
+    replicated = NamedSharding(mesh, P())
     if plan_in is not None:
-        plan_in = place_plan(plan_in, mesh, model_axes=model_axes if cfg_model else data_axes)
-    batch_sharding = NamedSharding(mesh, P(model_axes)) if cfg_model and model_axes is not None else None
-    return _scan_denoise_jit(graphdef, state, x, cond, jax.device_put(jnp.asarray(timesteps), replicated),
+        plan_in = place_plan(plan_in, mesh, model_axes=pl_.carry_axes)
+    batch_sharding = (NamedSharding(mesh, P(pl_.model_axes)) if pl_.cfg_model and pl_.model_axes is not None
+                      else None)
+    return _scan_denoise_jit(graphdef, pl_.state, pl_.latents, pl_.cond,
+                             jax.device_put(jnp.asarray(timesteps), replicated),
                              jax.device_put(jnp.asarray(sigmas), replicated), plan_in, family=family, do_cfg=do_cfg,
                              report=report, spec=spec, batch_sharding=batch_sharding)

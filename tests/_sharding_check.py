@@ -85,8 +85,38 @@ MODES = {
 }
 
 
+def calibration_check() -> int:
+    """calibrate(mesh=...) gives the single-device plan (tiny pipelines, 4 prompts)."""
+    import tempfile
+
+    from dfa2_jax.calibrate.calibrate import calibrate
+    from dfa2_jax.demo import tiny_pipelines
+    from dfa2_jax.sharding import resolve_mesh
+
+    assert resolve_mesh("auto", batch=4, heads=4, family="flux", do_cfg=False).shape == {"data": 4}
+    assert resolve_mesh("auto", batch=3, heads=4, family="flux", do_cfg=False) is None
+    prompts = ["a red circle", "a blue square at the top", "two green triangles", "a white cross"]
+    with tempfile.TemporaryDirectory() as d:
+        pipes = tiny_pipelines(d, seed=0)
+        for name, meshes in (("flux", ["data=4", "heads=2", "data=2,heads=2"]), ("sd3", ["cfg=2,data=2", "heads=2"])):
+            kw = dict(resolution=32, steps=3, delta=0.5, candidates="arrow:2,arrow:4,cache", progress=False,
+                      max_sequence_length=8)
+            ref = calibrate(pipes[name], prompts, **kw)
+            assert (ref.plan.assignment[1:] != 0).any(), "the check needs a plan with compressed heads"
+            for spec in meshes:
+                res = calibrate(pipes[name], prompts, mesh=spec, **kw)
+                if not np.array_equal(res.plan.assignment, ref.plan.assignment):
+                    print(f"FAIL calibrate {name} {spec}: plan differs", flush=True)
+                    return 1
+                print(f"OK calibrate {name} {spec}: same plan "
+                      f"({int((ref.plan.assignment[1:] != 0).sum())} compressed head-steps)", flush=True)
+    return 0
+
+
 def main() -> int:
     assert jax.device_count() == 4, jax.devices()
+    if len(sys.argv) > 1 and sys.argv[1] == "calibrate":
+        return calibration_check()
     for name, setup in (("flux", _flux), ("sd3", _sd3)):
         tr, cond, latents, t, s, kw, n_img = setup()
         plan = _plan(tr, n_img, seed=3)

@@ -76,3 +76,29 @@ def test_parallel_modes_match_single_device():
     modes = {" ".join(line.split()[1:-2]) for line in ok}
     assert {"flux data=4", "flux heads=4", "flux heads=2", "flux data=2,heads=2", "flux data=4 fsdp",
             "sd3 data=4", "sd3 heads=4", "sd3 cfg=2,data=2", "sd3 cfg=2,heads=2", "sd3 data=2,heads=2 fsdp"} <= modes, out
+
+
+def test_calibration_on_a_mesh_gives_the_same_plan():
+    script = Path(__file__).with_name("_sharding_check.py")
+    env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="--xla_force_host_platform_device_count=4")
+    proc = subprocess.run([sys.executable, str(script), "calibrate"], env=env, capture_output=True, text=True,
+                          timeout=600, cwd=script.parent.parent)
+    out = proc.stdout + proc.stderr
+    assert proc.returncode == 0, out[-4000:]
+    ok = {" ".join(line.split()[1:4]).rstrip(":") for line in proc.stdout.splitlines() if line.startswith("OK ")}
+    assert {"calibrate flux data=4", "calibrate flux heads=2", "calibrate flux data=2,heads=2",
+            "calibrate sd3 cfg=2,data=2", "calibrate sd3 heads=2"} <= ok, out[-4000:]
+
+
+def test_resolve_mesh_single_device():
+    from dfa2_jax.sharding import resolve_mesh
+
+    one = len(jax.local_devices()) == 1
+    if one:  # "auto" on one device: no mesh
+        assert resolve_mesh("auto", batch=4, heads=4, family="flux", do_cfg=False) is None
+    assert resolve_mesh(None, batch=4, heads=4, family="flux", do_cfg=False) is None
+    assert resolve_mesh("none", batch=4, heads=4, family="flux", do_cfg=False) is None
+    with pytest.raises(ValueError, match="heads are not divisible"):
+        resolve_mesh("heads=3", batch=4, heads=4, family="flux", do_cfg=False)
+    with pytest.raises(ValueError, match="mesh must be"):
+        resolve_mesh(3, batch=4, heads=4, family="flux", do_cfg=False)

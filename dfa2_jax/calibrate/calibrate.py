@@ -142,14 +142,17 @@ def calibrate(pipe, prompts: Sequence[str], *, resolution, steps: int, delta: fl
               batch: int | None = None, savings="tiles", blocks=flops.DEFAULT_BLOCKS,
               checkpoint: str | None = None, resume: bool = False, progress: bool = True,
               stop_after: int | None = None, time_limit_s: float = 10.0,
-              max_sequence_length: int | None = None) -> CalibrationResult:
+              max_sequence_length: int | None = None, mesh=None, fsdp: bool = False) -> CalibrationResult:
     """Calibrate a plan for ``pipe`` (an SD3Pipeline / FluxPipeline) on ``prompts``.
 
     ``resolution``: int or (height, width) in pixels. ``batch``: the most prompts run together; the progressive
     pass decides each layer from all prompts at once, so every prompt is in one batch and ``batch`` must be at
     least the number of prompts (a guard against out-of-memory surprises). ``checkpoint``: the ``.npz`` progress
     file (written after every step); ``resume``: continue from it. ``stop_after``: stop after that many steps
-    (leaving the checkpoint; for tests and time-boxed runs) — the returned plan is then None.
+    (leaving the checkpoint; for tests and time-boxed runs) — the returned plan is then None. ``mesh``: run the
+    pass on a device mesh (a Mesh, "data=2,heads=4", "auto" or None; :func:`dfa2_jax.sharding.resolve_mesh`):
+    prompts over ``data`` (and SD3's CFG halves over ``cfg``), heads over ``heads``; ``fsdp``: params sharded
+    over ``data``. The host still answers every (step, layer) once.
     """
     t_start = time.perf_counter()
     prompts = list(prompts)
@@ -196,6 +199,22 @@ def calibrate(pipe, prompts: Sequence[str], *, resolution, steps: int, delta: fl
     else:
         state = initial_state(tr.graphdef, tr.state, x, prep.cond, cands, family=tr.family, do_cfg=prep.do_cfg)
 
+    params, cond = tr.state, prep.cond
+    if mesh is not None:
+        from dfa2_jax.sharding import place_carry, place_inputs, resolve_mesh
+
+        try:
+            mesh = resolve_mesh(mesh, batch=int(x.shape[0]), heads=heads, family=tr.family, do_cfg=prep.do_cfg)
+        except ValueError as e:
+            raise CalibrationError(f"mesh: {e}") from None
+    if mesh is not None:
+        placed = place_inputs(mesh, tr.state, x, prep.cond, family=tr.family, do_cfg=prep.do_cfg, fsdp=fsdp,
+                              num_heads=heads)
+        params, x, cond = placed.state, placed.latents, placed.cond
+        state = place_carry(state, mesh, placed.carry_axes)
+    elif fsdp:
+        raise CalibrationError("fsdp needs a mesh with a data axis")
+
     bar = None
     if progress:
         from tqdm.auto import tqdm
@@ -218,7 +237,7 @@ def calibrate(pipe, prompts: Sequence[str], *, resolution, steps: int, delta: fl
     end = steps if stop_after is None else min(steps, start + stop_after)
     try:
         for t in range(start, end):
-            x, state = run_step(choose, tr.graphdef, tr.state, x, prep.cond, jnp.asarray(prep.timesteps[t]),
+            x, state = run_step(choose, tr.graphdef, params, x, cond, jnp.asarray(prep.timesteps[t]),
                                 jnp.asarray(prep.sigmas[t]), jnp.asarray(prep.sigmas[t + 1]), state, jnp.int32(t),
                                 family=tr.family, do_cfg=prep.do_cfg, candidates=cands, n_img=prep.n_img)
             if checkpoint:
