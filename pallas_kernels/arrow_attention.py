@@ -10,7 +10,8 @@ j is text, or both are image tokens with |img(i) − img(j)| ≤ w, w the head's
   a caller whose plan may hold cached heads must pass ``cache``;
 * ``w > 0``: the arrow band.
 
-One launch serves every head: the grid is (query blocks, B·H). Each program reads its head's w from an int32
+One launch serves every head: the grid is (B·H, query blocks), heads fastest, the query blocks holding text
+rows (which visit every key block) launched first. Each program reads its head's w from an int32
 input and derives the key blocks it must visit (FLUX layout: text first; SD3 layout: text last):
 
 * a query block holding any text row, or a full head: every key block;
@@ -125,9 +126,17 @@ def _tuned_entries(path: Path) -> dict:
         return {}
 
 
+SHIPPED_TUNING = Path(__file__).with_name("arrow_tuned.json")  # autotune results measured here, any jax version
+
+
 def tuned_config(shape, dtype, text_len: int, text_first: bool) -> ArrowConfig | None:
-    """The autotuned config cached on disk for this shape on this device, or None."""
-    entry = _tuned_entries(tune_cache_path()).get(tune_key(shape, dtype, text_len, text_first))
+    """The autotuned config for this shape on this device: the user's on-disk cache first, then the results
+    shipped with the package (:data:`SHIPPED_TUNING`, keyed with ``jax*``); None if neither has it."""
+    key = tune_key(shape, dtype, text_len, text_first)
+    entry = _tuned_entries(tune_cache_path()).get(key)
+    if not isinstance(entry, dict):
+        parts = key.split("|")
+        entry = _tuned_entries(SHIPPED_TUNING).get("|".join([parts[0], "jax*", *parts[2:]]))
     if not isinstance(entry, dict):
         return None
     try:
@@ -177,16 +186,29 @@ def autotune(q, k, v, half_window, *, text_len: int, text_first: bool, cache=Non
     return best
 
 
+def _first_text_block(seq_len: int, text_len: int, text_first: bool, block_q: int) -> int:
+    """The first query block holding a text row (0 without text)."""
+    return 0 if text_first or not text_len else (seq_len - text_len) // block_q
+
+
+def _query_block(i, first_qb: int, n_qb: int):
+    """Launch order -> query block: the blocks from ``first_qb`` on (those holding text rows) first."""
+    return i if first_qb == 0 else lax.rem(i + first_qb, n_qb)
+
+
 def _arrow_kernel(hw_ref, q_ref, k_ref, v_ref, *rest, num_heads: int, seq_len: int, text_len: int,
-                  text_first: bool, sm_scale: float, block_q: int, block_k: int, has_cache: bool):
-    """One (query block, batch·head) program. q_ref, o_ref (and cache_ref): [block_q, D]; k_ref, v_ref:
+                  text_first: bool, sm_scale: float, block_q: int, block_k: int, has_cache: bool, first_qb: int,
+                  n_qb: int):
+    """One (batch·head, query block) program. q_ref, o_ref (and cache_ref): [block_q, D]; k_ref, v_ref:
     [S_pad, D] of this batch element and head; hw_ref: [H_pad] int32 half-windows."""
     if has_cache:
         cache_ref, o_ref = rest
     else:
         (o_ref,) = rest
-    qb = pl.program_id(0)
-    h = pl.program_id(1) % num_heads
+    # Grid (batch·head, query block): the heads of one query block run side by side, and the query blocks
+    # holding text rows (every key block: the heaviest programs) are launched first (longest job first).
+    qb = _query_block(pl.program_id(1), first_qb, n_qb)
+    h = pl.program_id(0) % num_heads
     w = hw_ref[h]  # scalar int32
     s_pad = k_ref.shape[0]
     n_kb = s_pad // block_k
@@ -308,18 +330,21 @@ def _arrow_call(q, k, v, half_window, cache, *, text_len, text_first, sm_scale, 
     hw = jnp.pad(half_window.astype(jnp.int32), (0, h_pad - h), constant_values=-1)
     has_cache = cache is not None
 
-    q_spec = pl.BlockSpec((None, bq, None, d), lambda i, j: (j // h, i, j % h, 0))
-    kv_spec = pl.BlockSpec((None, s_pad, None, d), lambda i, j: (j // h, 0, j % h, 0))
-    in_specs = [pl.BlockSpec((h_pad,), lambda i, j: (0,)), q_spec, kv_spec, kv_spec]
+    n_qb = s_pad // bq
+    first_qb = _first_text_block(s, text_len, text_first, bq)
+    q_spec = pl.BlockSpec((None, bq, None, d), lambda j, i: (j // h, _query_block(i, first_qb, n_qb), j % h, 0))
+    kv_spec = pl.BlockSpec((None, s_pad, None, d), lambda j, i: (j // h, 0, j % h, 0))
+    in_specs = [pl.BlockSpec((h_pad,), lambda j, i: (0,)), q_spec, kv_spec, kv_spec]
     args = [hw, q, k, v]
     if has_cache:
         in_specs.append(q_spec)
         args.append(jnp.pad(cache.astype(q.dtype), pad))
     kernel = functools.partial(_arrow_kernel, num_heads=h, seq_len=s, text_len=text_len, text_first=text_first,
-                               sm_scale=sm_scale, block_q=bq, block_k=bk, has_cache=has_cache)
+                               sm_scale=sm_scale, block_q=bq, block_k=bk, has_cache=has_cache, first_qb=first_qb,
+                               n_qb=n_qb)
     out = pl.pallas_call(
         kernel,
-        grid=(s_pad // bq, b * h),
+        grid=(b * h, n_qb),
         in_specs=in_specs,
         out_specs=q_spec,
         out_shape=jax.ShapeDtypeStruct((b, s_pad, h, d), q.dtype),

@@ -208,3 +208,22 @@ def test_lowers_to_triton(text_first, use_cache):
         text = jax.jit(f).trace(q, q, q, hw, q if use_cache else None).lower(
             lowering_platforms=("cuda",)).as_text()
         assert "arrow_attention" in text
+
+
+def test_shipped_tuning_is_used(tmp_path, monkeypatch):
+    """Results shipped with the package (measured on an H100) answer when the user's cache has no entry."""
+    from pallas_kernels import arrow_attention as A
+
+    monkeypatch.setenv("DFA2_ARROW_TUNE_CACHE", str(tmp_path / "none.json"))
+    shipped = json.loads(A.SHIPPED_TUNING.read_text())
+    key = next(iter(shipped))
+    kind, _, shape, dtype, layout = key.split("|")
+    b, s, h, d = (int(x) for x in shape[1:].replace("S", " ").replace("H", " ").replace("D", " ").split())
+    text_first = layout.endswith("first")
+    text_len = int(layout[4:-5] if text_first else layout[4:-4])
+    monkeypatch.setattr(A.jax, "devices", lambda: [type("Dev", (), {"device_kind": kind})()])
+    cfg = A.tuned_config((b, s, h, d), jnp.dtype(dtype), text_len, text_first)
+    e = shipped[key]
+    assert cfg == ArrowConfig(e["block_q"], e["block_k"], e["num_warps"], e["num_stages"])
+    monkeypatch.setattr(A.jax, "devices", lambda: [type("Dev", (), {"device_kind": "Other GPU"})()])
+    assert A.tuned_config((b, s, h, d), jnp.dtype(dtype), text_len, text_first) is None
