@@ -12,3 +12,10 @@ fi
 if [[ $what == calib || $what == all ]]; then
   DFA2_ARROW_IMPL=pallas timeout ${CALIB_TIMEOUT:-250} python3 scripts/bench_calibrate.py 2>&1 | tee $OUT/calib.log
 fi
+if [[ $what == e2e ]]; then
+  timeout 100 python3 scripts/bench_arrow.py --shapes FLUX-2048 2>&1 | tee $OUT/bench_arrow_flux.log
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
+    && export PYTHONPATH=$PYTHONPATH:/tmp/site
+  timeout ${E2E_TIMEOUT:-420} python3 scripts/bench_e2e.py --cases ${E2E_CASES:-flux-2048} --out $OUT \
+    --budget-s ${E2E_BUDGET:-400} 2>&1 | tee $OUT/e2e.log
+fi
