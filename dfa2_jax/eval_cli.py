@@ -1,5 +1,6 @@
 """``dfa2 eval``: dense vs compressed generation from the same noise; PSNR / SSIM, FLOPs kept, times, a grid PNG
-and a JSON report (:func:`dfa2_jax.evaluate.evaluate`).
+and a JSON report (:func:`dfa2_jax.evaluate.evaluate`); with testbed world captions as prompts, also the testbed
+prompt accuracy of both kinds of image.
 
 Wire into the main parser with ``add_eval_parser(subparsers)``; the subcommand sets ``fn(args) -> int`` and
 raises ValueError subclasses (EvalError, PlanError, CheckpointError) for user errors.
@@ -42,7 +43,7 @@ def _cmd_eval(args: argparse.Namespace) -> int:
                       num_inference_steps=args.steps, guidance_scale=args.guidance, out_dir=args.out_dir,
                       batch_size=args.batch, repeat=args.repeat, max_sequence_length=args.max_sequence_length,
                       metrics_dir=args.metrics_dir, model=args.model, progress=args.progress,
-                      log=lambda msg: print(msg, file=sys.stderr))
+                      log=lambda msg: print(msg, file=sys.stderr), testbed_classifier=args.testbed_classifier)
     print(format_table(report))
     print(f"report: {report['report_path']}")
     print(f"grid: {os.path.join(args.out_dir, 'grid.png')}")
@@ -75,6 +76,9 @@ def add_eval_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--metrics-dir", default=None,
                    help="local LPIPS / CLIP weights (default $DFA2_METRICS_DIR); never downloaded. LPIPS and CLIP "
                         "scoring are not implemented yet: the report says so")
+    p.add_argument("--testbed-classifier", default=None,
+                   help="weights for the testbed prompt accuracy, reported when every prompt is a testbed world "
+                        "caption (default: the shipped dfa2_jax/assets/testbed_classifier.safetensors)")
     p.add_argument("--cache-dir", default=None, help="orbax cache root for converted weights")
     p.add_argument("--progress", action="store_true", help="progress bars over the denoising steps")
     p.add_argument("--out-dir", default=DEFAULT_OUT_DIR,

@@ -18,6 +18,12 @@ Because the cropped region never reads a padded pixel, no border mode is needed:
 correlation. LPIPS and CLIP score are *not implemented*: the report records them as null with the reason (no
 local weights, or weights present but scoring not implemented); nothing is ever downloaded.
 
+Prompt accuracy (the procedural testbed, :mod:`dfa2_jax.testbed`): when every prompt is a testbed world caption
+(``dfa2_jax.testbed.world.parse_caption`` accepts it), the shipped testbed classifier reads each dense and
+compressed image (box-resized to 64x64) and scores the fraction of its caption's attributes it satisfies
+(:func:`dfa2_jax.testbed.classifier.prompt_accuracy`); otherwise ``prompt_accuracy`` is null and
+``prompt_accuracy_skipped`` says why.
+
 Timings are the wall time of the pipeline calls for all prompts (text encoding, the scanned sampler, VAE decode).
 The first call of each kind includes jit compilation (unless this process already compiled the same shapes and
 plan structure); with ``repeat >= 2`` the later calls are timed again and their minimum is the compile-excluded
@@ -199,6 +205,43 @@ def metrics_status(metrics_dir: str | os.PathLike | None = None) -> dict[str, An
     return out
 
 
+def testbed_prompt_accuracy(prompts: Sequence[str], images: dict[str, Sequence],
+                            classifier: str | os.PathLike | None = None) -> dict[str, Any]:
+    """The report's ``prompt_accuracy`` entry: per image and mean testbed prompt accuracy of each kind of image
+    (``images``: {"dense": [...], "compressed": [...]}, PIL or uint8 arrays), or null with
+    ``prompt_accuracy_skipped`` saying why (a prompt that is not a world caption, images smaller than 64x64,
+    no classifier weights). ``classifier``: a weights file (default: the shipped one)."""
+    from dfa2_jax.testbed import world
+
+    for i, p in enumerate(prompts):
+        try:
+            world.parse_caption(p)
+        except ValueError as e:
+            return {"prompt_accuracy": None,
+                    "prompt_accuracy_skipped": f"prompt {i} is not a testbed world caption: {e}"}
+    from dfa2_jax.testbed import classifier as tc
+
+    try:
+        clf = tc.load_classifier(classifier)
+    except (FileNotFoundError, ValueError) as e:  # no weights, a bad weights file
+        return {"prompt_accuracy": None, "prompt_accuracy_skipped": f"testbed classifier: {e}"}
+    per = {}
+    for kind, ims in images.items():
+        try:
+            per[kind] = tc.prompt_accuracy(ims, prompts, classifier=clf)
+        except ValueError as e:  # images below 64x64, not RGB
+            return {"prompt_accuracy": None, "prompt_accuracy_skipped": f"{kind} images: {e}"}
+    entry: dict[str, Any] = {
+        "what": "fraction of each caption's attributes the image satisfies (per object: present in its cell, "
+                "shape, colour, size; the background; each object seen in a cell the caption leaves empty is one "
+                "more failed attribute), read by the testbed classifier on the image box-resized to 64x64",
+        "classifier": clf.path,
+        **{kind: [float(v) for v in acc] for kind, acc in per.items()},
+        "mean": {kind: float(np.mean(acc)) for kind, acc in per.items()},
+    }
+    return {"prompt_accuracy": entry}
+
+
 # ================================================================================================ outputs
 def make_grid(dense: Sequence, compressed: Sequence, labels: Sequence[tuple[str, str]] | None = None):
     """A PIL image: one row per prompt, dense | compressed, each row under a LABEL_H-pixel label band.
@@ -265,7 +308,8 @@ def evaluate(pipe, plan, prompts: Sequence[str], *, seed: int = 0, height: int |
              out_dir: str | os.PathLike | None = None, batch_size: int | None = None, repeat: int = 2,
              max_sequence_length: int | None = None, metrics_dir: str | os.PathLike | None = None,
              model: str | None = None, progress: bool = False,
-             log: Callable[[str], None] | None = None) -> dict[str, Any]:
+             log: Callable[[str], None] | None = None,
+             testbed_classifier: str | os.PathLike | None = None) -> dict[str, Any]:
     """Dense and compressed (``plan``: a :class:`dfa2_jax.plan.Plan` or a plan file) images of ``prompts`` from
     the same noise (prompt i: seed + i), compared per image (PSNR, SSIM) and on average, with the plan's
     attention FLOPs kept at the actual token counts and the wall time of both.
@@ -275,6 +319,8 @@ def evaluate(pipe, plan, prompts: Sequence[str], *, seed: int = 0, height: int |
     ``repeat``: calls of each kind (>= 1); the first includes compilation, the minimum of the others is the
     steady time. ``out_dir``: also write ``dense_<i>.png``, ``compressed_<i>.png``, ``grid.png`` and
     ``report.json`` (atomically). ``model``: a name or path for the report. ``log``: called with progress lines.
+    ``testbed_classifier``: weights for the testbed prompt accuracy (default: the shipped file; used only when
+    every prompt is a testbed world caption).
 
     Returns the report (as written to report.json, with float inf for PSNR of identical images) plus
     ``"images": {"dense": [PIL], "compressed": [PIL]}`` and, with ``out_dir``, ``"report_path"``.
@@ -296,6 +342,8 @@ def evaluate(pipe, plan, prompts: Sequence[str], *, seed: int = 0, height: int |
     batch_size = len(prompts) if batch_size is None else int(batch_size)
     if batch_size < 1:
         raise EvalError(f"batch size {batch_size} must be >= 1")
+    if testbed_classifier is not None and not os.path.isfile(testbed_classifier):
+        raise EvalError(f"{os.fspath(testbed_classifier)}: no such testbed classifier weights file")
 
     plan_path = None
     if not isinstance(plan, Plan):
@@ -393,6 +441,7 @@ def evaluate(pipe, plan, prompts: Sequence[str], *, seed: int = 0, height: int |
                                        if td["steady_s"] is not None and tc["steady_s"] else None),
                     "repeats_identical": identical_repeats if repeat > 1 else None},
         **metrics_status(metrics_dir),
+        **testbed_prompt_accuracy(prompts, images, testbed_classifier),
         "versions": _versions(),
     }
     result = dict(report)
@@ -416,16 +465,23 @@ def evaluate(pipe, plan, prompts: Sequence[str], *, seed: int = 0, height: int |
 
 
 def format_table(report: dict[str, Any]) -> str:
-    """A short text summary of an evaluation report: per image PSNR / SSIM, means, FLOPs kept, times."""
+    """A short text summary of an evaluation report: per image PSNR / SSIM (and testbed prompt accuracy when the
+    report has it), means, FLOPs kept, times."""
+    pa = report.get("prompt_accuracy")
     lines = [f"{report['model']['name']} ({report['model']['family']}), {report['resolution'][0]}x"
              f"{report['resolution'][1]}, {report['steps']} steps, seed {report['seed']}, plan "
              f"{report['plan']['path'] or report['plan']['source']}",
-             f"  {'#':>3} {'PSNR dB':>8} {'SSIM':>7}  prompt"]
+             f"  {'#':>3} {'PSNR dB':>8} {'SSIM':>7}" + (f" {'acc D':>6} {'acc C':>6}" if pa else "") + "  prompt"]
     for p in report["per_image"]:
         prompt = p["prompt"] if len(p["prompt"]) <= 48 else p["prompt"][:45] + "..."
-        lines.append(f"  {p['index']:>3} {_fmt_psnr(p['psnr']):>8} {p['ssim']:>7.4f}  {prompt}")
+        acc = f" {pa['dense'][p['index']]:>6.3f} {pa['compressed'][p['index']]:>6.3f}" if pa else ""
+        lines.append(f"  {p['index']:>3} {_fmt_psnr(p['psnr']):>8} {p['ssim']:>7.4f}{acc}  {prompt}")
     m = report["mean"]
-    lines.append(f"  {'mean':>3} {_fmt_psnr(m['psnr']):>8} {m['ssim']:>7.4f}")
+    acc = f" {pa['mean']['dense']:>6.3f} {pa['mean']['compressed']:>6.3f}" if pa else ""
+    lines.append(f"  {'mean':>3} {_fmt_psnr(m['psnr']):>8} {m['ssim']:>7.4f}{acc}")
+    if pa:
+        lines.append("acc D / acc C: testbed prompt accuracy of the dense / compressed image (fraction of the "
+                     "caption's attributes the testbed classifier sees)")
     f = report["attention_flops_kept"]
     lines.append(f"attention FLOPs kept: {100 * f['tiles']:.1f}% ({f['blocks'][0]}x{f['blocks'][1]} kernel tiles), "
                  f"{100 * f['exact']:.1f}% (exact mask) at {report['image_tokens']} image + "
@@ -441,9 +497,11 @@ def format_table(report: dict[str, Any]) -> str:
     for key in ("lpips", "clip_score"):
         if report.get(key) is None:
             lines.append(f"{key}: skipped ({report.get(key + '_skipped')})")
+    if pa is None and "prompt_accuracy_skipped" in report:
+        lines.append(f"prompt_accuracy: skipped ({report['prompt_accuracy_skipped']})")
     return "\n".join(lines)
 
 
 __all__ = ["EvalError", "psnr", "ssim", "gaussian_taps", "read_prompts", "evaluate", "format_table", "make_grid",
            "initial_noise", "metrics_status", "default_resolution", "image_token_count", "text_token_count",
-           "write_json_atomic", "LABEL_H", "KERNEL_BLOCKS"]
+           "write_json_atomic", "testbed_prompt_accuracy", "LABEL_H", "KERNEL_BLOCKS"]

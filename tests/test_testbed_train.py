@@ -1,0 +1,83 @@
+"""scripts/train_testbed.py --smoke: the trained testbed folders load in diffusers and in our JAX pipelines,
+which agree from the same initial latents (the bounds of tests/test_pipelines.py), and every loss went down."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import sys
+import tarfile
+
+import numpy as np
+import pytest
+
+from tests.conftest import max_rel_err
+from tests.test_pipelines import LATENT_REL, PSNR_MIN, _psnr
+
+SCRIPT = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "scripts", "train_testbed.py")
+
+
+def _script():
+    spec = importlib.util.spec_from_file_location("train_testbed", SCRIPT)
+    mod = importlib.util.module_from_spec(spec)
+    sys.modules["train_testbed"] = mod  # dataclasses resolve their module by name
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def _diffusers_latents(folder, family, prompts, latents, kw):
+    import diffusers
+    import torch
+
+    cls = diffusers.StableDiffusion3Pipeline if family == "sd3" else diffusers.FluxPipeline
+    pipe = cls.from_pretrained(folder)
+    pipe.set_progress_bar_config(disable=True)
+    with torch.no_grad():
+        lat = pipe(prompts, latents=torch.from_numpy(latents), output_type="latent", **kw).images.numpy()
+        img = pipe(prompts, latents=torch.from_numpy(latents), output_type="np", **kw).images
+    return lat, img
+
+
+def _check_parity(out_dir, family, cache_dir):
+    """diffusers' pipeline and our load_pipeline, 64x64, 4 steps, the same initial latents."""
+    from dfa2_jax.pipeline import load_pipeline
+
+    folder = str(out_dir / f"testbed_{family}")
+    info = json.loads((out_dir / f"testbed_{family}" / "testbed_info.json").read_text())
+    prompts = json.loads((out_dir / "train_log.json").read_text())["data"]["sample_captions"][:2]
+    shape = (2, 4, 16, 16) if family == "sd3" else (2, 64, 16)  # FLUX: packed 2x2 patches of 4 channels
+    latents = np.random.default_rng(3).standard_normal(shape, np.float32)
+    kw = dict(height=64, width=64, num_inference_steps=4, max_sequence_length=info["max_sequence_length"])
+    if family == "sd3":
+        kw["guidance_scale"] = info["guidance_scale"]
+    ref_lat, ref_img = _diffusers_latents(folder, family, prompts, latents, kw)
+    out = load_pipeline(folder, cache_dir=cache_dir)(prompts, latents=latents, **kw)
+    err = max_rel_err(out.latents, ref_lat)
+    assert err <= LATENT_REL, f"{family}: final latents max relative error {err:.2e}"
+    img = np.stack([np.asarray(im, np.float32) / 255.0 for im in out.images])
+    assert img.shape == (2, 64, 64, 3)
+    psnr = _psnr(img, ref_img)
+    assert psnr >= PSNR_MIN, f"{family}: decoded image PSNR {psnr:.1f} dB"
+
+
+def test_smoke_training_loads_and_matches_diffusers(tmp_path):
+    """One test (not a module fixture + several tests) so that pytest -n never runs the training twice."""
+    out = tmp_path / "out"
+    assert _script().main(["--out", str(out), "--smoke"]) == 0
+    log = json.loads((out / "train_log.json").read_text())
+    for phase in ("vae", "sd3", "flux"):
+        losses = [e["loss"] for e in log["phases"][phase]["log"]]
+        assert len(losses) >= 3 and all(np.isfinite(losses)), (phase, losses)
+        late = float(np.mean(losses[len(losses) // 2:]))
+        assert late < losses[0], f"{phase}: loss did not decrease (first {losses[0]:.3f}, late mean {late:.3f})"
+    vae_cfg = json.loads((out / "testbed_sd3" / "vae" / "config.json").read_text())
+    assert vae_cfg["scaling_factor"] == pytest.approx(log["phases"]["vae"]["scaling_factor"])
+    assert vae_cfg["shift_factor"] == pytest.approx(log["phases"]["vae"]["shift_factor"])
+    with tarfile.open(out / "testbed.tar") as tar:
+        tops = {m.name.split("/")[0] for m in tar.getmembers()}
+    assert tops == {"testbed_sd3", "testbed_flux", "train_log.json", "samples_sd3.png", "samples_flux.png",
+                    "samples_flux_truecfg.png"}
+    for family in ("sd3", "flux"):
+        assert log["models"][f"{family}_folder_mb"] <= 30
+        _check_parity(out, family, str(tmp_path / "cache"))
