@@ -716,7 +716,13 @@ def parse_args(argv=None):
     ap.add_argument("--samples", type=int, default=None, help="held-out captions in each grid (default 16)")
     ap.add_argument("--sample-steps", type=int, default=None, help="sampling steps of the grids (default 28)")
     ap.add_argument("--no-samples", action="store_true", help="skip the sample grids")
-    return ap.parse_args(argv)
+    ap.add_argument("--families", default="sd3,flux", help="which pipelines to train: sd3, flux or sd3,flux")
+    args = ap.parse_args(argv)
+    fams = tuple(f.strip() for f in args.families.split(",") if f.strip())
+    if not fams or any(f not in ("sd3", "flux") for f in fams) or len(set(fams)) != len(fams):
+        ap.error(f"--families {args.families!r}: expected sd3, flux or sd3,flux")
+    args.families = tuple(f for f in ("sd3", "flux") if f in fams)
+    return args
 
 
 def main(argv=None) -> int:
@@ -805,7 +811,8 @@ def run(args) -> int:
     _tower(clip_flux).load_state_dict(_tower(clip_l).state_dict())  # FLUX's CLIP = SD3's CLIP-L tower
     enc = TextEncoders(clip_l, build_clip(sz, clip_tok, args.seed + 2, projection=True), clip_flux,
                        build_t5(sz, t5_tok, args.seed + 3)).to(device)
-    transformers = {"sd3": build_sd3(sz, args.seed + 4).to(device), "flux": build_flux(sz, args.seed + 5).to(device)}
+    builders = {"sd3": lambda: build_sd3(sz, args.seed + 4), "flux": lambda: build_flux(sz, args.seed + 5)}
+    transformers = {f: builders[f]().to(device) for f in args.families}
     pipes = {f: make_pipeline(f, transformers[f], vae, enc, clip_tok, t5_tok) for f in transformers}
     for f, pipe in pipes.items():
         check_encoding(pipe, f, enc, clip_tok, t5_tok, list(val_captions[:4]) + [""], t5_len, device)
@@ -818,8 +825,10 @@ def run(args) -> int:
 
     # ---- VAE, then the latents of everything and the latent normalisation
     reserve = 0 if args.no_samples else 25 if not args.smoke else 5  # per pipeline: save + samples
-    planned = [m * 60 for m in minutes]
-    budget = clock.budget(planned[0], planned[1] + planned[2], 2 * reserve + 15) if steps[0] is None else None
+    planned = [m * 60 if (k == 0 or fam in args.families) else 0.0
+               for k, (m, fam) in enumerate(zip(minutes, ("vae", "sd3", "flux")))]
+    budget = (clock.budget(planned[0], planned[1] + planned[2], len(args.families) * reserve + 15)
+              if steps[0] is None else None)
     log["phases"]["vae"] = train_vae(vae, dev_images, dev_val_images[:256], sz, budget, steps[0], device, args.seed)
     vae.requires_grad_(False)
     t = time.perf_counter()
@@ -844,8 +853,10 @@ def run(args) -> int:
                    "was trained at; the pipelines pad to it and do not mask) and height=width=64"}
     written = []
     for i, family in enumerate(("sd3", "flux")):
+        if family not in transformers:
+            continue
         model = transformers[family]
-        later = planned[2] if family == "sd3" and steps[2] is None else 0.0
+        later = planned[2] if family == "sd3" and steps[2] is None and "flux" in transformers else 0.0
         budget = clock.budget(planned[1 + i], later, (2 - i) * reserve + 5) if steps[1 + i] is None else None
         log["phases"][family] = train_dit(family, model, enc, data, sz, budget, steps[1 + i], device,
                                           args.seed + 10 * (i + 1), t5_len, compile_model=args.compile)
@@ -882,7 +893,7 @@ def run(args) -> int:
             tar.add(p, arcname=os.path.basename(p))
     shutil.rmtree(work, ignore_errors=True)
     for mb_key in ("sd3_folder_mb", "flux_folder_mb"):
-        if log["models"][mb_key] > 30:
+        if log["models"].get(mb_key, 0) > 30:
             print(f"warning: {mb_key} = {log['models'][mb_key]:.1f} MB > 30 MB", flush=True)
     print(f"done in {clock.elapsed():.1f} s: {out}/testbed.tar", flush=True)
     return 0
