@@ -10,8 +10,9 @@ j is text, or both are image tokens with |img(i) − img(j)| ≤ w, w the head's
   a caller whose plan may hold cached heads must pass ``cache``;
 * ``w > 0``: the arrow band.
 
-One launch serves every head: the grid is (B·H, query blocks), heads fastest, the query blocks holding text
-rows (which visit every key block) launched first. Each program reads its head's w from an int32
+One launch serves every head: a 1-D grid of B·H·(query blocks) programs, launched longest job first — the
+query blocks holding text rows (which visit every key block) of every head, then the image-only query blocks
+head by head (neighbours share their key bands in L2). Each program reads its head's w from an int32
 input and derives the key blocks it must visit (FLUX layout: text first; SD3 layout: text last):
 
 * a query block holding any text row, or a full head: every key block;
@@ -186,20 +187,35 @@ def autotune(q, k, v, half_window, *, text_len: int, text_first: bool, cache=Non
     return best
 
 
-def _first_text_block(seq_len: int, text_len: int, text_first: bool, block_q: int) -> int:
-    """The first query block holding a text row (0 without text)."""
-    return 0 if text_first or not text_len else (seq_len - text_len) // block_q
+def _text_blocks(seq_len: int, text_len: int, text_first: bool, block_q: int) -> tuple[int, int]:
+    """Query blocks [tq0, tq1) holding a text row (empty without text)."""
+    if not text_len:
+        return 0, 0
+    t_lo, t_hi = (0, text_len) if text_first else (seq_len - text_len, seq_len)
+    return t_lo // block_q, -(-t_hi // block_q)
 
 
-def _query_block(i, first_qb: int, n_qb: int):
-    """Launch order -> query block: the blocks from ``first_qb`` on (those holding text rows) first."""
-    return i if first_qb == 0 else lax.rem(i + first_qb, n_qb)
+def _program(p, bh_count: int, n_qb: int, tq0: int, tq1: int):
+    """Launch index -> (batch·head, query block). Longest jobs first: the query blocks holding text rows (they
+    visit every key block) of all heads, then the image-only blocks head by head (neighbouring query blocks of
+    one head share their key bands: L2 reuse)."""
+    n_txt = tq1 - tq0
+    if n_txt == 0:
+        return p // n_qb, lax.rem(p, n_qb)
+    first = bh_count * n_txt
+    early = p < first
+    r = jnp.maximum(p - first, 0)
+    n_img_qb = n_qb - n_txt
+    j = lax.rem(r, n_img_qb) if n_img_qb else r
+    bh = jnp.where(early, lax.rem(p, bh_count), r // max(n_img_qb, 1))
+    qb = jnp.where(early, tq0 + p // bh_count, jnp.where(j < tq0, j, j + n_txt))
+    return bh, qb
 
 
 def _arrow_kernel(hw_ref, q_ref, k_ref, v_ref, *rest, num_heads: int, seq_len: int, text_len: int,
-                  text_first: bool, sm_scale: float, block_q: int, block_k: int, has_cache: bool, first_qb: int,
-                  n_qb: int):
-    """One (batch·head, query block) program. q_ref, o_ref (and cache_ref): [block_q, D]; k_ref, v_ref:
+                  text_first: bool, sm_scale: float, block_q: int, block_k: int, has_cache: bool, bh_count: int,
+                  n_qb: int, tq0: int, tq1: int):
+    """One (batch·head, query block) program (:func:`_program`). q_ref, o_ref (and cache_ref): [block_q, D]; k_ref, v_ref:
     [S_pad, D] of this batch element and head; hw_ref: [H_pad] int32 half-windows."""
     if has_cache:
         cache_ref, o_ref = rest
@@ -207,8 +223,8 @@ def _arrow_kernel(hw_ref, q_ref, k_ref, v_ref, *rest, num_heads: int, seq_len: i
         (o_ref,) = rest
     # Grid (batch·head, query block): the heads of one query block run side by side, and the query blocks
     # holding text rows (every key block: the heaviest programs) are launched first (longest job first).
-    qb = _query_block(pl.program_id(1), first_qb, n_qb)
-    h = pl.program_id(0) % num_heads
+    bh, qb = _program(pl.program_id(0), bh_count, n_qb, tq0, tq1)
+    h = lax.rem(bh, num_heads)
     w = hw_ref[h]  # scalar int32
     s_pad = k_ref.shape[0]
     n_kb = s_pad // block_k
@@ -331,20 +347,30 @@ def _arrow_call(q, k, v, half_window, cache, *, text_len, text_first, sm_scale, 
     has_cache = cache is not None
 
     n_qb = s_pad // bq
-    first_qb = _first_text_block(s, text_len, text_first, bq)
-    q_spec = pl.BlockSpec((None, bq, None, d), lambda j, i: (j // h, _query_block(i, first_qb, n_qb), j % h, 0))
-    kv_spec = pl.BlockSpec((None, s_pad, None, d), lambda j, i: (j // h, 0, j % h, 0))
-    in_specs = [pl.BlockSpec((h_pad,), lambda j, i: (0,)), q_spec, kv_spec, kv_spec]
+    tq0, tq1 = _text_blocks(s, text_len, text_first, bq)
+    prog = functools.partial(_program, bh_count=b * h, n_qb=n_qb, tq0=tq0, tq1=tq1)
+
+    def q_map(p):
+        bh, qb = prog(p)
+        return bh // h, qb, lax.rem(bh, h), 0
+
+    def kv_map(p):
+        bh, _ = prog(p)
+        return bh // h, 0, lax.rem(bh, h), 0
+
+    q_spec = pl.BlockSpec((None, bq, None, d), q_map)
+    kv_spec = pl.BlockSpec((None, s_pad, None, d), kv_map)
+    in_specs = [pl.BlockSpec((h_pad,), lambda p: (0,)), q_spec, kv_spec, kv_spec]
     args = [hw, q, k, v]
     if has_cache:
         in_specs.append(q_spec)
         args.append(jnp.pad(cache.astype(q.dtype), pad))
     kernel = functools.partial(_arrow_kernel, num_heads=h, seq_len=s, text_len=text_len, text_first=text_first,
-                               sm_scale=sm_scale, block_q=bq, block_k=bk, has_cache=has_cache, first_qb=first_qb,
-                               n_qb=n_qb)
+                               sm_scale=sm_scale, block_q=bq, block_k=bk, has_cache=has_cache, bh_count=b * h,
+                               n_qb=n_qb, tq0=tq0, tq1=tq1)
     out = pl.pallas_call(
         kernel,
-        grid=(b * h, n_qb),
+        grid=(b * h * n_qb,),
         in_specs=in_specs,
         out_specs=q_spec,
         out_shape=jax.ShapeDtypeStruct((b, s_pad, h, d), q.dtype),

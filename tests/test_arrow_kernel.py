@@ -227,3 +227,23 @@ def test_shipped_tuning_is_used(tmp_path, monkeypatch):
     assert cfg == ArrowConfig(e["block_q"], e["block_k"], e["num_warps"], e["num_stages"])
     monkeypatch.setattr(A.jax, "devices", lambda: [type("Dev", (), {"device_kind": "Other GPU"})()])
     assert A.tuned_config((b, s, h, d), jnp.dtype(dtype), text_len, text_first) is None
+
+
+@settings(max_examples=40, **SETTINGS)
+@given(s=st.integers(2, 400), frac=st.floats(0, 0.99), text_first=st.booleans(), bq=st.sampled_from([16, 64, 128]),
+       bh=st.integers(1, 5))
+def test_launch_order_is_a_permutation_text_blocks_first(s, frac, text_first, bq, bh):
+    """The 1-D launch order visits every (batch·head, query block) once, the text-row query blocks first."""
+    from pallas_kernels.arrow_attention import _program, _text_blocks
+
+    text_len = min(int(frac * s), s - 1)
+    n_qb = -(-s // bq)
+    tq0, tq1 = _text_blocks(s, text_len, text_first, bq)
+    b, q = (np.asarray(x) for x in _program(jnp.arange(bh * n_qb), bh, n_qb, tq0, tq1))
+    assert sorted(zip(b.tolist(), q.tolist())) == [(i, j) for i in range(bh) for j in range(n_qb)]
+    n_first = bh * (tq1 - tq0)
+    assert ((q[:n_first] >= tq0) & (q[:n_first] < tq1)).all()
+    if text_len:  # every query block holding a text row is among the first
+        rows = np.arange(s)
+        text_rows = rows < text_len if text_first else rows >= s - text_len
+        assert set(np.unique(rows[text_rows] // bq).tolist()) == set(range(tq0, tq1))
