@@ -66,8 +66,8 @@ def progress_hook(fn: Callable[[int], None]) -> Iterator[None]:
         _progress_hooks.remove(fn)
 
 
-def _scan_denoise(graphdef, state, latents, cond, timesteps, sigmas, plan, *, family: str, do_cfg: bool,
-                  report: bool, spec: RuntimeSpec | None, batch_sharding=None):
+def _scan_core(graphdef, state, latents, cond, timesteps, sigmas, plan, attn_state, *, family: str, do_cfg: bool,
+               report: bool, spec: RuntimeSpec | None, batch_sharding=None):
     model = nnx.merge(graphdef, state)
 
     def step(carry, xs):
@@ -89,14 +89,26 @@ def _scan_denoise(graphdef, state, latents, cond, timesteps, sigmas, plan, *, fa
     carry = {"latents": latents}
     if spec is not None:
         xs.update(codes=plan["codes"], half_windows=plan["half_windows"])
-        carry["attn"] = plan["state"]
+        carry["attn"] = attn_state
     carry, _ = jax.lax.scan(step, carry, xs)
-    return carry["latents"]
+    # The final carried state is returned (and dropped by the caller) so that the donated initial state can
+    # alias it: the scan then updates the caches in place instead of in a second copy.
+    return carry["latents"], carry.get("attn")
 
 
-_scan_denoise_jit = jax.jit(_scan_denoise, static_argnums=(0,),
-                            static_argnames=("family", "do_cfg", "report", "spec", "batch_sharding"),
-                            donate_argnums=(2,))
+# The latents and the plan's initial carried state (head caches: tens of GiB at 2048²) are donated, so the scan
+# carry reuses their buffers instead of holding a second copy.
+_scan_core_jit = jax.jit(_scan_core, static_argnums=(0,),
+                         static_argnames=("family", "do_cfg", "report", "spec", "batch_sharding"),
+                         donate_argnums=(2, 7))
+
+
+def _scan_denoise_jit(graphdef, state, latents, cond, timesteps, sigmas, plan=None, **kw):
+    """The compiled sampler on :func:`plan_inputs`' output (``plan``: arrays + initial ``state``, or None).
+    Donates ``latents`` and ``plan["state"]``: build a fresh plan state for every call."""
+    arrays = None if plan is None else {k: v for k, v in plan.items() if k != "state"}
+    attn_state = None if plan is None else plan["state"]
+    return _scan_core_jit(graphdef, state, latents, cond, timesteps, sigmas, arrays, attn_state, **kw)[0]
 
 
 @dataclasses.dataclass(frozen=True)

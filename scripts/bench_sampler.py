@@ -30,7 +30,7 @@ def main():
 
     import dfa2_jax
     from dfa2_jax.pipeline import flux_image_ids
-    from dfa2_jax.sample import _scan_denoise_jit
+    from dfa2_jax.sample import _scan_core_jit
     from dfa2_jax.scheduler import FlowMatchEulerConfig, calculate_shift, set_timesteps
     from dfa2_jax.transformer import _flux_forward, flux_rope
 
@@ -65,17 +65,17 @@ def main():
         st.append(time.perf_counter() - t0)
     step_ms = 1e3 * sorted(st)[len(st) // 2]
 
-    kw = dict(family="flux", do_cfg=False, report=False)
+    kw = dict(family="flux", do_cfg=False, report=False, spec=None)
     t0 = time.perf_counter()
-    scan = _scan_denoise_jit.lower(tr.graphdef, tr.state, lat(0), cond, ts, sig, **kw).compile()
+    scan = _scan_core_jit.lower(tr.graphdef, tr.state, lat(0), cond, ts, sig, None, None, **kw).compile()
     scan_compile = time.perf_counter() - t0
-    jax.block_until_ready(scan(tr.state, lat(0), cond, ts, sig))
+    jax.block_until_ready(scan(tr.state, lat(0), cond, ts, sig, None, None))
     rt = []
     for i in range(args.runs):
         x = lat(i)
         jax.block_until_ready(x)
         t0 = time.perf_counter()
-        out = scan(tr.state, x, cond, ts, sig)
+        out = scan(tr.state, x, cond, ts, sig, None, None)
         jax.block_until_ready(out)
         rt.append(time.perf_counter() - t0)
     scan_s = sorted(rt)[len(rt) // 2]

@@ -253,3 +253,36 @@ def test_runtime_through_the_pallas_kernel_in_interpret_mode(monkeypatch):
     monkeypatch.setenv("DFA2_ARROW_IMPL", "cuda")
     with pytest.raises(ValueError, match="DFA2_ARROW_IMPL"):
         RuntimeSpec.from_codes(plan.codes, cfg=False)
+
+
+def test_plan_state_is_donated_and_updated_in_place():
+    """The sampler aliases the donated initial head caches to its (dropped) final carry, so the scan updates
+    them in place: the compiled sampler's aliased bytes cover every cache (no second copy in temp)."""
+    import dfa2_jax
+    from dfa2_jax.pipeline import flux_image_ids
+    from dfa2_jax.sample import PlanArrays, _scan_core_jit, plan_inputs
+    from dfa2_jax.scheduler import FlowMatchEulerConfig, set_timesteps
+    from dfa2_jax.transformer import flux_rope
+
+    cfg = dfa2_jax.FluxConfig(patch_size=1, in_channels=8, num_layers=1, num_single_layers=1, attention_head_dim=16,
+                              num_attention_heads=2, joint_attention_dim=32, pooled_projection_dim=16,
+                              guidance_embeds=False, axes_dims_rope=(4, 4, 8))
+    tr = dfa2_jax.random_transformer(cfg, dtype="float32", seed=0)
+    cond = {"prompt_embeds": jnp.zeros((1, 8, 32)), "pooled_projections": jnp.zeros((1, 16)),
+            "rope": flux_rope(cfg, np.zeros((8, 3)), flux_image_ids(16, 16)), "guidance": None}
+    lat = jnp.zeros((1, 64, 8))
+    ts, sig = set_timesteps(FlowMatchEulerConfig.flux_schnell(), 3, sigmas=np.linspace(1, 1 / 3, 3))
+    codes = np.full((3, 2, 2), M.CACHE, np.int32)
+    codes[0] = M.FULL
+    plan = PlanArrays(codes, np.full(codes.shape, -1, np.int32), np.full((2, 2), -1, np.int32))
+    spec, plan_in = plan_inputs(tr.graphdef, tr.state, lat, cond, ts, plan, family="flux", do_cfg=False)
+    arrays = {k: v for k, v in plan_in.items() if k != "state"}
+    cache_bytes = sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(plan_in["state"]))
+    assert cache_bytes > 0
+    compiled = _scan_core_jit.lower(tr.graphdef, tr.state, lat, cond, jnp.asarray(ts), jnp.asarray(sig), arrays,
+                                    plan_in["state"], family="flux", do_cfg=False, report=False,
+                                    spec=spec).compile()
+    mem = compiled.memory_analysis()
+    if mem is None:
+        pytest.skip("no memory analysis on this backend")
+    assert mem.alias_size_in_bytes >= cache_bytes + lat.size * lat.dtype.itemsize
