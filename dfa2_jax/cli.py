@@ -47,7 +47,7 @@ def _cmd_generate(args: argparse.Namespace) -> int:
         latents = np.load(args.latents)
     kwargs = dict(height=args.height, width=args.width, num_inference_steps=args.steps, guidance_scale=args.guidance,
                   seed=args.seed, latents=latents, progress=not args.no_progress, plan=args.plan,
-                  mesh=args.mesh, fsdp=args.fsdp)
+                  mesh=args.mesh, fsdp=args.fsdp, max_sequence_length=args.max_sequence_length)
     if args.negative_prompt is not None:
         kwargs["negative_prompt"] = args.negative_prompt
     t0 = time.perf_counter()
@@ -113,7 +113,8 @@ def _cmd_calibrate(args: argparse.Namespace) -> int:
     res = calibrate(pipe, prompts, resolution=_resolution(args.resolution), steps=args.steps, delta=args.delta,
                     c=args.c, candidates=args.candidates, seed=args.seed, guidance_scale=args.guidance,
                     batch=args.batch, savings=savings, checkpoint=ckpt, resume=args.resume,
-                    progress=not args.no_progress, mesh=args.mesh, fsdp=args.fsdp)
+                    progress=not args.no_progress, mesh=args.mesh, fsdp=args.fsdp,
+                    max_sequence_length=args.max_sequence_length)
     res.plan.save(args.output)
     if os.path.exists(ckpt):
         os.unlink(ckpt)
@@ -137,7 +138,11 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     from dfa2_jax.demo import run_demo
 
     t0 = time.perf_counter()
-    run_demo(args.out, steps=args.steps, size=args.size, seed=args.seed)
+    kw = {k: v for k, v in (("calibration_prompts", args.calibration_prompts), ("eval_prompts", args.eval_prompts),
+                            ("repeat", args.repeat)) if v is not None}
+    if kw and args.model != "testbed":
+        raise ValueError("--calibration-prompts, --eval-prompts and --repeat are options of --model testbed")
+    run_demo(args.out, model=args.model, steps=args.steps, size=args.size, seed=args.seed, delta=args.delta, **kw)
     print(f"demo done in {time.perf_counter() - t0:.1f} s")
     return 0
 
@@ -172,6 +177,8 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--latents", default=None, help="initial noise .npy in diffusers' layout (SD3 [B,16,H/8,W/8]; "
                                                       "FLUX packed [B,N,64])")
     gen.add_argument("--save-latents", default=None, help="write the final latents (before VAE decoding) as .npy")
+    gen.add_argument("--max-sequence-length", type=int, default=None,
+                     help="T5 tokens (default SD3 256, FLUX 512; the shipped testbed was trained at 32)")
     gen.add_argument("--plan", default=None, help="compression plan (dfa2 calibrate / dfa2 plan import); "
                                                    "default: dense attention")
     _mesh_args(gen, "the sampler")
@@ -180,10 +187,24 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("-o", "--output", required=True, help="output PNG")
     gen.set_defaults(fn=_cmd_generate)
 
-    demo = sub.add_parser("demo", help="the whole loop on the embedded tiny SD3- and FLUX-style pipelines (CPU)")
-    demo.add_argument("--out", default="demo_out", help="folder for the PNGs")
-    demo.add_argument("--steps", type=int, default=8)
-    demo.add_argument("--size", type=int, default=64, help="image height and width (multiple of 4)")
+    demo = sub.add_parser("demo", help="the whole loop (calibrate, dense vs compressed, compare) on the shipped "
+                                        "SD3-style testbed (CPU, < 1 min)")
+    demo.add_argument("--out", default="demo_out", help="folder for the plan, PNGs and report.json")
+    demo.add_argument("--model", default="testbed", choices=["testbed", "tiny-random"],
+                      help="testbed: the trained SD3-style testbed shipped in dfa2_jax/assets (default); "
+                           "tiny-random: tiny SD3- and FLUX-style pipelines with random weights (textures)")
+    demo.add_argument("--steps", type=int, default=None, help="sampling steps (testbed: 28; tiny-random: 8)")
+    demo.add_argument("--size", type=int, default=None,
+                      help="image height and width (testbed: 64 only; tiny-random: default 64, multiple of 16)")
+    demo.add_argument("--delta", type=float, default=None,
+                      help="calibration RSE budget δ (testbed: 0.02, about half the attention removed; tiny: 0.3)")
+    demo.add_argument("--calibration-prompts", type=int, default=None,
+                      help="testbed: held-out captions calibrated on (default 4)")
+    demo.add_argument("--eval-prompts", type=int, default=None,
+                      help="testbed: other held-out captions compared on (default 8)")
+    demo.add_argument("--repeat", type=int, default=None,
+                      help="testbed: pipeline calls of each kind (default 2: the first compiles, the second gives "
+                           "the steady time)")
     demo.add_argument("--seed", type=int, default=0)
     demo.set_defaults(fn=_cmd_demo)
 
@@ -197,6 +218,8 @@ def build_parser() -> argparse.ArgumentParser:
     cal.add_argument("--c", type=float, default=1.5, help="pre-filter: keep (head, method) with RSE < c·δ/H")
     cal.add_argument("--candidates", default="arrow:8,arrow:16,arrow:32,cache",
                      help="comma-separated: arrow:K, cache, wars:K, cfg_share, cfg_share+arrow:K")
+    cal.add_argument("--max-sequence-length", type=int, default=None,
+                     help="T5 tokens (default SD3 256, FLUX 512; the shipped testbed was trained at 32)")
     cal.add_argument("--batch", type=int, default=None, help="the most prompts in one batch (all must fit)")
     cal.add_argument("--seed", type=int, default=0)
     cal.add_argument("--guidance", type=float, default=None)

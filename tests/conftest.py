@@ -105,3 +105,23 @@ def diffusers_forward(model, inputs: dict[str, np.ndarray]) -> np.ndarray:
 def max_rel_err(a, b) -> float:
     a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
     return float(np.max(np.abs(a - b)) / np.max(np.abs(b)))
+
+
+LATENT_REL = 1e-4  # final latents: max |ours − diffusers| / max |diffusers| (float32, CPU)
+PSNR_MIN = 40.0  # decoded images, dB (uint8 rounding dominates)
+
+
+def psnr01(a, b) -> float:
+    """PSNR in dB of two images in [0, 1]."""
+    mse = float(np.mean((np.asarray(a, np.float64) - np.asarray(b, np.float64)) ** 2))
+    return 10 * np.log10(1.0 / max(mse, 1e-20))
+
+
+def assert_pipeline_output_matches(out, ref_latents, ref_images, label: str) -> None:
+    """Our pipeline's output (final latents + PIL images) equals diffusers' (latents, float images in [0, 1])."""
+    err = max_rel_err(out.latents, ref_latents)
+    assert err <= LATENT_REL, f"{label}: final latents max relative error {err:.2e}"
+    img = np.stack([np.asarray(im, np.float32) / 255.0 for im in out.images])
+    assert img.shape == np.asarray(ref_images).shape, f"{label}: images {img.shape} vs {np.asarray(ref_images).shape}"
+    psnr = psnr01(img, ref_images)
+    assert psnr >= PSNR_MIN, f"{label}: decoded image PSNR {psnr:.1f} dB"

@@ -9,14 +9,12 @@ import os
 import numpy as np
 import pytest
 
-from tests.conftest import max_rel_err
+from tests.conftest import assert_pipeline_output_matches, max_rel_err
 from tests.pipeline_fixtures import build_flux_pipeline, build_sd3_pipeline
 
 # Issue bounds. Achieved (CPU, float32, 4 steps): final latents max relative error SD3 7.7e-7, SD3 without T5
 # 6.9e-7, FLUX-dev 1.5e-6, FLUX-schnell 1.7e-7; decoded images 59 dB PSNR (our uint8 PNG vs diffusers' float
 # image: the 8-bit rounding alone).
-LATENT_REL = 1e-4
-PSNR_MIN = 40.0
 PROMPTS = ["a photo of the cat and the dog", "a red square on the left"]
 
 
@@ -37,11 +35,6 @@ def ours(pipes, tmp_path_factory):
 
     cache = str(tmp_path_factory.mktemp("cache"))
     return {name: P.load_pipeline(folder, cache_dir=cache) for name, (_, folder) in pipes.items()}
-
-
-def _psnr(a, b):
-    mse = float(np.mean((np.asarray(a, np.float64) - np.asarray(b, np.float64)) ** 2))
-    return 10 * np.log10(1.0 / max(mse, 1e-20))
 
 
 def _diffusers_run(pipe, name, latents, **kw):
@@ -77,11 +70,7 @@ def test_pipeline_equals_diffusers(pipes, ours, name):
     else:
         kw.update(max_sequence_length=20, guidance_scale=3.5 if name == "flux_dev" else None)
     out = ours[name](PROMPTS, **kw)
-    err = max_rel_err(out.latents, ref_lat)
-    assert err <= LATENT_REL, f"{name}: final latents max relative error {err:.2e}"
-    img = np.stack([np.asarray(im, np.float32) / 255.0 for im in out.images])
-    psnr = _psnr(img, ref_img)
-    assert psnr >= PSNR_MIN, f"{name}: decoded image PSNR {psnr:.1f} dB"
+    assert_pipeline_output_matches(out, ref_lat, ref_img, name)
 
 
 @pytest.mark.parametrize("name", ["sd3", "sd3_no_t5", "flux_dev"])
@@ -205,7 +194,8 @@ def test_cli_generate_with_latents(pipes, tmp_path, capsys):
     assert "no guidance embedding" in capsys.readouterr().err
 
 
-def test_demo_calibrates_generates_and_evaluates(tmp_path):
+def test_tiny_random_demo_calibrates_generates_and_evaluates(tmp_path):
+    """dfa2 demo --model tiny-random (the testbed demo, the default, is tested in tests/test_testbed_shipped.py)."""
     import json
 
     from PIL import Image
@@ -213,7 +203,7 @@ def test_demo_calibrates_generates_and_evaluates(tmp_path):
     from dfa2_jax.demo import run_demo
     from dfa2_jax.plan import Plan
 
-    paths = run_demo(str(tmp_path), steps=3, size=32)
+    paths = run_demo(str(tmp_path), model="tiny-random", steps=3, size=32)
     assert sorted(os.path.basename(p) for p in paths) == sorted(["plan_sd3.json", "plan_flux.json"] +
                                                                 ["report.json", "grid.png"] * 2)
     for family in ("sd3", "flux"):

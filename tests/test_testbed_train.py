@@ -12,8 +12,7 @@ import tarfile
 import numpy as np
 import pytest
 
-from tests.conftest import max_rel_err
-from tests.test_pipelines import LATENT_REL, PSNR_MIN, _psnr
+from tests.conftest import assert_pipeline_output_matches
 
 SCRIPT = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "scripts", "train_testbed.py")
 
@@ -53,12 +52,8 @@ def _check_parity(out_dir, family, cache_dir):
         kw["guidance_scale"] = info["guidance_scale"]
     ref_lat, ref_img = _diffusers_latents(folder, family, prompts, latents, kw)
     out = load_pipeline(folder, cache_dir=cache_dir)(prompts, latents=latents, **kw)
-    err = max_rel_err(out.latents, ref_lat)
-    assert err <= LATENT_REL, f"{family}: final latents max relative error {err:.2e}"
-    img = np.stack([np.asarray(im, np.float32) / 255.0 for im in out.images])
-    assert img.shape == (2, 64, 64, 3)
-    psnr = _psnr(img, ref_img)
-    assert psnr >= PSNR_MIN, f"{family}: decoded image PSNR {psnr:.1f} dB"
+    assert len(out.images) == 2 and out.images[0].size == (64, 64)
+    assert_pipeline_output_matches(out, ref_lat, ref_img, family)
 
 
 def test_smoke_training_loads_and_matches_diffusers(tmp_path):

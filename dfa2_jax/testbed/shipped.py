@@ -1,0 +1,80 @@
+"""The trained testbed pipelines shipped with the package, and the generation settings they were trained for.
+
+    >>> from dfa2_jax.testbed import load_testbed
+    >>> pipe, settings = load_testbed()                       # SD3-style, float32, ~4 s on a CPU
+    >>> out = pipe(["a large red circle in the centre"], seed=0, **settings.generate_kwargs())
+
+``dfa2_jax/assets/testbed_sd3/`` is a diffusers ``StableDiffusion3Pipeline`` folder (6 layers x 4 heads,
+3.48 M transformer params, 64x64 images, tiny frozen text encoders) made by ``scripts/train_testbed.py`` on the
+procedural world (:mod:`dfa2_jax.testbed.world`); docs/TESTBED.md tells its story. Its ``testbed_info.json``
+holds the settings it must be sampled with: 64x64, the T5 length it was trained at (the pipelines pad T5 to
+``max_sequence_length`` and do not mask, so another length changes the text tokens the model sees), CFG 4 and
+28 steps. The FLUX-style testbed is not shipped (its training did not complete), so only ``"sd3"`` exists.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from typing import Any
+
+ASSETS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "assets")
+FAMILIES = ("sd3",)  # the FLUX-style testbed is not shipped: see docs/TESTBED.md
+INFO_FILE = "testbed_info.json"
+
+
+@dataclasses.dataclass(frozen=True)
+class GenerationSettings:
+    """What a shipped testbed pipeline was trained for (its ``testbed_info.json``)."""
+
+    family: str
+    height: int
+    width: int
+    num_inference_steps: int
+    guidance_scale: float
+    max_sequence_length: int
+
+    def generate_kwargs(self) -> dict[str, Any]:
+        """Keyword arguments for ``pipe(prompts, **...)``, :func:`dfa2_jax.evaluate.evaluate` and (less
+        ``num_inference_steps``, ``height`` and ``width``) :func:`dfa2_jax.calibrate.calibrate.calibrate`."""
+        return {"height": self.height, "width": self.width, "num_inference_steps": self.num_inference_steps,
+                "guidance_scale": self.guidance_scale, "max_sequence_length": self.max_sequence_length}
+
+
+def testbed_path(family: str = "sd3") -> str:
+    """The shipped pipeline folder of ``family``. Raises FileNotFoundError naming what is missing."""
+    if family not in FAMILIES:
+        raise FileNotFoundError(f"no shipped {family!r} testbed (shipped: {', '.join(FAMILIES)}; the FLUX-style "
+                                "testbed's training did not complete, see docs/TESTBED.md)")
+    path = os.path.join(ASSETS, f"testbed_{family}")
+    if not os.path.isfile(os.path.join(path, INFO_FILE)):
+        raise FileNotFoundError(f"{path}: the shipped testbed is missing or incomplete (no {INFO_FILE}); "
+                                "reinstall the package")
+    return path
+
+
+def testbed_settings(family: str = "sd3") -> GenerationSettings:
+    """The generation settings of the shipped ``family`` testbed, from its ``testbed_info.json``."""
+    path = os.path.join(testbed_path(family), INFO_FILE)
+    with open(path, encoding="utf-8") as f:
+        info = json.load(f)
+    try:
+        return GenerationSettings(family=str(info["family"]), height=int(info["height"]), width=int(info["width"]),
+                                  num_inference_steps=int(info["num_inference_steps"]),
+                                  guidance_scale=float(info["guidance_scale"]),
+                                  max_sequence_length=int(info["max_sequence_length"]))
+    except KeyError as e:
+        raise ValueError(f"{path}: no {e.args[0]!r} field") from None
+
+
+def load_testbed(family: str = "sd3", *, dtype: str = "float32", cache_dir=False):
+    """(pipeline, :class:`GenerationSettings`) of the shipped ``family`` testbed. ``cache_dir=False`` (default):
+    the 3.5 M params are converted on every load (a second or two) rather than copied under ~/.cache."""
+    from dfa2_jax.pipeline import load_pipeline
+
+    path = testbed_path(family)
+    return load_pipeline(path, dtype=dtype, cache_dir=cache_dir), testbed_settings(family)
+
+
+__all__ = ["GenerationSettings", "testbed_path", "testbed_settings", "load_testbed", "FAMILIES"]
