@@ -124,7 +124,7 @@ class PlanRuntime:
         old = self.state.get(str(layer), {})
         band = jnp.where(jnp.isin(codes, jnp.asarray(M.WINDOWED)), hw, -1)
         cache = None
-        if spec.cache_layers[layer] and spec.impl != "reference":  # the kernel copies cached heads itself
+        if spec.cache_layers[layer]:  # cached heads: half-window 0 + the stored output (copied, not computed)
             band = jnp.where(codes == M.CACHE, 0, band)
             cache = old["heads"].astype(q.dtype)
         o = self._attend(q, k, v, band, layout, cache)
@@ -139,7 +139,6 @@ class PlanRuntime:
             shared = jnp.concatenate([o[half:], o[half:]], axis=0)
             o = jnp.where(_per_head(jnp.isin(codes, jnp.asarray(M.CFG_CODES))), shared, o)
         if spec.cache_layers[layer]:
-            o = jnp.where(_per_head(codes == M.CACHE), old["heads"].astype(o.dtype), o)
             pending["heads"] = o
         self._pending[layer] = pending
         return o

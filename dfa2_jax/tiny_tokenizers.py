@@ -61,11 +61,18 @@ def make_clip_tokenizer(folder: str | os.PathLike, *, pad_token: str = CLIP_EOS,
     ``vocab_size`` at least that. ``pad_token``: ``<|endoftext|>`` as SD3's CLIP-L tokenizer, ``"!"`` (id 0)
     as SD3's CLIP-G ``tokenizer_2``.
     """
+    vocab, merges = clip_vocab()
+    return write_clip_tokenizer(folder, vocab, merges, pad_token=pad_token, model_max_length=model_max_length)
+
+
+def write_clip_tokenizer(folder: str | os.PathLike, vocab: dict[str, int], merges: list[str], *, pad_token: str,
+                         model_max_length: int = 77):
+    """Write a byte-level BPE CLIP tokenizer folder (``vocab.json``, ``merges.txt`` of "left right" lines,
+    the special tokens of :data:`CLIP_BOS` / :data:`CLIP_EOS`) and return it loaded."""
     from transformers import CLIPTokenizer
 
     folder = os.fspath(folder)
     os.makedirs(folder, exist_ok=True)
-    vocab, merges = clip_vocab()
     vocab_path, merges_path = os.path.join(folder, "vocab.json"), os.path.join(folder, "merges.txt")
     with open(vocab_path, "w", encoding="utf-8") as f:
         json.dump(vocab, f, ensure_ascii=False)
@@ -107,14 +114,20 @@ def t5_vocab(vocab_size: int) -> list[tuple[str, float]]:
 
 def make_t5_tokenizer(folder: str | os.PathLike, vocab_size: int, *, model_max_length: int = 512):
     """Write a tiny T5 tokenizer folder of exactly ``vocab_size`` tokens and return it loaded."""
+    vocab = t5_vocab(vocab_size)
+    assert all(math.isfinite(s) for _, s in vocab)
+    return write_t5_tokenizer(folder, vocab, model_max_length=model_max_length)
+
+
+def write_t5_tokenizer(folder: str | os.PathLike, vocab: list[tuple[str, float]], *, model_max_length: int = 512):
+    """Write a T5-layout Unigram tokenizer folder for ``vocab`` ((piece, log-probability), the specials of
+    :data:`T5_SPECIALS` first) and return it loaded as ``T5TokenizerFast``."""
     from tokenizers import Tokenizer, decoders, pre_tokenizers, processors
     from tokenizers.models import Unigram
     from transformers import T5TokenizerFast
 
     folder = os.fspath(folder)
     os.makedirs(folder, exist_ok=True)
-    vocab = t5_vocab(vocab_size)
-    assert all(math.isfinite(s) for _, s in vocab)
     backend = Tokenizer(Unigram(vocab, unk_id=T5_SPECIALS.index("<unk>"), byte_fallback=False))
     backend.pre_tokenizer = pre_tokenizers.Sequence(
         [pre_tokenizers.WhitespaceSplit(), pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="always")])
@@ -127,6 +140,3 @@ def make_t5_tokenizer(folder: str | os.PathLike, vocab_size: int, *, model_max_l
                           model_max_length=model_max_length)
     tok.save_pretrained(folder)
     return tok
-
-
-__all__ = ["bytes_to_unicode", "clip_vocab", "make_clip_tokenizer", "make_t5_tokenizer", "t5_vocab"]

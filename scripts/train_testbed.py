@@ -167,9 +167,7 @@ def make_world_clip_tokenizer(folder: str, words: list[str]):
     """The tiny CLIP tokenizer (:func:`dfa2_jax.tiny_tokenizers.make_clip_tokenizer`) with merges appended so
     that every world word is one token. Each word's merges chain its current BPE pieces left to right; the new
     merges rank after all earlier ones, so they never split a word already made whole."""
-    from transformers import CLIPTokenizer
-
-    from dfa2_jax.tiny_tokenizers import CLIP_BOS, CLIP_EOS, CLIP_MERGES, clip_vocab
+    from dfa2_jax.tiny_tokenizers import CLIP_BOS, CLIP_EOS, CLIP_MERGES, clip_vocab, write_clip_tokenizer
 
     vocab, _ = clip_vocab()
     tokens = [t for t, _ in sorted(vocab.items(), key=lambda kv: kv[1]) if t not in (CLIP_BOS, CLIP_EOS)]
@@ -184,44 +182,19 @@ def make_world_clip_tokenizer(folder: str, words: list[str]):
                 tokens.append(pieces[0])
                 known.add(pieces[0])
     tokens += [CLIP_BOS, CLIP_EOS]  # eos keeps the largest id, as in the plain tiny tokenizer
-    os.makedirs(folder, exist_ok=True)
-    vocab_path, merges_path = os.path.join(folder, "vocab.json"), os.path.join(folder, "merges.txt")
-    with open(vocab_path, "w", encoding="utf-8") as f:
-        json.dump({t: i for i, t in enumerate(tokens)}, f, ensure_ascii=False)
-    with open(merges_path, "w", encoding="utf-8") as f:
-        f.write("#version: 0.2\n" + "\n".join(f"{a} {b}" for a, b in merges) + "\n")
-    tok = CLIPTokenizer(vocab=vocab_path, merges=merges_path, bos_token=CLIP_BOS, eos_token=CLIP_EOS,
-                        unk_token=CLIP_EOS, pad_token=CLIP_EOS, model_max_length=CLIP_LEN)
-    tok.save_pretrained(folder)
-    return tok
+    return write_clip_tokenizer(folder, {t: i for i, t in enumerate(tokens)}, [f"{a} {b}" for a, b in merges],
+                                pad_token=CLIP_EOS, model_max_length=CLIP_LEN)
 
 
 def make_world_t5_tokenizer(folder: str, words: list[str]):
     """The tiny T5 tokenizer (:func:`dfa2_jax.tiny_tokenizers.make_t5_tokenizer`, ``T5_BASE_VOCAB`` pieces)
     with a "▁word" piece appended for each world word it lacks, scored above any multi-piece spelling."""
-    from tokenizers import Tokenizer, decoders, pre_tokenizers, processors
-    from tokenizers.models import Unigram
-    from transformers import T5TokenizerFast
-
-    from dfa2_jax.tiny_tokenizers import T5_SPECIALS, t5_vocab
+    from dfa2_jax.tiny_tokenizers import t5_vocab, write_t5_tokenizer
 
     vocab = t5_vocab(T5_BASE_VOCAB)
     have = {p for p, _ in vocab}
     vocab += [("▁" + w, -0.5) for w in words if "▁" + w not in have]
-    # The rest is make_t5_tokenizer's, which takes no vocabulary of its own.
-    os.makedirs(folder, exist_ok=True)
-    backend = Tokenizer(Unigram(vocab, unk_id=T5_SPECIALS.index("<unk>"), byte_fallback=False))
-    backend.pre_tokenizer = pre_tokenizers.Sequence(
-        [pre_tokenizers.WhitespaceSplit(), pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="always")])
-    backend.decoder = decoders.Metaspace(replacement="▁", prepend_scheme="always")
-    backend.post_processor = processors.TemplateProcessing(single=["$A", "</s>"], pair=["$A", "</s>", "$B", "</s>"],
-                                                           special_tokens=[("</s>", 1)])
-    raw = os.path.join(folder, "tokenizer.json")
-    backend.save(raw)
-    tok = T5TokenizerFast(tokenizer_file=raw, pad_token="<pad>", eos_token="</s>", unk_token="<unk>", extra_ids=0,
-                          model_max_length=512)
-    tok.save_pretrained(folder)
-    return tok
+    return write_t5_tokenizer(folder, vocab)
 
 
 def longest_caption() -> str:

@@ -18,11 +18,12 @@ import numpy as np  # noqa: E402
 
 jax.config.update("jax_default_matmul_precision", "highest")
 
-import dfa2_jax  # noqa: E402
 from dfa2_jax import methods as M  # noqa: E402
 from dfa2_jax.sample import PlanArrays, denoise  # noqa: E402
-from dfa2_jax.scheduler import FlowMatchEulerConfig, set_timesteps  # noqa: E402
 from dfa2_jax.sharding import make_mesh, shard_denoise  # noqa: E402
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the repo root: tests.*
+from tests.tiny_setups import flux_setup, sd3_setup  # noqa: E402
 
 STEPS = 4
 BATCH = 4
@@ -30,35 +31,13 @@ TOL = 1e-5
 
 
 def _sd3():
-    cfg = dfa2_jax.SD3Config(sample_size=16, patch_size=2, in_channels=4, num_layers=3, attention_head_dim=8,
-                             num_attention_heads=4, caption_projection_dim=32, joint_attention_dim=32,
-                             pooled_projection_dim=16, out_channels=4, pos_embed_max_size=16,
-                             dual_attention_layers=(0,), qk_norm="rms_norm")
-    tr = dfa2_jax.random_transformer(cfg, dtype="float32", seed=1)
-    rng = np.random.default_rng(0)
-    cond = {"prompt_embeds": jnp.asarray(rng.standard_normal((2 * BATCH, 5, 32)), jnp.float32),
-            "pooled_projections": jnp.asarray(rng.standard_normal((2 * BATCH, 16)), jnp.float32),
-            "guidance_scale": jnp.asarray(4.0)}
-    latents = np.asarray(rng.standard_normal((BATCH, 4, 8, 6)), np.float32)
-    t, s = set_timesteps(FlowMatchEulerConfig.sd3(), STEPS)
-    return tr, cond, latents, t, s, dict(family="sd3", do_cfg=True), 4 * 3
+    tr, cond, latents, t, s, kw, (n_img, _) = sd3_setup(batch=BATCH, steps=STEPS)
+    return tr, cond, latents, t, s, kw, n_img
 
 
 def _flux():
-    cfg = dfa2_jax.FluxConfig(patch_size=1, in_channels=8, num_layers=2, num_single_layers=2, attention_head_dim=16,
-                              num_attention_heads=4, joint_attention_dim=32, pooled_projection_dim=16,
-                              guidance_embeds=True, axes_dims_rope=(4, 4, 8))
-    tr = dfa2_jax.random_transformer(cfg, dtype="float32", seed=2)
-    rng = np.random.default_rng(1)
-    from dfa2_jax.pipeline import flux_image_ids
-    from dfa2_jax.transformer import flux_rope
-
-    cond = {"prompt_embeds": jnp.asarray(rng.standard_normal((BATCH, 7, 32)), jnp.float32),
-            "pooled_projections": jnp.asarray(rng.standard_normal((BATCH, 16)), jnp.float32),
-            "rope": flux_rope(cfg, np.zeros((7, 3)), flux_image_ids(8, 6)), "guidance": jnp.full((BATCH,), 3.5)}
-    latents = np.asarray(rng.standard_normal((BATCH, 12, 8)), np.float32)
-    t, s = set_timesteps(FlowMatchEulerConfig.flux_schnell(), STEPS, sigmas=np.linspace(1, 1 / STEPS, STEPS))
-    return tr, cond, latents, t, s, dict(family="flux", do_cfg=False), 12
+    tr, cond, latents, t, s, kw, (n_img, _) = flux_setup(batch=BATCH, steps=STEPS, heads=4)
+    return tr, cond, latents, t, s, kw, n_img
 
 
 def _plan(tr, n_img, seed):

@@ -11,12 +11,13 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-import dfa2_jax
 from dfa2_jax import methods as M
 from dfa2_jax.models.attention import dense_attention
 from dfa2_jax.runtime import RuntimeSpec
 from dfa2_jax.sample import PlanArrays, _velocity, denoise, denoise_loop
-from dfa2_jax.scheduler import FlowMatchEulerConfig, euler_step, set_timesteps
+from dfa2_jax.scheduler import euler_step
+
+from tests.tiny_setups import flux_setup, sd3_setup
 
 STEPS = 4
 
@@ -43,35 +44,11 @@ def test_parse_method_errors():
 
 # --------------------------------------------------------------------------------------- tiny set-ups ---
 def _sd3():
-    cfg = dfa2_jax.SD3Config(sample_size=16, patch_size=2, in_channels=4, num_layers=3, attention_head_dim=8,
-                             num_attention_heads=4, caption_projection_dim=32, joint_attention_dim=32,
-                             pooled_projection_dim=16, out_channels=4, pos_embed_max_size=16,
-                             dual_attention_layers=(0,), qk_norm="rms_norm")
-    tr = dfa2_jax.random_transformer(cfg, dtype="float32", seed=1)
-    rng = np.random.default_rng(0)
-    cond = {"prompt_embeds": jnp.asarray(rng.standard_normal((4, 5, 32)), jnp.float32),
-            "pooled_projections": jnp.asarray(rng.standard_normal((4, 16)), jnp.float32),
-            "guidance_scale": jnp.asarray(4.0)}
-    latents = jnp.asarray(rng.standard_normal((2, 4, 8, 6)), jnp.float32)
-    t, s = set_timesteps(FlowMatchEulerConfig.sd3(), STEPS)
-    return tr, cond, latents, t, s, dict(family="sd3", do_cfg=True), (4 * 3, 5)  # n_img tokens, text tokens
+    return sd3_setup(batch=2, steps=STEPS)
 
 
 def _flux():
-    cfg = dfa2_jax.FluxConfig(patch_size=1, in_channels=8, num_layers=2, num_single_layers=2, attention_head_dim=16,
-                              num_attention_heads=2, joint_attention_dim=32, pooled_projection_dim=16,
-                              guidance_embeds=True, axes_dims_rope=(4, 4, 8))
-    tr = dfa2_jax.random_transformer(cfg, dtype="float32", seed=2)
-    rng = np.random.default_rng(1)
-    from dfa2_jax.pipeline import flux_image_ids
-    from dfa2_jax.transformer import flux_rope
-
-    cond = {"prompt_embeds": jnp.asarray(rng.standard_normal((2, 7, 32)), jnp.float32),
-            "pooled_projections": jnp.asarray(rng.standard_normal((2, 16)), jnp.float32),
-            "rope": flux_rope(cfg, np.zeros((7, 3)), flux_image_ids(8, 6)), "guidance": jnp.full((2,), 3.5)}
-    latents = jnp.asarray(rng.standard_normal((2, 12, 8)), jnp.float32)
-    t, s = set_timesteps(FlowMatchEulerConfig.flux_schnell(), STEPS, sigmas=np.linspace(1, 1 / STEPS, STEPS))
-    return tr, cond, latents, t, s, dict(family="flux", do_cfg=False), (12, 7)
+    return flux_setup(batch=2, steps=STEPS, heads=2)
 
 
 SETUPS = {"sd3": _sd3, "flux": _flux}
@@ -110,7 +87,7 @@ class RefRuntime:
     def __call__(self, q, k, v, *, layer, layout):
         outs = []
         old = self.store.get(layer, {})
-        new_heads, new_resid = [], []
+        new_resid = []
         s = q.shape[1]
         for h in range(q.shape[2]):
             qh, kh, vh = q[:, :, h:h + 1], k[:, :, h:h + 1], v[:, :, h:h + 1]
