@@ -30,7 +30,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from dfa2_jax import methods as M
-from dfa2_jax.models.attention import TokenLayout, dense_attention
+from dfa2_jax.models.attention import TokenLayout, dense_attention, per_device
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -83,17 +83,23 @@ def arrow_impl(impl: str | None = None) -> str:
 
 def arrow_heads(q, k, v, half_windows, layout: TokenLayout, cache, impl: str) -> jax.Array:
     """Per-head arrow attention (half-window −1 = full; 0 with ``cache`` = copy the cached head) with the
-    chosen implementation: the O(S²) masked reference or the Pallas kernel (GPU, or interpret mode on CPU)."""
+    chosen implementation: the O(S²) masked reference or the Pallas kernel (GPU, or interpret mode on CPU).
+    Under a context mesh each device runs its own batch rows and heads (:func:`per_device`)."""
     d = q.shape[-1]
     if impl == "reference" or d < 16 or d & (d - 1):  # the kernel's block loads need a power-of-two head_dim
-        o = M.masked_attention(q, k, v, M.arrow_mask(q.shape[1], layout.text_len, layout.text_first, half_windows))
-        if cache is not None:
-            o = jnp.where(_per_head(half_windows == 0), cache.astype(o.dtype), o)
-        return o
-    from pallas_kernels.arrow_attention import arrow_attention
+        def local(q, k, v, hw, *cache):
+            o = M.masked_attention(q, k, v, M.arrow_mask(q.shape[1], layout.text_len, layout.text_first, hw))
+            return jnp.where(_per_head(hw == 0), cache[0].astype(o.dtype), o) if cache else o
+    else:
+        from pallas_kernels.arrow_attention import arrow_attention
 
-    return arrow_attention(q, k, v, half_windows.astype(jnp.int32), text_len=layout.text_len,
-                           text_first=layout.text_first, cache=cache, interpret=impl == "interpret")
+        def local(q, k, v, hw, *cache):
+            return arrow_attention(q, k, v, hw, text_len=layout.text_len, text_first=layout.text_first,
+                                   cache=cache[0] if cache else None, interpret=impl == "interpret")
+
+    bshd = (q, k, v) if cache is None else (q, k, v, cache)
+    return per_device(lambda q, k, v, *rest: local(q, k, v, rest[-1], *rest[:-1]), bshd,
+                      (half_windows.astype(jnp.int32),))
 
 
 def _per_head(mask_h: jax.Array) -> jax.Array:

@@ -1,8 +1,10 @@
 """The sampler on a ``jax.sharding`` mesh: data, CFG and head parallel, params replicated or FSDP-style.
 
-Everything is GSPMD: arrays are placed with :class:`~jax.sharding.NamedSharding` (``jax.device_put``) and
-the existing jitted sampler (:func:`dfa2_jax.sample._scan_denoise_jit`) is called on them; XLA propagates
-the shardings and inserts the collectives. No hand-written collectives.
+Arrays are placed with :class:`~jax.sharding.NamedSharding` (``jax.device_put``) and the existing jitted
+sampler (:func:`dfa2_jax.sample._scan_denoise_jit`) is called on them under ``jax.set_mesh(mesh)``; XLA
+propagates the shardings and inserts the collectives (no hand-written ones). Attention itself — the Pallas
+kernel and cuDNN are custom calls the partitioner cannot split — runs in a ``jax.shard_map`` over the batch and
+head axes (:func:`dfa2_jax.models.attention.per_device`), so each device attends over its own rows and heads.
 
 Mesh axes (any subset, ``parse_mesh("data=2,heads=4")``):
 
@@ -266,7 +268,8 @@ def shard_denoise(mesh: Mesh, graphdef, state, latents, cond: dict[str, Any], ti
         plan_in = place_plan(plan_in, mesh, model_axes=pl_.carry_axes)
     batch_sharding = (NamedSharding(mesh, P(pl_.model_axes)) if pl_.cfg_model and pl_.model_axes is not None
                       else None)
-    return _scan_denoise_jit(graphdef, pl_.state, pl_.latents, pl_.cond,
-                             jax.device_put(jnp.asarray(timesteps), replicated),
-                             jax.device_put(jnp.asarray(sigmas), replicated), plan_in, family=family, do_cfg=do_cfg,
-                             report=report, spec=spec, batch_sharding=batch_sharding)
+    with jax.set_mesh(mesh):  # attention runs per device under it (dfa2_jax.models.attention.per_device)
+        return _scan_denoise_jit(graphdef, pl_.state, pl_.latents, pl_.cond,
+                                 jax.device_put(jnp.asarray(timesteps), replicated),
+                                 jax.device_put(jnp.asarray(sigmas), replicated), plan_in, family=family,
+                                 do_cfg=do_cfg, report=report, spec=spec, batch_sharding=batch_sharding)

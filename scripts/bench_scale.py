@@ -1,54 +1,75 @@
 """Scaling of the sharded sampler over the GPUs present: seconds per image and images/s per mesh.
 
-FLUX.1-dev architecture with random bf16 weights (or --small for a CPU smoke run), --res², --steps steps,
-dense and with a plan removing ~68% of attention FLOPs (a fixed-seed mix of cache / arrow:8/16/32 / full).
-For every device count n in 1, 2, 4, 8 that is present: data parallel (batch n: one image per device) and head
-parallel (batch 1, heads split n ways). Every output is compared with the single-device run first.
+FLUX.1-dev architecture with random bf16 weights (``--small``: a 2+2-layer, 4-head model at 256², for a CPU
+smoke run), ``--res``², ``--steps`` steps, dense and with the plan of scripts/bench_e2e.py that removes ~68% of
+the attention FLOPs (``build_plan``, seed 0: cache / arrow:8/16/32 / full, full heads thinning out and cached
+heads growing along the steps).
 
-    PYTHONPATH=. python3 scripts/bench_scale.py --res 2048 --steps 28        # on a multi-GPU machine
-    XLA_FLAGS=--xla_force_host_platform_device_count=4 PYTHONPATH=. python3 scripts/bench_scale.py --small
+Rows, per attention variant (``--attn dense,plan``):
+
+- ``none``: :func:`dfa2_jax.sample.denoise` with no mesh at all — the single-device path as it was before the
+  sharding code (what ``dfa2 generate --mesh none`` runs, and ``--mesh auto`` on one GPU);
+- ``data`` / ``heads`` × n for n in 1, 2, 4, 8 present: :func:`dfa2_jax.sharding.shard_denoise` on a 1-D mesh.
+  data: batch n (one image per device); heads: batch 1, the 24 heads split n ways (n = 1 is the same
+  computation for both axes and is run once, as ``mesh1``).
+
+Every output is compared with the ``none`` output of the same variant on the same initial noise first (data
+rows: image 0 of the batch, whose noise is ``none``'s): max |Δ| / max |ref| over the final latents.
+
+Timing: each row is called once (that call compiles: compile s = first − steady) and timed ``--runs`` times
+(median), with fresh copies of the latents made outside the timed region. ``--budget-s`` keeps the whole run
+inside a device call: a row is skipped (and said so) when the time left is less than its estimate.
+
+    PYTHONPATH=. python3 scripts/bench_scale.py --res 2048 --steps 28 --out $OUT       # on the GPUs present
+    XLA_FLAGS=--xla_force_host_platform_device_count=4 JAX_PLATFORMS=cpu PYTHONPATH=. \\
+        python3 scripts/bench_scale.py --small
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+REMOVED = 0.68
 
 
-def _plan(layers: int, heads: int, steps: int, n_img: int, seed: int = 0):
-    import numpy as np
+def plan_arrays(cfg, text: int, steps: int, n_img: int, *, smoke: bool):
+    """The bench_e2e plan removing ~68% of the attention FLOPs -> (PlanArrays, attention FLOPs kept)."""
+    from bench_e2e import BLOCKS, SMOKE_BLOCKS, build_plan
 
-    from dfa2_jax import methods as M
+    from dfa2_jax.plan import model_info_for
     from dfa2_jax.sample import PlanArrays
 
-    rng = np.random.default_rng(seed)
-    names = ["full", "cache", "arrow:8", "arrow:16", "arrow:32"]
-    probs = [0.15, 0.35, 0.2, 0.15, 0.15]
-    idx = rng.choice(len(names), size=(steps, layers, heads), p=probs)
-    idx[0] = 0
-    methods = [M.parse_method(n) for n in names]
-    codes = np.array([m.code for m in methods], np.int32)[idx]
-    hw = np.array([m.half_window(n_img) for m in methods], np.int32)[idx]
-    return PlanArrays(codes, hw, np.full((layers, heads), -1, np.int32))
+    plan, stats = build_plan(model_info_for(cfg, text), steps, n_img, REMOVED,
+                             blocks=SMOKE_BLOCKS if smoke else BLOCKS, strict=not smoke)
+    return PlanArrays(*plan.to_arrays(n_img)), stats["attention_flops_kept"]
 
 
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--res", type=int, default=2048)
     ap.add_argument("--steps", type=int, default=28)
-    ap.add_argument("--runs", type=int, default=3)
-    ap.add_argument("--small", action="store_true", help="a 2+2-layer, 4-head model at 64² (CPU smoke run)")
+    ap.add_argument("--runs", type=int, default=1, help="timed calls per row after the compiling one (median)")
+    ap.add_argument("--attn", default="dense,plan")
+    ap.add_argument("--modes", default="data,heads")
+    ap.add_argument("--budget-s", type=float, default=1e9)
+    ap.add_argument("--out", default=None, help="folder for scale.json")
+    ap.add_argument("--small", action="store_true", help="a 2+2-layer, 4-head model at 256² (CPU smoke run)")
     args = ap.parse_args()
+    t_start = time.perf_counter()
     import jax
     import jax.numpy as jnp
     import numpy as np
 
     import dfa2_jax
     from dfa2_jax.pipeline import flux_image_ids
+    from dfa2_jax.sample import denoise
     from dfa2_jax.scheduler import FlowMatchEulerConfig, calculate_shift, set_timesteps
     from dfa2_jax.sharding import make_mesh, shard_denoise
     from dfa2_jax.transformer import flux_rope
@@ -58,58 +79,104 @@ def main():
     if args.small:
         cfg = dfa2_jax.FluxConfig.dev(num_layers=2, num_single_layers=2, num_attention_heads=4,
                                       joint_attention_dim=64, pooled_projection_dim=32)
-        args.res, args.steps, text = 64, 3, 16
-    dtype = "float32" if args.small else "bfloat16"
-    tr = dfa2_jax.random_transformer(cfg, dtype=dtype)
+        args.res, args.steps, text = 256, 3, 16  # 1024 image tokens: every arrow:k has a band
+    dtype = jnp.dtype("float32" if args.small else "bfloat16")
+    t0 = time.perf_counter()
+    tr = dfa2_jax.random_transformer(cfg, dtype=dtype.name)
+    jax.block_until_ready(tr.state)
+    init_s = time.perf_counter() - t0
     h = w = args.res // 8
     n_img = (h // 2) * (w // 2)
-    layers = len(tr.attention_layer_names())
     ts, sig = set_timesteps(FlowMatchEulerConfig.flux_dev(), args.steps,
                             sigmas=np.linspace(1, 1 / args.steps, args.steps), mu=calculate_shift(n_img))
-    plan = _plan(layers, cfg.num_attention_heads, args.steps, n_img)
+    plan, kept = plan_arrays(cfg, text, args.steps, n_img, smoke=args.small)
     devices = jax.devices()
     counts = [n for n in (1, 2, 4, 8) if n <= len(devices)]
+    modes = [m for m in args.modes.split(",") if m]
+
+    # One pool of inputs for the largest batch; batch b uses its first b rows (row 0 = the batch-1 input).
     rng = np.random.default_rng(0)
+    nmax = max(counts)
+    pool = {"latents": rng.standard_normal((nmax, n_img, cfg.in_channels)).astype(np.float32),
+            "prompt_embeds": rng.standard_normal((nmax, text, cfg.joint_attention_dim)).astype(np.float32),
+            "pooled": rng.standard_normal((nmax, cfg.pooled_projection_dim)).astype(np.float32)}
+    rope = flux_rope(cfg, np.zeros((text, 3), np.float32), flux_image_ids(h, w))
 
     def inputs(batch):
-        dt = jnp.dtype(dtype)
-        cond = {"prompt_embeds": jnp.asarray(rng.standard_normal((batch, text, cfg.joint_attention_dim)), dt),
-                "pooled_projections": jnp.asarray(rng.standard_normal((batch, cfg.pooled_projection_dim)), dt),
-                "rope": flux_rope(cfg, np.zeros((text, 3), np.float32), flux_image_ids(h, w)),
-                "guidance": jnp.full((batch,), 3.5, jnp.float32)}
-        return jnp.asarray(rng.standard_normal((batch, n_img, cfg.in_channels)), dt), cond
+        cond = {"prompt_embeds": jnp.asarray(pool["prompt_embeds"][:batch], dtype),
+                "pooled_projections": jnp.asarray(pool["pooled"][:batch], dtype),
+                "rope": rope, "guidance": jnp.full((batch,), 3.5, jnp.float32)}
+        return jnp.asarray(pool["latents"][:batch], dtype), cond
 
-    rows = []
-    for mode in ("data", "heads"):
-        for with_plan in (False, True):
-            ref = None
-            for n in counts:
-                if mode == "heads" and cfg.num_attention_heads % n:
-                    continue
-                batch = n if mode == "data" else 1
-                lat, cond = inputs(batch) if ref is None or mode == "data" else ref[1]
+    rows, est = [], {}
+    meta = {"device": devices[0].device_kind, "devices": len(devices), "jax": jax.__version__,
+            "res": args.res, "steps": args.steps, "dtype": dtype.name, "init_s": init_s, "plan_kept": kept,
+            "layers": f"{cfg.num_layers}+{cfg.num_single_layers}", "heads": cfg.num_attention_heads}
+    print("META", json.dumps(meta), flush=True)
+
+    def left():
+        return args.budget_s - (time.perf_counter() - t_start)
+
+    for attn in [a for a in args.attn.split(",") if a]:
+        kw = dict(family="flux", plan=plan if attn == "plan" else None)
+        ref = None
+        # none first (the reference), the multi-device rows, then the one-device mesh (issue: speed unchanged)
+        jobs = [("none", 1)] + [(m, n) for n in counts[1:] for m in modes] + [(modes[0], 1)]
+        for mode, n in jobs:
+            if mode == "heads" and cfg.num_attention_heads % n:
+                continue
+            batch = n if mode == "data" else 1
+            name = "mesh1" if n == 1 and mode != "none" else mode
+            guess = est.get((attn, "first"), 0) + args.runs * est.get((attn, "run"), 0) * batch / n
+            if left() < guess:
+                print(f"SKIP {attn} {name} {n}: {left():.0f} s left, needs ~{guess:.0f} s", flush=True)
+                continue
+            lat, cond = inputs(batch)
+            if mode == "none":
+                def call(x):
+                    return denoise(tr.graphdef, tr.state, x, cond, ts, sig, **kw)
+            else:
                 mesh = make_mesh({mode: n}, devices[:n])
-                kw = dict(family="flux", plan=plan if with_plan else None)
-                times = []
-                for _ in range(args.runs + 1):  # the first run compiles
+
+                def call(x, mesh=mesh):
+                    return shard_denoise(mesh, tr.graphdef, tr.state, x, cond, ts, sig, **kw)
+            times = []
+            try:
+                for _ in range(args.runs + 1):  # the first call compiles
+                    x = jax.block_until_ready(jnp.array(lat, copy=True))  # the samplers donate their latents
                     t0 = time.perf_counter()
-                    out = shard_denoise(mesh, tr.graphdef, tr.state, jnp.array(lat, copy=True), cond, ts, sig, **kw)
-                    jax.block_until_ready(out)
+                    out = jax.block_until_ready(call(x))
                     times.append(time.perf_counter() - t0)
-                best = min(times[1:])
-                err = "-"
-                if mode == "heads":
-                    if ref is None:
-                        ref = (np.asarray(out, np.float32), (lat, cond))
-                    else:
-                        e = np.abs(np.asarray(out, np.float32) - ref[0]).max() / np.abs(ref[0]).max()
-                        err = f"{e:.1e}"
-                rows.append((mode, n, "plan" if with_plan else "dense", batch, best / batch, batch / best, err))
-    print(f"\nFLUX.1-dev-shaped ({cfg.num_layers}+{cfg.num_single_layers} blocks) {args.res}², {args.steps} steps, "
-          f"{dtype}, {devices[0].device_kind} x{len(devices)}, jax {jax.__version__}")
-    print(f"{'mode':<6} {'devices':>7} {'attn':>6} {'batch':>5} {'s/image':>9} {'images/s':>9} {'rel err vs 1':>12}")
+            except Exception as e:  # a failing mesh must not hide the other rows
+                print(f"FAIL {attn} {name} {n}: {type(e).__name__}: {str(e)[:2000]}", flush=True)
+                continue
+            steady = float(np.median(times[1:]))
+            est.setdefault((attn, "first"), times[0])
+            est.setdefault((attn, "run"), steady)
+            o = np.asarray(out, np.float32)
+            if ref is None:
+                ref = o[:1]
+            err = float(np.abs(o[:1] - ref).max() / np.abs(ref).max())
+            row = {"attn": attn, "mode": name, "devices": n, "batch": batch, "s_per_image": steady / batch,
+                   "images_per_s": batch / steady, "latency_s": steady, "compile_s": times[0] - steady,
+                   "rel_err": err, "finite": bool(np.isfinite(o).all()), "runs": args.runs}
+            rows.append(row)
+            print("ROW", json.dumps(row), flush=True)
+    if args.out:
+        os.makedirs(args.out, exist_ok=True)
+        with open(os.path.join(args.out, "scale.json"), "w") as f:
+            json.dump({"meta": meta, "rows": rows}, f, indent=1)
+    print(f"\nFLUX.1-dev-shaped ({meta['layers']} blocks) {args.res}², {args.steps} steps, {dtype.name}, "
+          f"{devices[0].device_kind} x{len(devices)}, jax {jax.__version__}; plan keeps {kept:.3f} of attention")
+    base = {r["attn"]: r["latency_s"] for r in rows if r["mode"] == "none"}
+    print(f"{'attn':<6} {'mode':<6} {'dev':>3} {'batch':>5} {'latency s':>9} {'s/image':>8} {'images/s':>8} "
+          f"{'vs none':>7} {'compile':>7} {'rel err':>8}")
     for r in rows:
-        print(f"{r[0]:<6} {r[1]:>7} {r[2]:>6} {r[3]:>5} {r[4]:>9.3f} {r[5]:>9.3f} {r[6]:>12}")
+        b = base.get(r["attn"])
+        rel = f"{r['latency_s'] / b:.3f}" if b else "-"
+        print(f"{r['attn']:<6} {r['mode']:<6} {r['devices']:>3} {r['batch']:>5} {r['latency_s']:>9.3f} "
+              f"{r['s_per_image']:>8.3f} {r['images_per_s']:>8.3f} {rel:>7} {r['compile_s']:>7.1f} "
+              f"{r['rel_err']:>8.1e}")
 
 
 if __name__ == "__main__":

@@ -92,10 +92,38 @@ def calibration_check() -> int:
     return 0
 
 
+KERNEL_MODES = {"flux": [("heads=4", False), ("data=2,heads=2", False)]}  # the Pallas kernel (interpret mode)
+
+
+def per_device_check() -> None:
+    """Attention under a context mesh sees each device's own batch rows and heads (no gathered operands)."""
+    from dfa2_jax.models.attention import per_device
+
+    q = jnp.arange(4 * 3 * 8 * 2, dtype=jnp.float32).reshape(4, 3, 8, 2)
+    hw = jnp.arange(8, dtype=jnp.int32)
+    seen = []
+
+    def fn(q, k, hw):
+        seen.append((q.shape, hw.shape))
+        return q + k + hw[None, None, :, None]
+
+    for spec, local in (("data=2,heads=2", ((2, 3, 4, 2), (4,))), ("heads=4", ((4, 3, 2, 2), (2,))),
+                        ("data=4", ((1, 3, 8, 2), (8,)))):
+        seen.clear()
+        mesh = make_mesh(spec)
+        with jax.set_mesh(mesh):
+            out = jax.jit(lambda q, hw: per_device(fn, (q, q), (hw,)))(q, hw)
+        assert seen == [local], (spec, seen)
+        np.testing.assert_array_equal(np.asarray(out), np.asarray(2 * q + hw[None, None, :, None]))
+        print(f"OK per_device {spec} local {'x'.join(map(str, local[0]))}", flush=True)
+    assert per_device(fn, (q, q), (hw,)).shape == q.shape and seen[-1][0] == q.shape  # no mesh: called as is
+
+
 def main() -> int:
     assert jax.device_count() == 4, jax.devices()
     if len(sys.argv) > 1 and sys.argv[1] == "calibrate":
         return calibration_check()
+    per_device_check()
     for name, setup in (("flux", _flux), ("sd3", _sd3)):
         tr, cond, latents, t, s, kw, n_img = setup()
         plan = _plan(tr, n_img, seed=3)
@@ -111,6 +139,18 @@ def main() -> int:
                 print(f"FAIL {mode} {err:.3e}", flush=True)
                 return 1
             print(f"OK {mode} {err:.3e} sharding={out.sharding.spec}", flush=True)
+        for mesh_spec, fsdp in KERNEL_MODES.get(name, []):  # the kernel's cached heads and bands, per device
+            os.environ["DFA2_ARROW_IMPL"] = "interpret"
+            try:
+                out = shard_denoise(make_mesh(mesh_spec), tr.graphdef, tr.state, jnp.array(latents), cond, t, s,
+                                    plan=plan, fsdp=fsdp, **kw)
+            finally:
+                del os.environ["DFA2_ARROW_IMPL"]
+            err = float(np.max(np.abs(np.asarray(out) - ref)) / scale)
+            if not np.isfinite(err) or err > TOL:
+                print(f"FAIL {name} {mesh_spec} kernel {err:.3e}", flush=True)
+                return 1
+            print(f"OK {name} {mesh_spec} kernel {err:.3e} sharding={out.sharding.spec}", flush=True)
     return 0
 
 

@@ -75,7 +75,9 @@ def test_parallel_modes_match_single_device():
     ok = [line for line in proc.stdout.splitlines() if line.startswith("OK ")]
     modes = {" ".join(line.split()[1:-2]) for line in ok}
     assert {"flux data=4", "flux heads=4", "flux heads=2", "flux data=2,heads=2", "flux data=4 fsdp",
-            "sd3 data=4", "sd3 heads=4", "sd3 cfg=2,data=2", "sd3 cfg=2,heads=2", "sd3 data=2,heads=2 fsdp"} <= modes, out
+            "sd3 data=4", "sd3 heads=4", "sd3 cfg=2,data=2", "sd3 cfg=2,heads=2", "sd3 data=2,heads=2 fsdp",
+            "flux heads=4 kernel", "flux data=2,heads=2 kernel", "per_device data=2,heads=2",
+            "per_device heads=4", "per_device data=4"} <= modes, out
 
 
 def test_calibration_on_a_mesh_gives_the_same_plan():

@@ -11,6 +11,7 @@ uninterrupted run (same inputs, same compiled steps, same solver answers).
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import json
@@ -237,9 +238,11 @@ def calibrate(pipe, prompts: Sequence[str], *, resolution, steps: int, delta: fl
     end = steps if stop_after is None else min(steps, start + stop_after)
     try:
         for t in range(start, end):
-            x, state = run_step(choose, tr.graphdef, params, x, cond, jnp.asarray(prep.timesteps[t]),
-                                jnp.asarray(prep.sigmas[t]), jnp.asarray(prep.sigmas[t + 1]), state, jnp.int32(t),
-                                family=tr.family, do_cfg=prep.do_cfg, candidates=cands, n_img=prep.n_img)
+            with jax.set_mesh(mesh) if mesh is not None else contextlib.nullcontext():
+                x, state = run_step(choose, tr.graphdef, params, x, cond, jnp.asarray(prep.timesteps[t]),
+                                    jnp.asarray(prep.sigmas[t]), jnp.asarray(prep.sigmas[t + 1]), state,
+                                    jnp.int32(t), family=tr.family, do_cfg=prep.do_cfg, candidates=cands,
+                                    n_img=prep.n_img)
             if checkpoint:
                 _save_ckpt(checkpoint, x, state, {"version": CKPT_VERSION, "key": key, "next_step": t + 1,
                                                   "assignment": assignment.tolist(), "solver_time": solver_time[0]})

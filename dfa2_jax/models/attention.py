@@ -13,10 +13,13 @@ FLUX = [text, image] (``text_first=True``). An image-only self-attention (SD3.5 
 from __future__ import annotations
 
 import dataclasses
+import math
+from collections.abc import Callable, Sequence
 from typing import Protocol
 
 import jax
 import jax.numpy as jnp
+from jax.sharding import PartitionSpec as P
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -53,10 +56,39 @@ def _pick_implementation(q: jax.Array) -> str:
     return "xla"
 
 
+BATCH_AXES = ("cfg", "data")  # mesh axes that split the model batch, major first (dfa2_jax.sharding)
+HEADS_AXIS = "heads"
+
+
+def per_device(fn: Callable[..., jax.Array], bshd: Sequence[jax.Array], per_head: Sequence[jax.Array] = ()):
+    """``fn(*bshd, *per_head)`` -> [B, S, H, D], run on each device's own batch rows and heads under the context
+    mesh (``jax.set_mesh``; :func:`dfa2_jax.sharding.shard_denoise` sets it), else called as is.
+
+    Attention is independent per (batch row, head), so it needs no collectives: ``jax.shard_map`` splits the
+    [B, S, H, D] operands on B over the mesh's ``cfg``/``data`` axes and on H over ``heads``, and the [H]
+    operands on ``heads``. Custom calls (the Pallas kernel, cuDNN) then see local shapes instead of being
+    gathered by the partitioner. An axis that does not divide its dim is left replicated."""
+    mesh = jax.sharding.get_abstract_mesh()
+    if mesh.empty:
+        return fn(*bshd, *per_head)
+    sizes = dict(mesh.shape)
+    b, h = bshd[0].shape[0], bshd[0].shape[2]
+    batch = tuple(a for a in BATCH_AXES if sizes.get(a, 1) > 1)
+    if batch and b % math.prod(sizes[a] for a in batch):
+        batch = ()
+    heads = HEADS_AXIS if sizes.get(HEADS_AXIS, 1) > 1 and h % sizes[HEADS_AXIS] == 0 else None
+    if not batch and heads is None:
+        return fn(*bshd, *per_head)
+    x, hs = P(batch or None, None, heads, None), P(heads)
+    return jax.shard_map(fn, mesh=mesh, in_specs=(x,) * len(bshd) + (hs,) * len(per_head), out_specs=x,
+                         check_vma=False)(*bshd, *per_head)
+
+
 def dense_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, implementation: str | None = None) -> jax.Array:
-    """Non-causal scaled dot-product attention, q/k/v and output [B, S, H, D], scale 1/sqrt(D)."""
+    """Non-causal scaled dot-product attention, q/k/v and output [B, S, H, D], scale 1/sqrt(D); per device
+    under a context mesh (:func:`per_device`)."""
     impl = implementation or _pick_implementation(q)
-    return jax.nn.dot_product_attention(q, k, v, implementation=impl)
+    return per_device(lambda q, k, v: jax.nn.dot_product_attention(q, k, v, implementation=impl), (q, k, v))
 
 
 def joint_attention(
