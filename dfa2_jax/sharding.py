@@ -14,9 +14,12 @@ Mesh axes (any subset, ``parse_mesh("data=2,heads=4")``):
   sharded over ``("cfg", "data")``;
 - ``heads``: Megatron-style head parallel attention — to_q/to_k/to_v/add_{q,k,v}_proj kernels and biases
   column-split on their H·D output dim (each device holds whole heads), to_out / to_add_out kernels
-  row-split; the plan's per-head arrays and the carried head caches [B, S, H, D] split on H. FLUX single
-  blocks' ``proj_out`` (packed rows [attention H·D; MLP]) stays replicated: a contiguous row split would not
-  line up with the heads.
+  row-split; the MLPs the same way (``ff`` / ``ff_context``: net[0].proj column-split on the hidden dim,
+  net[2] row-split; FLUX single blocks' ``proj_mlp`` column-split), so every big matmul and the attention
+  divide by the axis size and each block needs one all-reduce per stream. The plan's per-head arrays and the
+  carried head caches [B, S, H, D] are split on H. FLUX single blocks' ``proj_out`` (packed rows
+  [attention H·D; MLP hidden]) stays replicated; it is applied as one dot per part
+  (:meth:`~dfa2_jax.models.layers.Linear.concat_in`), so both parts stay split and XLA sums the partials.
 
 ``fsdp=True`` additionally shards each parameter's largest axis that divides by the ``data`` size (and is not
 already head-split) over ``data``; GSPMD gathers it where it is used.
@@ -41,6 +44,7 @@ AXES = ("data", "cfg", "heads")  # the mesh's axis order (batch-like axes major)
 
 _COLUMN = {"to_q", "to_k", "to_v", "add_q_proj", "add_k_proj", "add_v_proj"}  # out dim = H·D
 _ROW = {"to_out", "to_add_out"}  # in dim = H·D
+_FF = {"ff", "ff_context"}  # FeedForward: net[0].proj column-split on the hidden dim, net[2] row-split
 
 
 def parse_mesh(spec: str) -> dict[str, int]:
@@ -134,11 +138,14 @@ def param_spec(path: tuple, shape: tuple[int, ...], mesh: Mesh, *, fsdp: bool) -
     in_attn = any(isinstance(n, str) and n.startswith("attn") for n in names)
     module = next((n for n in reversed(names[:-1]) if isinstance(n, str)), None)  # to_out[0] -> to_out
     spec: list[Any] = [None] * len(shape)
-    if _size(mesh, "heads") > 1 and in_attn:
-        if module in _COLUMN and leaf in ("kernel", "bias"):
-            spec[-1] = "heads"
-        elif module in _ROW and leaf == "kernel":
-            spec[0] = "heads"
+    heads = _size(mesh, "heads")
+    in_ff = any(n in _FF for n in names)
+    column = (in_attn and module in _COLUMN) or module == "proj_mlp" or (in_ff and module == "proj")
+    row = (in_attn and module in _ROW) or (in_ff and module == "net")  # ff.net[2]: [hidden, D]
+    if heads > 1 and leaf in ("kernel", "bias") and column and shape[-1] % heads == 0:
+        spec[-1] = "heads"
+    elif heads > 1 and leaf == "kernel" and row and shape[0] % heads == 0:
+        spec[0] = "heads"
     data = _size(mesh, "data")
     if fsdp and data > 1:
         free = [i for i in range(len(shape)) if spec[i] is None and shape[i] % data == 0]

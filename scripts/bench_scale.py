@@ -59,6 +59,7 @@ def main():
     ap.add_argument("--attn", default="dense,plan")
     ap.add_argument("--modes", default="data,heads")
     ap.add_argument("--budget-s", type=float, default=1e9)
+    ap.add_argument("--no-mesh1", action="store_true", help="skip the one-device mesh rows")
     ap.add_argument("--out", default=None, help="folder for scale.json")
     ap.add_argument("--small", action="store_true", help="a 2+2-layer, 4-head model at 256² (CPU smoke run)")
     args = ap.parse_args()
@@ -121,7 +122,7 @@ def main():
         kw = dict(family="flux", plan=plan if attn == "plan" else None)
         ref = None
         # none first (the reference), the multi-device rows, then the one-device mesh (issue: speed unchanged)
-        jobs = [("none", 1)] + [(m, n) for n in counts[1:] for m in modes] + [(modes[0], 1)]
+        jobs = [("none", 1)] + [(m, n) for n in counts[1:] for m in modes] + ([] if args.no_mesh1 else [(modes[0], 1)])
         for mode, n in jobs:
             if mode == "heads" and cfg.num_attention_heads % n:
                 continue

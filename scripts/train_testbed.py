@@ -277,18 +277,38 @@ def _tower(model):
     return getattr(model, "text_model", model)
 
 
-def build_clip(sz: Sizes, clip_tok, seed: int, projection: bool):
-    """A frozen random CLIP text tower (see the module docstring for the embedding scales)."""
+def build_clip(sz: Sizes, clip_tok, seed: int, projection: bool, config=None):
+    """A frozen random CLIP text tower (see the module docstring for the embedding scales); ``config``
+    overrides the one built from ``sz``."""
     import torch
     from transformers import CLIPTextModel, CLIPTextModelWithProjection
 
     torch.manual_seed(seed)
-    model = (CLIPTextModelWithProjection if projection else CLIPTextModel)(_clip_config(sz, clip_tok))
+    model = (CLIPTextModelWithProjection if projection else CLIPTextModel)(config or _clip_config(sz, clip_tok))
     emb = _tower(model).embeddings
     with torch.no_grad():
         emb.token_embedding.weight.normal_(0.0, 1.0)
         emb.position_embedding.weight.normal_(0.0, 0.5)
     return model.eval().requires_grad_(False)
+
+
+def load_shared(folder: str):
+    """(vae, CLIP-L with projection, CLIP-G with projection, T5 encoder) of a saved testbed pipeline folder."""
+    from diffusers import AutoencoderKL
+    from transformers import CLIPTextModelWithProjection, T5EncoderModel
+
+    def sub(name):
+        path = os.path.join(folder, name)
+        if not os.path.isdir(path):
+            raise FileNotFoundError(f"--reuse {folder}: no {name}/ folder (a saved SD3 testbed pipeline has vae/, "
+                                    f"text_encoder/, text_encoder_2/, text_encoder_3/)")
+        return path
+
+    vae = AutoencoderKL.from_pretrained(sub("vae"), local_files_only=True)
+    clip_l = CLIPTextModelWithProjection.from_pretrained(sub("text_encoder"), local_files_only=True)
+    clip_g = CLIPTextModelWithProjection.from_pretrained(sub("text_encoder_2"), local_files_only=True)
+    t5 = T5EncoderModel.from_pretrained(sub("text_encoder_3"), local_files_only=True)
+    return tuple(m.eval().requires_grad_(False) for m in (vae, clip_l, clip_g, t5))
 
 
 def build_t5(sz: Sizes, t5_tok, seed: int):
@@ -491,12 +511,15 @@ def train_loop(name: str, model, loss_fn, *, lr: float, warmup: int, budget_s: f
             "warmup": warmup, "log": log, "eval": evals}
 
 
+PRECISION = {"autocast": True}  # --precision fp32 turns bf16 autocast off
+
+
 def _autocast(device: str):
     import contextlib
 
     import torch
 
-    if device.startswith("cuda"):
+    if device.startswith("cuda") and PRECISION["autocast"]:
         return torch.autocast("cuda", dtype=torch.bfloat16)
     return contextlib.nullcontext()
 
@@ -690,6 +713,12 @@ def parse_args(argv=None):
     ap.add_argument("--sample-steps", type=int, default=None, help="sampling steps of the grids (default 28)")
     ap.add_argument("--no-samples", action="store_true", help="skip the sample grids")
     ap.add_argument("--families", default="sd3,flux", help="which pipelines to train: sd3, flux or sd3,flux")
+    ap.add_argument("--reuse", default=None,
+                    help="a testbed folder (e.g. dfa2_jax/assets/testbed_sd3) whose VAE, text encoders and "
+                         "tokenizers are loaded instead of built, and the VAE not trained: a second pipeline "
+                         "shares them with the first")
+    ap.add_argument("--precision", choices=("bf16", "fp32"), default="bf16",
+                    help="CUDA: bf16 autocast, or fp32 with TF32 matmuls")
     args = ap.parse_args(argv)
     fams = tuple(f.strip() for f in args.families.split(",") if f.strip())
     if not fams or any(f not in ("sd3", "flux") for f in fams) or len(set(fams)) != len(fams):
@@ -736,10 +765,17 @@ def run(args) -> int:
             json.dump(log, f, indent=1)
 
     # ---- tokenizers and data (before torch: the spawn workers need neither it nor the GPU)
+    PRECISION["autocast"] = args.precision == "bf16"
     words = world_words(args.seed)
-    tok_dirs = (os.path.join(work, "clip"), os.path.join(work, "t5"))
-    clip_tok = make_world_clip_tokenizer(tok_dirs[0], words)
-    t5_tok = make_world_t5_tokenizer(tok_dirs[1], words)
+    if args.reuse:
+        from transformers import AutoTokenizer
+
+        tok_dirs = (os.path.join(args.reuse, "tokenizer"), os.path.join(args.reuse, "tokenizer_3"))
+        clip_tok, t5_tok = (AutoTokenizer.from_pretrained(d, local_files_only=True) for d in tok_dirs)
+    else:
+        tok_dirs = (os.path.join(work, "clip"), os.path.join(work, "t5"))
+        clip_tok = make_world_clip_tokenizer(tok_dirs[0], words)
+        t5_tok = make_world_t5_tokenizer(tok_dirs[1], words)
     bad = [w for w in words if len(clip_tok.tokenize(w)) != 1 or len(t5_tok.tokenize(w)) != 1]
     if bad:
         raise RuntimeError(f"world words not single tokens in the extended tokenizers: {bad}")
@@ -778,12 +814,18 @@ def run(args) -> int:
     del images
 
     # ---- models
-    vae = build_vae(sz, args.seed).to(device)
-    clip_l = build_clip(sz, clip_tok, args.seed + 1, projection=True)
-    clip_flux = build_clip(sz, clip_tok, args.seed + 1, projection=False)
+    if args.reuse:
+        vae, clip_l, clip_g, t5 = load_shared(args.reuse)
+        vae = vae.to(device)
+        clip_flux = build_clip(sz, clip_tok, args.seed + 1, projection=False, config=clip_l.config)
+    else:
+        vae = build_vae(sz, args.seed).to(device)
+        clip_l = build_clip(sz, clip_tok, args.seed + 1, projection=True)
+        clip_g = build_clip(sz, clip_tok, args.seed + 2, projection=True)
+        t5 = build_t5(sz, t5_tok, args.seed + 3)
+        clip_flux = build_clip(sz, clip_tok, args.seed + 1, projection=False)
     _tower(clip_flux).load_state_dict(_tower(clip_l).state_dict())  # FLUX's CLIP = SD3's CLIP-L tower
-    enc = TextEncoders(clip_l, build_clip(sz, clip_tok, args.seed + 2, projection=True), clip_flux,
-                       build_t5(sz, t5_tok, args.seed + 3)).to(device)
+    enc = TextEncoders(clip_l, clip_g, clip_flux, t5).to(device)
     builders = {"sd3": lambda: build_sd3(sz, args.seed + 4), "flux": lambda: build_flux(sz, args.seed + 5)}
     transformers = {f: builders[f]().to(device) for f in args.families}
     pipes = {f: make_pipeline(f, transformers[f], vae, enc, clip_tok, t5_tok) for f in transformers}
@@ -798,17 +840,25 @@ def run(args) -> int:
 
     # ---- VAE, then the latents of everything and the latent normalisation
     reserve = 0 if args.no_samples else 25 if not args.smoke else 5  # per pipeline: save + samples
-    planned = [m * 60 if (k == 0 or fam in args.families) else 0.0
+    planned = [m * 60 if ((k == 0 and not args.reuse) or fam in args.families) else 0.0
                for k, (m, fam) in enumerate(zip(minutes, ("vae", "sd3", "flux")))]
     budget = (clock.budget(planned[0], planned[1] + planned[2], len(args.families) * reserve + 15)
               if steps[0] is None else None)
-    log["phases"]["vae"] = train_vae(vae, dev_images, dev_val_images[:256], sz, budget, steps[0], device, args.seed)
-    vae.requires_grad_(False)
-    t = time.perf_counter()
-    latents = encode_latents(vae, dev_images, device, seed=args.seed)
-    shift = float(latents.mean())
-    scale = float(1.0 / latents.std())
-    vae.register_to_config(shift_factor=shift, scaling_factor=scale)
+    if args.reuse:  # the shared VAE as trained with the first pipeline, its latent normalisation included
+        log["phases"]["vae"] = {"reused": args.reuse}
+        vae.requires_grad_(False)
+        t = time.perf_counter()
+        latents = encode_latents(vae, dev_images, device, seed=args.seed)
+        shift, scale = float(vae.config.shift_factor), float(vae.config.scaling_factor)
+    else:
+        log["phases"]["vae"] = train_vae(vae, dev_images, dev_val_images[:256], sz, budget, steps[0], device,
+                                         args.seed)
+        vae.requires_grad_(False)
+        t = time.perf_counter()
+        latents = encode_latents(vae, dev_images, device, seed=args.seed)
+        shift = float(latents.mean())
+        scale = float(1.0 / latents.std())
+        vae.register_to_config(shift_factor=shift, scaling_factor=scale)
     val_latents = (encode_latents(vae, dev_val_images, device, seed=args.seed + 1) - shift) * scale
     data = {"latents": (latents - shift) * scale, "clip_ids": clip_ids_t, "t5_ids": t5_ids_t,
             "empty_clip": empty_clip, "empty_t5": empty_t5, "val_latents": val_latents,

@@ -59,9 +59,22 @@ def test_param_specs():
     assert param_spec(blk + ("to_add_out", "kernel"), (64, 32), mesh, fsdp=False) == P("heads", None)
     assert param_spec(("single_transformer_blocks", 0, "proj_out", "kernel"), (320, 64), mesh,
                       fsdp=False) == P(None, None)
+    # MLPs Megatron-style on the heads axis: hidden dim column-split in, row-split out.
+    ff = ("transformer_blocks", 0, "ff", "net")
+    assert param_spec(ff + (0, "proj", "kernel"), (64, 256), mesh, fsdp=False) == P(None, "heads")
+    assert param_spec(ff + (0, "proj", "bias"), (256,), mesh, fsdp=False) == P("heads")
+    assert param_spec(ff + (2, "kernel"), (256, 64), mesh, fsdp=False) == P("heads", None)
+    assert param_spec(ff + (2, "bias"), (64,), mesh, fsdp=False) == P(None)
+    assert param_spec(("transformer_blocks", 0, "ff_context", "net", 2, "kernel"), (256, 64), mesh,
+                      fsdp=False) == P("heads", None)
+    assert param_spec(("single_transformer_blocks", 0, "proj_mlp", "kernel"), (64, 256), mesh,
+                      fsdp=False) == P(None, "heads")
+    assert param_spec(("single_transformer_blocks", 0, "proj_mlp", "bias"), (255,), mesh, fsdp=False) == P(None)
+    assert param_spec(("norm1", "linear", "kernel"), (64, 384), mesh, fsdp=False) == P(None, None)
     # FSDP: the largest free axis divisible by the data size; head-split axes are kept.
     assert param_spec(blk + ("to_q", "kernel"), (64, 64), mesh, fsdp=True) == P("data", "heads")
-    assert param_spec(("ff", "net", 0, "proj", "kernel"), (64, 256), mesh, fsdp=True) == P(None, "data")
+    assert param_spec(("ff", "net", 0, "proj", "kernel"), (64, 256), mesh, fsdp=True) == P("data", "heads")
+    assert param_spec(("x_embedder", "kernel"), (64, 256), mesh, fsdp=True) == P(None, "data")
     assert param_spec(("x_embedder", "bias"), (3,), mesh, fsdp=True) == P(None)
 
 

@@ -63,7 +63,7 @@ class FluxSingleTransformerBlock(nnx.Module):
         mlp = jax.nn.gelu(self.proj_mlp(normed), approximate=True)
         attn_out, _ = self.attn(normed, None, layer=layer, text_first=True, rope=rope, joint_text_len=text_len,
                                 runtime=runtime)
-        return h + gate * self.proj_out(jnp.concatenate([attn_out, mlp], axis=-1))
+        return h + gate * self.proj_out.concat_in([attn_out, mlp])  # = proj_out(concat([attn_out, mlp]))
 
 
 def flux_attention_layer_names(config: FluxConfig) -> list[str]:

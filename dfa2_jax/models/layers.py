@@ -9,6 +9,7 @@ transposed), ``Linear.bias``, ``RMSNorm.scale``.
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 
 import jax
 import jax.numpy as jnp
@@ -32,6 +33,23 @@ class Linear(nnx.Module):
     def __call__(self, x: jax.Array) -> jax.Array:
         kernel = self.kernel[...]
         y = jnp.dot(x.astype(kernel.dtype), kernel)
+        if self.bias is not None:
+            y = y + self.bias[...]
+        return y
+
+    def concat_in(self, parts: Sequence[jax.Array]) -> jax.Array:
+        """``self(jnp.concatenate(parts, -1))`` as one dot per part on its own rows of the kernel (partial sums
+        in f32), without the concatenated input: each part may then be split on its last dim over a mesh
+        axis (head-split attention output, column-split MLP hidden) and the partials summed across it."""
+        kernel = self.kernel[...]
+        acc, row = None, 0
+        for x in parts:
+            n = x.shape[-1]
+            y = jnp.dot(x.astype(kernel.dtype), kernel[row:row + n], preferred_element_type=jnp.float32)
+            acc, row = (y if acc is None else acc + y), row + n
+        if row != kernel.shape[0]:
+            raise ValueError(f"parts have {row} features in all; the kernel has {kernel.shape[0]} rows")
+        y = acc.astype(kernel.dtype)
         if self.bias is not None:
             y = y + self.bias[...]
         return y
