@@ -376,6 +376,9 @@ def _arrow_call(q, k, v, half_window, cache, *, text_len, text_first, sm_scale, 
         out_shape=jax.ShapeDtypeStruct((b, s_pad, h, d), q.dtype),
         compiler_params=pltriton.CompilerParams(num_warps=config.num_warps, num_stages=config.num_stages),
         interpret=interpret,
+        # The output is written over the cache: every program reads the cache only at the tile it writes, so
+        # the per-layer head cache carried by the sampler's scan is updated in place (no second buffer).
+        input_output_aliases={len(args) - 1: 0} if has_cache else {},
         name="arrow_attention",
     )(*args)
     return out[:, :s]
