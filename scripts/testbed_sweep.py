@@ -1,6 +1,7 @@
-"""δ sweep on the shipped SD3-style testbed (CPU is enough): how much attention each δ removes and what it costs.
+"""δ sweep on a shipped testbed (CPU is enough): how much attention each δ removes and what it costs.
 
     PYTHONPATH=. python3 scripts/testbed_sweep.py --out docs/testbed            # ~20 min on 2 CPU cores
+    PYTHONPATH=. python3 scripts/testbed_sweep.py --family flux --out docs/testbed/flux
     PYTHONPATH=. python3 scripts/testbed_sweep.py --out /tmp/sw --eval-prompts 8 --deltas 0.01,0.1 --steps 6
 
 For every δ: calibrate a plan (progressive per-head RSE + CP-SAT, candidates ``--candidates``, savings from the
@@ -8,7 +9,7 @@ exact attention mask) on ``--calibration-prompts`` held-out world captions (``wo
 "heldout")``), then generate ``--eval-prompts`` other held-out captions (``world.make_batch(1, n, "heldout")``,
 any caption also in the calibration set dropped) densely once and with each plan, every caption from the same
 noise (prompt i: the noise the pipeline draws with seed ``--seed + i``, as ``dfa2 eval``), and compare:
-attention FLOPs kept (exact mask, at the testbed's 64 image + 109 text tokens), PSNR / SSIM of the compressed
+attention FLOPs kept (exact mask, at the testbed's 64 image + 109 (SD3) or 32 (FLUX) text tokens), PSNR / SSIM of the compressed
 images against the dense ones, and the testbed prompt accuracy (:mod:`dfa2_jax.testbed.classifier`) of both.
 
 Writes to ``--out``: ``sweep.json`` (everything, per-δ method mix per step and per layer), ``sweep.md`` (the
@@ -112,6 +113,7 @@ def method_mix(plan) -> dict:
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--out", default="docs/testbed")
+    ap.add_argument("--family", default="sd3", choices=("sd3", "flux"), help="which shipped testbed")
     ap.add_argument("--deltas", default=DEFAULT_DELTAS)
     ap.add_argument("--candidates", default=DEFAULT_CANDIDATES)
     ap.add_argument("--calibration-prompts", type=int, default=8)
@@ -133,7 +135,7 @@ def main(argv=None) -> int:
 
     t_all = time.perf_counter()
     os.makedirs(os.path.join(args.out, "plans"), exist_ok=True)
-    pipe, settings = load_testbed()
+    pipe, settings = load_testbed(args.family)
     if args.steps is not None:
         settings = dataclasses.replace(settings, num_inference_steps=args.steps)
     deltas = [float(x) for x in args.deltas.split(",")]
@@ -197,11 +199,11 @@ def main(argv=None) -> int:
         raise SystemExit(f"--heatmap-delta {hd} is not one of the swept deltas {deltas}")
     hrow = next(r for r in results if r["delta"] == hd)
     method_map(plans[hd], os.path.join(args.out, "sweep_heatmap.png"),
-               f"testbed SD3, delta={hd:g}: {100 * hrow['removed']:.0f}% of attention FLOPs removed")
+               f"testbed {args.family.upper()}, delta={hd:g}: {100 * hrow['removed']:.0f}% of attention FLOPs removed")
     rows = min(args.sample_rows, len(ev))
     samples_png(os.path.join(args.out, "sweep_samples.png"), renders, dense, compressed, rows)
 
-    info = {"format": "dfa2-testbed-sweep", "version": 1,
+    info = {"format": "dfa2-testbed-sweep", "version": 1, "family": args.family,
             "settings": dataclasses.asdict(settings), "candidates": args.candidates.split(","),
             "savings": "exact", "seed": args.seed,
             "calibration_captions": cal, "evaluation_captions": len(ev),

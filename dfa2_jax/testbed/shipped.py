@@ -3,13 +3,16 @@
     >>> from dfa2_jax.testbed import load_testbed
     >>> pipe, settings = load_testbed()                       # SD3-style, float32, ~4 s on a CPU
     >>> out = pipe(["a large red circle in the centre"], seed=0, **settings.generate_kwargs())
+    >>> flux, flux_settings = load_testbed("flux")            # FLUX-style
 
 ``dfa2_jax/assets/testbed_sd3/`` is a diffusers ``StableDiffusion3Pipeline`` folder (6 layers x 4 heads,
-3.48 M transformer params, 64x64 images, tiny frozen text encoders) made by ``scripts/train_testbed.py`` on the
-procedural world (:mod:`dfa2_jax.testbed.world`); docs/TESTBED.md tells its story. Its ``testbed_info.json``
+3.48 M transformer params, 64x64 images, tiny frozen text encoders) and ``dfa2_jax/assets/testbed_flux/`` a
+``FluxPipeline`` folder (3 double + 6 single blocks x 4 heads of 32, RoPE, no guidance embedding, 3.39 M
+params) sharing its VAE, CLIP-L tower and T5 encoder, both made by ``scripts/train_testbed.py`` on the
+procedural world (:mod:`dfa2_jax.testbed.world`); docs/TESTBED.md tells their story. Each ``testbed_info.json``
 holds the settings it must be sampled with: 64x64, the T5 length it was trained at (the pipelines pad T5 to
-``max_sequence_length`` and do not mask, so another length changes the text tokens the model sees), CFG 4 and
-28 steps. The FLUX-style testbed is not shipped (its training did not complete), so only ``"sd3"`` exists.
+``max_sequence_length`` and do not mask, so another length changes the text tokens the model sees), 28 steps,
+and CFG 4 for SD3 (FLUX: none; guidance_scale None).
 """
 
 from __future__ import annotations
@@ -20,7 +23,7 @@ import os
 from typing import Any
 
 ASSETS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "assets")
-FAMILIES = ("sd3",)  # the FLUX-style testbed is not shipped: see docs/TESTBED.md
+FAMILIES = ("sd3", "flux")
 INFO_FILE = "testbed_info.json"
 
 
@@ -32,21 +35,24 @@ class GenerationSettings:
     height: int
     width: int
     num_inference_steps: int
-    guidance_scale: float
+    guidance_scale: float | None  # None: the model takes no guidance (the FLUX-style testbed)
     max_sequence_length: int
 
     def generate_kwargs(self) -> dict[str, Any]:
         """Keyword arguments for ``pipe(prompts, **...)``, :func:`dfa2_jax.evaluate.evaluate` and (less
-        ``num_inference_steps``, ``height`` and ``width``) :func:`dfa2_jax.calibrate.calibrate.calibrate`."""
-        return {"height": self.height, "width": self.width, "num_inference_steps": self.num_inference_steps,
-                "guidance_scale": self.guidance_scale, "max_sequence_length": self.max_sequence_length}
+        ``num_inference_steps``, ``height`` and ``width``) :func:`dfa2_jax.calibrate.calibrate.calibrate`;
+        ``guidance_scale`` only where the model takes one."""
+        kw = {"height": self.height, "width": self.width, "num_inference_steps": self.num_inference_steps,
+              "max_sequence_length": self.max_sequence_length}
+        if self.guidance_scale is not None:
+            kw["guidance_scale"] = self.guidance_scale
+        return kw
 
 
 def testbed_path(family: str = "sd3") -> str:
     """The shipped pipeline folder of ``family``. Raises FileNotFoundError naming what is missing."""
     if family not in FAMILIES:
-        raise FileNotFoundError(f"no shipped {family!r} testbed (shipped: {', '.join(FAMILIES)}; the FLUX-style "
-                                "testbed's training did not complete, see docs/TESTBED.md)")
+        raise FileNotFoundError(f"no shipped {family!r} testbed (shipped: {', '.join(FAMILIES)})")
     path = os.path.join(ASSETS, f"testbed_{family}")
     if not os.path.isfile(os.path.join(path, INFO_FILE)):
         raise FileNotFoundError(f"{path}: the shipped testbed is missing or incomplete (no {INFO_FILE}); "
@@ -62,7 +68,7 @@ def testbed_settings(family: str = "sd3") -> GenerationSettings:
     try:
         return GenerationSettings(family=str(info["family"]), height=int(info["height"]), width=int(info["width"]),
                                   num_inference_steps=int(info["num_inference_steps"]),
-                                  guidance_scale=float(info["guidance_scale"]),
+                                  guidance_scale=None if info["guidance_scale"] is None else float(info["guidance_scale"]),
                                   max_sequence_length=int(info["max_sequence_length"]))
     except KeyError as e:
         raise ValueError(f"{path}: no {e.args[0]!r} field") from None
