@@ -76,8 +76,8 @@ def main():
         run_s = time.perf_counter() - t0
         peak = (dev.memory_stats() or {}).get("peak_bytes_in_use")
         rows.append((name, caches, m, peak, compile_s, run_s))
-    print(f"\nFLUX.1-dev-shaped {args.res}², {args.steps} steps, {dtype.name}, {dev.device_kind}, jax {jax.__version__};"
-          f" weights {weights / gib:.0f} MiB; plan keeps {kept:.3f} of attention")
+    print(f"\nFLUX.1-dev-shaped {args.res}², {args.steps} steps, {dtype.name}, {dev.device_kind}, "
+          f"jax {jax.__version__}; weights {weights / gib:.0f} MiB; plan keeps {kept:.3f} of attention")
     print(f"{'variant':<7} {'caches':>7} {'args':>7} {'output':>7} {'alias':>7} {'temp':>7} {'peak':>7} "
           f"{'compile s':>9} {'run s':>7}  (MiB)")
     for name, caches, m, peak, compile_s, run_s in rows:

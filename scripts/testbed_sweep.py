@@ -9,8 +9,9 @@ exact attention mask) on ``--calibration-prompts`` held-out world captions (``wo
 "heldout")``), then generate ``--eval-prompts`` other held-out captions (``world.make_batch(1, n, "heldout")``,
 any caption also in the calibration set dropped) densely once and with each plan, every caption from the same
 noise (prompt i: the noise the pipeline draws with seed ``--seed + i``, as ``dfa2 eval``), and compare:
-attention FLOPs kept (exact mask, at the testbed's 64 image + 109 (SD3) or 32 (FLUX) text tokens), PSNR / SSIM of the compressed
-images against the dense ones, and the testbed prompt accuracy (:mod:`dfa2_jax.testbed.classifier`) of both.
+attention FLOPs kept (exact mask, at the testbed's 64 image + 109 (SD3) or 32 (FLUX) text tokens), PSNR / SSIM
+of the compressed images against the dense ones, and the testbed prompt accuracy
+(:mod:`dfa2_jax.testbed.classifier`) of both.
 
 Writes to ``--out``: ``sweep.json`` (everything, per-δ method mix per step and per layer), ``sweep.md`` (the
 table), ``sweep_heatmap.png`` (methods chosen per step × (layer, head) for the δ whose plan removes closest to

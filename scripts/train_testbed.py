@@ -3,6 +3,9 @@ shape world (:mod:`dfa2_jax.testbed.world`), written as two diffusers pipeline f
 
     PYTHONPATH=. python3 scripts/train_testbed.py --out testbed_out           # one H100, ~9 min in all
     PYTHONPATH=. python3 scripts/train_testbed.py --out /tmp/tb --smoke       # CPU, tiny sizes, < 60 s
+    # the shipped FLUX-style testbed: a second run sharing the SD3 testbed's VAE, encoders and tokenizers
+    PYTHONPATH=. python3 scripts/train_testbed.py --out /tmp/tb2 --families flux \
+        --reuse dfa2_jax/assets/testbed_sd3 --precision fp32 --minutes-flux 6
 
 Writes ``OUT/testbed_sd3/`` (StableDiffusion3Pipeline: transformer, vae, CLIP-L/G-style text_encoder{,_2}
 with projection, T5-style text_encoder_3, tokenizers, scheduler), ``OUT/testbed_flux/`` (FluxPipeline: CLIP
@@ -27,7 +30,9 @@ Phases (PyTorch; torch lives in scripts/ only, never in dfa2_jax/):
    ``_prepare_latent_image_ids`` / zero ``txt_ids``. 10% caption dropout (the empty prompt's embeddings,
    what the pipelines encode for CFG). Text embeddings are computed per batch by the frozen encoders (fp32,
    exactly what the pipelines compute; checked against ``pipe.encode_prompt`` before training). AdamW,
-   linear warmup + cosine decay over the time box (or over ``--steps``), grad clip 1, bf16 autocast on CUDA,
+   linear warmup + cosine decay over the time box (or over ``--steps``), grad clip 1, bf16 autocast on CUDA
+   (``--precision fp32``: none, TF32 matmuls; the FLUX-style run needed it: under autocast its first backward
+   failed with CUBLAS_STATUS_EXECUTION_FAILED on torch 2.11 + CUDA 13, not investigated further),
    EMA of the weights (decay ``min(0.999, (1 + n) / (10 + n))``; the EMA is what is saved and sampled).
 
 Choices worth knowing:

@@ -68,7 +68,8 @@ def testbed_settings(family: str = "sd3") -> GenerationSettings:
     try:
         return GenerationSettings(family=str(info["family"]), height=int(info["height"]), width=int(info["width"]),
                                   num_inference_steps=int(info["num_inference_steps"]),
-                                  guidance_scale=None if info["guidance_scale"] is None else float(info["guidance_scale"]),
+                                  guidance_scale=(None if info["guidance_scale"] is None
+                                                  else float(info["guidance_scale"])),
                                   max_sequence_length=int(info["max_sequence_length"]))
     except KeyError as e:
         raise ValueError(f"{path}: no {e.args[0]!r} field") from None
