@@ -62,8 +62,9 @@ def _cmd_generate(args: argparse.Namespace) -> int:
 def _mesh_args(parser: argparse.ArgumentParser, what: str) -> None:
     parser.add_argument("--mesh", default="auto",
                         help=f"device mesh for {what}, e.g. data=2,heads=4 (axes: data, cfg (SD3 CFG halves), "
-                             "heads); 'auto' (default): every local device on the data axis when the batch divides "
-                             "over them, else one device; 'none': one device")
+                             "heads (Megatron head parallel), seq (Ulysses: tokens split outside attention, heads "
+                             "inside)); 'auto' (default): every local device on the data axis when the batch "
+                             "divides over them, else one device; 'none': one device")
     parser.add_argument("--fsdp", action="store_true", help="with --mesh: shard the params over its data axis")
 
 

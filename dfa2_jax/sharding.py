@@ -12,6 +12,12 @@ Mesh axes (any subset, ``parse_mesh("data=2,heads=4")``):
 - ``cfg`` (SD3 with classifier-free guidance only, size 1 or 2): the model batch [uncond; cond] split in its
   two halves (a sharding constraint on the doubled batch inside ``_velocity``); the model batch axis is
   sharded over ``("cfg", "data")``;
+- ``seq``: Ulysses-style sequence parallel: params replicated, the residual streams split on their tokens
+  (:func:`dfa2_jax.models.attention.token_split` at every block boundary and on each attention output before
+  its projection), so every projection, MLP, norm and modulation runs on 1/n of the tokens; attention itself
+  splits the heads over the axis (the partitioner moves q/k/v and the output with all-to-alls). The plan's
+  per-head arrays and the head caches are split on H over it, like ``heads``. ``heads`` and ``seq`` exclude
+  each other;
 - ``heads``: Megatron-style head parallel attention — to_q/to_k/to_v/add_{q,k,v}_proj kernels and biases
   column-split on their H·D output dim (each device holds whole heads), to_out / to_add_out kernels
   row-split; the MLPs the same way (``ff`` / ``ff_context``: net[0].proj column-split on the hidden dim,
@@ -40,7 +46,7 @@ from jax.sharding import PartitionSpec as P
 
 from dfa2_jax.sample import PlanArrays, _scan_denoise_jit, plan_inputs
 
-AXES = ("data", "cfg", "heads")  # the mesh's axis order (batch-like axes major)
+AXES = ("data", "cfg", "heads", "seq")  # the mesh's axis order (batch-like axes major)
 
 _COLUMN = {"to_q", "to_k", "to_v", "add_q_proj", "add_k_proj", "add_v_proj"}  # out dim = H·D
 _ROW = {"to_out", "to_add_out"}  # in dim = H·D
@@ -104,17 +110,29 @@ def _size(mesh: Mesh, axis: str) -> int:
 
 def validate(sizes: dict[str, int], *, batch: int, heads: int, family: str, do_cfg: bool) -> None:
     """Clear errors for a mesh that does not fit the work (before any device is touched)."""
-    data, cfg, h = sizes.get("data", 1), sizes.get("cfg", 1), sizes.get("heads", 1)
+    data, cfg, h, seq = sizes.get("data", 1), sizes.get("cfg", 1), sizes.get("heads", 1), sizes.get("seq", 1)
     if batch % data:
         raise ValueError(f"batch {batch} is not divisible by the data axis size {data}")
     if heads % h:
         raise ValueError(f"{heads} attention heads are not divisible by the heads axis size {h}")
+    if h > 1 and seq > 1:
+        raise ValueError(f"use either the heads axis (Megatron, size {h}) or the seq axis (Ulysses, size {seq}), "
+                         "not both: their layouts outside attention differ")
+    if heads % seq:
+        raise ValueError(f"{heads} attention heads are not divisible by the seq axis size {seq} (inside attention "
+                         "the seq axis splits the heads)")
     if cfg > 1:
         if not (family == "sd3" and do_cfg):
             raise ValueError(f"the cfg axis (size {cfg}) needs SD3 with classifier-free guidance "
                              f"(family {family!r}, do_cfg={do_cfg})")
         if cfg != 2:
             raise ValueError(f"the cfg axis splits [uncond; cond]: its size must be 1 or 2; got {cfg}")
+
+
+def _head_axes(mesh: Mesh):
+    """The mesh axes the heads are split over inside attention (plan arrays and head caches with them)."""
+    axes = tuple(a for a in ("heads", "seq") if _size(mesh, a) > 1)
+    return axes if axes else None
 
 
 def _batch_axes(mesh: Mesh, model_batch: bool):
@@ -173,7 +191,7 @@ def _batch_put(x, mesh: Mesh, axes, batch: int):
 
 def place_plan(plan_in: dict, mesh: Mesh, *, model_axes):
     """Plan arrays split on their head axis; carried caches: batch over ``model_axes``, heads over heads."""
-    heads = "heads" if _size(mesh, "heads") > 1 else None
+    heads = _head_axes(mesh)
     return {
         "codes": jax.device_put(plan_in["codes"], NamedSharding(mesh, P(None, None, heads))),
         "half_windows": jax.device_put(plan_in["half_windows"], NamedSharding(mesh, P(None, None, heads))),
@@ -252,7 +270,7 @@ def place_inputs(mesh: Mesh, state, latents, cond: dict[str, Any], *, family: st
 def place_carry(tree, mesh: Mesh, batch_axes):
     """Per-layer carried state on the mesh: [B, S, H, D] head caches split on batch and heads, [B, ...]
     layer outputs on batch."""
-    heads = "heads" if _size(mesh, "heads") > 1 else None
+    heads = _head_axes(mesh)
 
     def put(x):
         spec = P(batch_axes, None, heads, None) if x.ndim == 4 else P(batch_axes)

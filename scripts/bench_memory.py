@@ -22,10 +22,11 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 def main():
     ap = argparse.ArgumentParser()
-    ap.add_argument("--res", type=int, default=2048)
+    ap.add_argument("--res", type=int, default=None, help="default 2048 (--small: 256)")
     ap.add_argument("--steps", type=int, default=28)
     ap.add_argument("--small", action="store_true")
     args = ap.parse_args()
+    args.res = args.res or (256 if args.small else 2048)
     import jax
     import jax.numpy as jnp
     import numpy as np
@@ -41,7 +42,7 @@ def main():
     if args.small:
         cfg = dfa2_jax.FluxConfig.dev(num_layers=2, num_single_layers=2, num_attention_heads=4,
                                       joint_attention_dim=64, pooled_projection_dim=32)
-        args.res, args.steps, text = 256, 3, 16
+        args.steps, text = 3, 16  # --res as given (default 256 with --small)
     dtype = jnp.dtype("float32" if args.small else "bfloat16")
     tr = dfa2_jax.random_transformer(cfg, dtype=dtype.name)
     dev = jax.devices()[0]

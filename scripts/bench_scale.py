@@ -9,9 +9,10 @@ Rows, per attention variant (``--attn dense,plan``):
 
 - ``none``: :func:`dfa2_jax.sample.denoise` with no mesh at all — the single-device path as it was before the
   sharding code (what ``dfa2 generate --mesh none`` runs, and ``--mesh auto`` on one GPU);
-- ``data`` / ``heads`` × n for n in 1, 2, 4, 8 present: :func:`dfa2_jax.sharding.shard_denoise` on a 1-D mesh.
-  data: batch n (one image per device); heads: batch 1, the 24 heads split n ways (n = 1 is the same
-  computation for both axes and is run once, as ``mesh1``).
+- ``data`` / ``heads`` / ``seq`` × n for n in 1, 2, 4, 8 present: :func:`dfa2_jax.sharding.shard_denoise` on a
+  1-D mesh. data: batch n (one image per device); heads: batch 1, the 24 heads split n ways (Megatron); seq:
+  batch 1, tokens split n ways outside attention and heads inside (Ulysses) (n = 1 is the same computation for
+  every axis and is run once, as ``mesh1``).
 
 Every output is compared with the ``none`` output of the same variant on the same initial noise first (data
 rows: image 0 of the batch, whose noise is ``none``'s): max |Δ| / max |ref| over the final latents.
@@ -57,7 +58,7 @@ def main():
     ap.add_argument("--steps", type=int, default=28)
     ap.add_argument("--runs", type=int, default=1, help="timed calls per row after the compiling one (median)")
     ap.add_argument("--attn", default="dense,plan")
-    ap.add_argument("--modes", default="data,heads")
+    ap.add_argument("--modes", default="data,heads,seq")
     ap.add_argument("--budget-s", type=float, default=1e9)
     ap.add_argument("--no-mesh1", action="store_true", help="skip the one-device mesh rows")
     ap.add_argument("--out", default=None, help="folder for scale.json")
@@ -124,7 +125,7 @@ def main():
         # none first (the reference), the multi-device rows, then the one-device mesh (issue: speed unchanged)
         jobs = [("none", 1)] + [(m, n) for n in counts[1:] for m in modes] + ([] if args.no_mesh1 else [(modes[0], 1)])
         for mode, n in jobs:
-            if mode == "heads" and cfg.num_attention_heads % n:
+            if mode in ("heads", "seq") and cfg.num_attention_heads % n:
                 continue
             batch = n if mode == "data" else 1
             name = "mesh1" if n == 1 and mode != "none" else mode

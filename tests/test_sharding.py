@@ -47,6 +47,11 @@ def test_validate_errors():
         validate({"cfg": 2}, batch=1, heads=24, family="flux", do_cfg=False)
     with pytest.raises(ValueError, match="size must be 1 or 2; got 4"):
         validate({"cfg": 4}, batch=1, heads=24, family="sd3", do_cfg=True)
+    validate({"data": 2, "seq": 8}, batch=2, heads=24, family="flux", do_cfg=False)
+    with pytest.raises(ValueError, match="24 attention heads are not divisible by the seq axis size 16"):
+        validate({"seq": 16}, batch=1, heads=24, family="flux", do_cfg=False)
+    with pytest.raises(ValueError, match=r"either the heads axis \(Megatron, size 2\) or the seq axis"):
+        validate({"heads": 2, "seq": 2}, batch=1, heads=24, family="sd3", do_cfg=True)
 
 
 def test_param_specs():
@@ -90,7 +95,9 @@ def test_parallel_modes_match_single_device():
     assert {"flux data=4", "flux heads=4", "flux heads=2", "flux data=2,heads=2", "flux data=4 fsdp",
             "sd3 data=4", "sd3 heads=4", "sd3 cfg=2,data=2", "sd3 cfg=2,heads=2", "sd3 data=2,heads=2 fsdp",
             "flux heads=4 kernel", "flux data=2,heads=2 kernel", "per_device data=2,heads=2",
-            "per_device heads=4", "per_device data=4"} <= modes, out
+            "per_device heads=4", "per_device data=4", "flux seq=4", "flux data=2,seq=2", "flux data=2,seq=2 fsdp",
+            "sd3 seq=4", "sd3 cfg=2,seq=2", "flux seq=4 kernel", "per_device seq=4", "collectives seq=4",
+            "collectives heads=4", "collectives data=4"} <= modes, out
 
 
 def test_calibration_on_a_mesh_gives_the_same_plan():
@@ -102,7 +109,8 @@ def test_calibration_on_a_mesh_gives_the_same_plan():
     assert proc.returncode == 0, out[-4000:]
     ok = {" ".join(line.split()[1:4]).rstrip(":") for line in proc.stdout.splitlines() if line.startswith("OK ")}
     assert {"calibrate flux data=4", "calibrate flux heads=2", "calibrate flux data=2,heads=2",
-            "calibrate sd3 cfg=2,data=2", "calibrate sd3 heads=2"} <= ok, out[-4000:]
+            "calibrate sd3 cfg=2,data=2", "calibrate sd3 heads=2", "calibrate flux seq=2",
+            "calibrate sd3 seq=2"} <= ok, out[-4000:]
 
 
 def test_resolve_mesh_single_device():

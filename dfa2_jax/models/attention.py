@@ -57,7 +57,18 @@ def _pick_implementation(q: jax.Array) -> str:
 
 
 BATCH_AXES = ("cfg", "data")  # mesh axes that split the model batch, major first (dfa2_jax.sharding)
-HEADS_AXIS = "heads"
+HEAD_AXES = ("heads", "seq")  # mesh axes that split the heads inside attention
+SEQ_AXIS = "seq"  # Ulysses-style: tokens split outside attention, heads inside
+
+
+def _mesh_sizes() -> tuple[object, dict[str, int]]:
+    mesh = jax.sharding.get_abstract_mesh()
+    return mesh, ({} if mesh.empty else dict(mesh.shape))
+
+
+def _batch_axes(sizes: dict[str, int], b: int):
+    batch = tuple(a for a in BATCH_AXES if sizes.get(a, 1) > 1)
+    return None if not batch or b % math.prod(sizes[a] for a in batch) else batch
 
 
 def per_device(fn: Callable[..., jax.Array], bshd: Sequence[jax.Array], per_head: Sequence[jax.Array] = ()):
@@ -65,23 +76,37 @@ def per_device(fn: Callable[..., jax.Array], bshd: Sequence[jax.Array], per_head
     mesh (``jax.set_mesh``; :func:`dfa2_jax.sharding.shard_denoise` sets it), else called as is.
 
     Attention is independent per (batch row, head), so it needs no collectives: ``jax.shard_map`` splits the
-    [B, S, H, D] operands on B over the mesh's ``cfg``/``data`` axes and on H over ``heads``, and the [H]
-    operands on ``heads``. Custom calls (the Pallas kernel, cuDNN) then see local shapes instead of being
-    gathered by the partitioner. An axis that does not divide its dim is left replicated."""
-    mesh = jax.sharding.get_abstract_mesh()
-    if mesh.empty:
+    [B, S, H, D] operands on B over the mesh's ``cfg``/``data`` axes and on H over ``heads`` and ``seq`` (where
+    the operands come in split on tokens — the ``seq`` axis — the partitioner moves them with an all-to-all),
+    and the [H] operands on the same head axes. Custom calls (the Pallas kernel, cuDNN) then see local shapes
+    instead of being gathered by the partitioner. An axis that does not divide its dim is left replicated."""
+    mesh, sizes = _mesh_sizes()
+    if not sizes:
         return fn(*bshd, *per_head)
-    sizes = dict(mesh.shape)
     b, h = bshd[0].shape[0], bshd[0].shape[2]
-    batch = tuple(a for a in BATCH_AXES if sizes.get(a, 1) > 1)
-    if batch and b % math.prod(sizes[a] for a in batch):
-        batch = ()
-    heads = HEADS_AXIS if sizes.get(HEADS_AXIS, 1) > 1 and h % sizes[HEADS_AXIS] == 0 else None
-    if not batch and heads is None:
+    batch = _batch_axes(sizes, b)
+    heads = tuple(a for a in HEAD_AXES if sizes.get(a, 1) > 1)
+    if not heads or h % math.prod(sizes[a] for a in heads):
+        heads = None
+    if batch is None and heads is None:
         return fn(*bshd, *per_head)
-    x, hs = P(batch or None, None, heads, None), P(heads)
+    x, hs = P(batch, None, heads, None), P(heads)
     return jax.shard_map(fn, mesh=mesh, in_specs=(x,) * len(bshd) + (hs,) * len(per_head), out_specs=x,
                          check_vma=False)(*bshd, *per_head)
+
+
+def token_split(x: jax.Array | None) -> jax.Array | None:
+    """``x`` [B, S, ...] constrained to be split on its tokens (dim 1) over the context mesh's ``seq`` axis
+    (and on B over the batch axes), when there is one: the Ulysses-style sequence parallel layout of the
+    residual streams. Models call it on their streams and on each attention output before its projection,
+    so everything outside attention runs on 1/n of the tokens per device. No ``seq`` axis: ``x`` as is."""
+    if x is None:
+        return x
+    _, sizes = _mesh_sizes()
+    if sizes.get(SEQ_AXIS, 1) <= 1:
+        return x
+    spec = P(_batch_axes(sizes, x.shape[0]), SEQ_AXIS, *([None] * (x.ndim - 2)))
+    return jax.lax.with_sharding_constraint(x, spec)
 
 
 def dense_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, implementation: str | None = None) -> jax.Array:

@@ -11,7 +11,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from dfa2_jax.models.attention import AttentionRuntime
+from dfa2_jax.models.attention import AttentionRuntime, token_split
 from dfa2_jax.models.configs import FluxConfig
 from dfa2_jax.models.layers import (AdaLayerNormContinuous, AdaLayerNormZero, Attention,
                                     CombinedTimestepTextProjEmbeddings, FeedForward, Linear, layer_norm,
@@ -113,13 +113,15 @@ class FluxTransformer2DModel(nnx.Module):
         if image_rotary_emb[0].shape[0] != expected:
             raise ValueError(f"rotary tables have {image_rotary_emb[0].shape[0]} positions; the joint sequence has "
                              f"{expected} (text {text_len} + image {x.shape[1]})")
+        x, context = token_split(x), token_split(context)  # a mesh's seq axis splits the streams on tokens
         layer = 0
         for block in self.transformer_blocks:
             x, context = block(x, context, temb, image_rotary_emb, layer=layer, runtime=runtime)
+            x, context = token_split(x), token_split(context)
             layer += 1
-        h = jnp.concatenate([context, x], axis=1)
+        h = token_split(jnp.concatenate([context, x], axis=1))
         for block in self.single_transformer_blocks:
-            h = block(h, temb, image_rotary_emb, text_len=text_len, layer=layer, runtime=runtime)
+            h = token_split(block(h, temb, image_rotary_emb, text_len=text_len, layer=layer, runtime=runtime))
             layer += 1
         x = h[:, text_len:]
         return self.proj_out(self.norm_out(x, temb))

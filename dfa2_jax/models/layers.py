@@ -16,7 +16,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from dfa2_jax.models.attention import AttentionRuntime, TokenLayout, joint_attention
+from dfa2_jax.models.attention import AttentionRuntime, TokenLayout, joint_attention, token_split
 
 
 class Linear(nnx.Module):
@@ -273,6 +273,9 @@ class Attention(nnx.Module):
                     ctx_out, out = out[:, :text_len], out[:, text_len:]
                 else:
                     out, ctx_out = out[:, :n_img], out[:, n_img:]
+                ctx_out = token_split(ctx_out)  # back to the token split (seq axis) before the projection
+            out = token_split(out)
+            if context is not None:
                 if self.to_add_out is not None:
                     ctx_out = self.to_add_out(ctx_out)
             if self.to_out is not None:

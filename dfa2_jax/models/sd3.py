@@ -11,7 +11,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from dfa2_jax.models.attention import AttentionRuntime
+from dfa2_jax.models.attention import AttentionRuntime, token_split
 from dfa2_jax.models.configs import SD3Config
 from dfa2_jax.models.layers import (AdaLayerNormContinuous, AdaLayerNormZero, Attention,
                                     CombinedTimestepTextProjEmbeddings, FeedForward, Linear, layer_norm,
@@ -146,10 +146,12 @@ class SD3Transformer2DModel(nnx.Module):
         pooled = pooled_projections.astype(dtype)
         temb = self.time_text_embed(jnp.broadcast_to(jnp.asarray(timestep), (b,)), pooled)
         context = self.context_embedder(encoder_hidden_states.astype(dtype))
+        x, context = token_split(x), token_split(context)  # a mesh's seq axis splits the streams on tokens
         layer = 0
         for block in self.transformer_blocks:
             layer2 = layer + 1 if block.attn2 is not None else None
             x, context = block(x, context, temb, layer=layer, layer2=layer2, runtime=runtime)
+            x, context = token_split(x), token_split(context)
             layer += 2 if block.attn2 is not None else 1
         x = self.proj_out(self.norm_out(x, temb))  # [B, N, p·p·C]
         gh, gw, c = h // p, w // p, cfg.out_ch
