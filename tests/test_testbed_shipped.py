@@ -192,9 +192,15 @@ def test_flux_loads_and_shares_the_sd3_encoders(flux_testbed):
     # trained with scripts/train_testbed.py --reuse dfa2_jax/assets/testbed_sd3: one VAE, CLIP-L tower and T5
     flux, sd3 = testbed_path("flux"), testbed_path("sd3")
     for a, b in (("vae", "vae"), ("text_encoder_2", "text_encoder_3")):
-        assert open(os.path.join(flux, a, "diffusion_pytorch_model.safetensors" if a == "vae" else "model.safetensors"),
-                    "rb").read() == open(os.path.join(sd3, b, "diffusion_pytorch_model.safetensors" if a == "vae"
-                                                      else "model.safetensors"), "rb").read()
+        name = "diffusion_pytorch_model.safetensors" if a == "vae" else "model.safetensors"
+        assert open(os.path.join(flux, a, name), "rb").read() == open(os.path.join(sd3, b, name), "rb").read()
+    from safetensors.numpy import load_file
+
+    clip, clip_l = ({k.removeprefix("text_model."): v
+                     for k, v in load_file(os.path.join(d, "text_encoder", "model.safetensors")).items()}
+                    for d in (flux, sd3))
+    assert set(clip) == set(clip_l) - {"text_projection.weight"}  # FLUX's CLIP = the CLIP-L tower
+    assert all(np.array_equal(clip[k], clip_l[k]) for k in clip)
 
 
 def test_flux_matches_diffusers_from_the_same_latents(flux_testbed):

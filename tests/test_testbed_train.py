@@ -76,3 +76,28 @@ def test_smoke_training_loads_and_matches_diffusers(tmp_path):
     for family in ("sd3", "flux"):
         assert log["models"][f"{family}_folder_mb"] <= 30
         _check_parity(out, family, str(tmp_path / "cache"))
+    # --reuse (how the shipped FLUX-style testbed was made): a FLUX-only run on the SD3 folder's VAE, encoders and
+    # tokenizers, without VAE training and without bf16 autocast (a no-op on the CPU)
+    second = tmp_path / "second"
+    assert _script().main(["--out", str(second), "--smoke", "--families", "flux", "--reuse",
+                           str(out / "testbed_sd3"), "--precision", "fp32", "--no-samples"]) == 0
+    log2 = json.loads((second / "train_log.json").read_text())
+    assert log2["phases"]["vae"] == {"reused": str(out / "testbed_sd3"), "shift_factor": vae_cfg["shift_factor"],
+                                     "scaling_factor": vae_cfg["scaling_factor"]}  # not retrained
+    assert "sd3" not in log2["phases"]
+    losses = [e["loss"] for e in log2["phases"]["flux"]["log"]]
+    assert float(np.mean(losses[len(losses) // 2:])) < losses[0]
+    from safetensors.numpy import load_file
+
+    def weights(folder, sub):
+        name = "diffusion_pytorch_model.safetensors" if sub == "vae" else "model.safetensors"
+        return load_file(str(folder / sub / name))
+
+    for mine, theirs in (("vae", "vae"), ("text_encoder_2", "text_encoder_3")):  # FLUX's T5 = SD3's T5
+        a, b = weights(second / "testbed_flux", mine), weights(out / "testbed_sd3", theirs)
+        assert a.keys() == b.keys() and all(np.array_equal(a[k], b[k]) for k in a)
+    # FLUX's CLIP = the SD3 CLIP-L tower without its projection ("text_model." prefix or not, by transformers version)
+    clip, clip_l = ({k.removeprefix("text_model."): v for k, v in weights(folder, "text_encoder").items()}
+                    for folder in (second / "testbed_flux", out / "testbed_sd3"))
+    assert set(clip) == set(clip_l) - {"text_projection.weight"}
+    assert all(np.array_equal(clip[k], clip_l[k]) for k in clip)
