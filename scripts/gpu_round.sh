@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# One device call: kernel benchmark (autotune + Mosaic FA3 reference) then calibration timing with the kernel.
-# Usage on the device: bash scripts/gpu_round.sh [kernel|calib|all]
+# One device call: kernel benchmark (autotune + Mosaic FA3 reference) then calibration timing with the kernel;
+# or the end-to-end run (e2e), or the multi-GPU scaling run (scale: data / heads / seq rows, NVLink multicast off).
+# Usage on the device: bash scripts/gpu_round.sh [kernel|calib|all|e2e|scale]
 set -o pipefail
 export PYTHONUNBUFFERED=1 PYTHONPATH=.${PYTHONPATH:+:$PYTHONPATH} DFA2_ARROW_TUNE_CACHE=${OUT:-/tmp}/arrow_tune.json
 what=${1:-all}
@@ -18,4 +19,10 @@ if [[ $what == e2e ]]; then
     && export PYTHONPATH=$PYTHONPATH:/tmp/site
   timeout ${E2E_TIMEOUT:-420} python3 scripts/bench_e2e.py --cases ${E2E_CASES:-flux-2048} --out $OUT \
     --budget-s ${E2E_BUDGET:-400} 2>&1 | tee $OUT/e2e.log
+fi
+if [[ $what == scale ]]; then
+  export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
+  timeout ${SCALE_TIMEOUT:-560} python3 scripts/bench_scale.py --res 2048 --steps 28 --runs 1 \
+    --modes ${SCALE_MODES:-seq,heads,data} --budget-s ${SCALE_BUDGET:-540} ${SCALE_ARGS:-} --out $OUT \
+    2>&1 | tee $OUT/scale.log | grep -v "^ROW\|^META"
 fi
