@@ -87,19 +87,20 @@ def arrow_heads(q, k, v, half_windows, layout: TokenLayout, cache, impl: str) ->
     Under a context mesh each device runs its own batch rows and heads (:func:`per_device`)."""
     d = q.shape[-1]
     if impl == "reference" or d < 16 or d & (d - 1):  # the kernel's block loads need a power-of-two head_dim
-        def local(q, k, v, hw, *cache):
+        def local(q, k, v, *rest):  # rest: ([cache,] half_windows), per_device's operand order
+            *cache, hw = rest
             o = M.masked_attention(q, k, v, M.arrow_mask(q.shape[1], layout.text_len, layout.text_first, hw))
             return jnp.where(_per_head(hw == 0), cache[0].astype(o.dtype), o) if cache else o
     else:
         from pallas_kernels.arrow_attention import arrow_attention
 
-        def local(q, k, v, hw, *cache):
+        def local(q, k, v, *rest):
+            *cache, hw = rest
             return arrow_attention(q, k, v, hw, text_len=layout.text_len, text_first=layout.text_first,
                                    cache=cache[0] if cache else None, interpret=impl == "interpret")
 
     bshd = (q, k, v) if cache is None else (q, k, v, cache)
-    return per_device(lambda q, k, v, *rest: local(q, k, v, rest[-1], *rest[:-1]), bshd,
-                      (half_windows.astype(jnp.int32),))
+    return per_device(local, bshd, (half_windows.astype(jnp.int32),))
 
 
 def _per_head(mask_h: jax.Array) -> jax.Array:

@@ -44,6 +44,7 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
+from dfa2_jax.models.attention import BATCH_AXES, HEAD_AXES
 from dfa2_jax.sample import PlanArrays, _scan_denoise_jit, plan_inputs
 
 AXES = ("data", "cfg", "heads", "seq")  # the mesh's axis order (batch-like axes major)
@@ -131,13 +132,13 @@ def validate(sizes: dict[str, int], *, batch: int, heads: int, family: str, do_c
 
 def _head_axes(mesh: Mesh):
     """The mesh axes the heads are split over inside attention (plan arrays and head caches with them)."""
-    axes = tuple(a for a in ("heads", "seq") if _size(mesh, a) > 1)
+    axes = tuple(a for a in HEAD_AXES if _size(mesh, a) > 1)
     return axes if axes else None
 
 
 def _batch_axes(mesh: Mesh, model_batch: bool):
     """The mesh axes the batch dim is sharded over (model batch: the doubled CFG batch)."""
-    axes = tuple(a for a in (("cfg", "data") if model_batch else ("data",)) if _size(mesh, a) > 1)
+    axes = tuple(a for a in (BATCH_AXES if model_batch else ("data",)) if _size(mesh, a) > 1)
     return axes if axes else None
 
 

@@ -33,6 +33,7 @@ import json
 import os
 import sys
 import time
+import types
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
@@ -52,36 +53,25 @@ def plan_arrays(cfg, text: int, steps: int, n_img: int, *, smoke: bool):
     return PlanArrays(*plan.to_arrays(n_img)), stats["attention_flops_kept"]
 
 
-def main():
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--res", type=int, default=2048)
-    ap.add_argument("--steps", type=int, default=28)
-    ap.add_argument("--runs", type=int, default=1, help="timed calls per row after the compiling one (median)")
-    ap.add_argument("--attn", default="dense,plan")
-    ap.add_argument("--modes", default="data,heads,seq")
-    ap.add_argument("--budget-s", type=float, default=1e9)
-    ap.add_argument("--no-mesh1", action="store_true", help="skip the one-device mesh rows")
-    ap.add_argument("--out", default=None, help="folder for scale.json")
-    ap.add_argument("--small", action="store_true", help="a 2+2-layer, 4-head model at 256² (CPU smoke run)")
-    args = ap.parse_args()
-    t_start = time.perf_counter()
+def flux_case(args, max_batch: int) -> types.SimpleNamespace:
+    """The benchmark's model and inputs (also scripts/bench_memory.py): FLUX.1-dev (``args.small``: 2+2 blocks, 4
+    heads, float32, 3 steps, 16 text tokens) with random weights at ``args.res``², its schedule, the 68% plan,
+    and ``inputs(batch)`` -> (latents, cond) from one seeded pool of ``max_batch`` rows (batch b = the first b
+    rows, so row 0 is the batch-1 input)."""
     import jax
     import jax.numpy as jnp
     import numpy as np
 
     import dfa2_jax
     from dfa2_jax.pipeline import flux_image_ids
-    from dfa2_jax.sample import denoise
     from dfa2_jax.scheduler import FlowMatchEulerConfig, calculate_shift, set_timesteps
-    from dfa2_jax.sharding import make_mesh, shard_denoise
     from dfa2_jax.transformer import flux_rope
 
-    cfg = dfa2_jax.FluxConfig.dev()
-    text = 512
+    cfg, text = dfa2_jax.FluxConfig.dev(), 512
     if args.small:
         cfg = dfa2_jax.FluxConfig.dev(num_layers=2, num_single_layers=2, num_attention_heads=4,
                                       joint_attention_dim=64, pooled_projection_dim=32)
-        args.res, args.steps, text = 256, 3, 16  # 1024 image tokens: every arrow:k has a band
+        args.steps, text = 3, 16
     dtype = jnp.dtype("float32" if args.small else "bfloat16")
     t0 = time.perf_counter()
     tr = dfa2_jax.random_transformer(cfg, dtype=dtype.name)
@@ -92,16 +82,10 @@ def main():
     ts, sig = set_timesteps(FlowMatchEulerConfig.flux_dev(), args.steps,
                             sigmas=np.linspace(1, 1 / args.steps, args.steps), mu=calculate_shift(n_img))
     plan, kept = plan_arrays(cfg, text, args.steps, n_img, smoke=args.small)
-    devices = jax.devices()
-    counts = [n for n in (1, 2, 4, 8) if n <= len(devices)]
-    modes = [m for m in args.modes.split(",") if m]
-
-    # One pool of inputs for the largest batch; batch b uses its first b rows (row 0 = the batch-1 input).
     rng = np.random.default_rng(0)
-    nmax = max(counts)
-    pool = {"latents": rng.standard_normal((nmax, n_img, cfg.in_channels)).astype(np.float32),
-            "prompt_embeds": rng.standard_normal((nmax, text, cfg.joint_attention_dim)).astype(np.float32),
-            "pooled": rng.standard_normal((nmax, cfg.pooled_projection_dim)).astype(np.float32)}
+    pool = {"latents": rng.standard_normal((max_batch, n_img, cfg.in_channels)).astype(np.float32),
+            "prompt_embeds": rng.standard_normal((max_batch, text, cfg.joint_attention_dim)).astype(np.float32),
+            "pooled": rng.standard_normal((max_batch, cfg.pooled_projection_dim)).astype(np.float32)}
     rope = flux_rope(cfg, np.zeros((text, 3), np.float32), flux_image_ids(h, w))
 
     def inputs(batch):
@@ -110,9 +94,42 @@ def main():
                 "rope": rope, "guidance": jnp.full((batch,), 3.5, jnp.float32)}
         return jnp.asarray(pool["latents"][:batch], dtype), cond
 
+    return types.SimpleNamespace(cfg=cfg, text=text, dtype=dtype, tr=tr, init_s=init_s, n_img=n_img,
+                                 ts=jnp.asarray(ts), sig=jnp.asarray(sig), plan=plan, kept=kept, inputs=inputs)
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--res", type=int, default=None,
+                    help="default 2048 (--small: 256, 1024 image tokens: every arrow:k has a band)")
+    ap.add_argument("--steps", type=int, default=28)
+    ap.add_argument("--runs", type=int, default=1, help="timed calls per row after the compiling one (median)")
+    ap.add_argument("--attn", default="dense,plan")
+    ap.add_argument("--modes", default="data,heads,seq")
+    ap.add_argument("--budget-s", type=float, default=1e9)
+    ap.add_argument("--no-mesh1", action="store_true", help="skip the one-device mesh rows")
+    ap.add_argument("--out", default=None, help="folder for scale.json")
+    ap.add_argument("--small", action="store_true", help="a 2+2-layer, 4-head model at 256² (CPU smoke run)")
+    args = ap.parse_args()
+    args.res = args.res or (256 if args.small else 2048)
+    t_start = time.perf_counter()
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+
+    from dfa2_jax.sample import denoise
+    from dfa2_jax.sharding import make_mesh, shard_denoise
+
+    devices = jax.devices()
+    counts = [n for n in (1, 2, 4, 8) if n <= len(devices)]
+    modes = [m for m in args.modes.split(",") if m]
+    case = flux_case(args, max(counts))
+    cfg, dtype, tr, ts, sig, plan, kept, inputs = (case.cfg, case.dtype, case.tr, case.ts, case.sig, case.plan,
+                                                    case.kept, case.inputs)
+
     rows, est = [], {}
     meta = {"device": devices[0].device_kind, "devices": len(devices), "jax": jax.__version__,
-            "res": args.res, "steps": args.steps, "dtype": dtype.name, "init_s": init_s, "plan_kept": kept,
+            "res": args.res, "steps": args.steps, "dtype": dtype.name, "init_s": case.init_s, "plan_kept": kept,
             "layers": f"{cfg.num_layers}+{cfg.num_single_layers}", "heads": cfg.num_attention_heads}
     print("META", json.dumps(meta), flush=True)
 

@@ -117,6 +117,21 @@ def psnr01(a, b) -> float:
     return 10 * np.log10(1.0 / max(mse, 1e-20))
 
 
+def diffusers_outputs(folder, family: str, prompts, latents, kw) -> tuple[np.ndarray, np.ndarray]:
+    """(final latents, float images in [0, 1]) of diffusers' own pipeline (StableDiffusion3Pipeline or
+    FluxPipeline) on a saved folder, from the given initial ``latents``; ``kw``: the call's other arguments."""
+    import diffusers
+    import torch
+
+    cls = diffusers.StableDiffusion3Pipeline if family == "sd3" else diffusers.FluxPipeline
+    pipe = cls.from_pretrained(str(folder))
+    pipe.set_progress_bar_config(disable=True)
+    with torch.no_grad():
+        lat = pipe(prompts, latents=torch.from_numpy(latents), output_type="latent", **kw).images.numpy()
+        img = pipe(prompts, latents=torch.from_numpy(latents), output_type="np", **kw).images
+    return lat, img
+
+
 def assert_pipeline_output_matches(out, ref_latents, ref_images, label: str) -> None:
     """Our pipeline's output (final latents + PIL images) equals diffusers' (latents, float images in [0, 1])."""
     err = max_rel_err(out.latents, ref_latents)

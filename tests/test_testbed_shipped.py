@@ -10,7 +10,7 @@ import os
 import numpy as np
 import pytest
 
-from tests.conftest import assert_pipeline_output_matches
+from tests.conftest import assert_pipeline_output_matches, diffusers_outputs
 
 # prompt accuracy of a 4-step generation of world.make_batch(0, 4, "heldout") with seed 0, measured on CPU with
 # jax 0.10.2: 0.859 (per caption 0.778, 1.0, 0.889, 0.769). Other caption sets / seeds measured 0.77-0.95.
@@ -56,24 +56,22 @@ def test_loads_with_our_loader(testbed):
 
 def test_matches_diffusers_from_the_same_latents(testbed):
     """diffusers' StableDiffusion3Pipeline on the shipped folder vs ours: 2 held-out captions, 4 steps, CFG 4."""
-    import diffusers
-    import torch
+    pipe, st = testbed
+    _matches_diffusers(pipe, st, (2, 4, 16, 16))
 
+
+def _matches_diffusers(pipe, settings, latent_shape) -> None:
+    """Our pipeline vs diffusers' on the shipped folder: 2 held-out captions, 4 steps, the same initial latents
+    (seeded, ``latent_shape``), the testbed's settings."""
     from dfa2_jax.testbed import testbed_path, world
 
-    pipe, st = testbed
     _, prompts, _ = world.make_batch(0, 2, "heldout")
-    latents = np.random.default_rng(3).standard_normal((2, 4, 16, 16), np.float32)
-    kw = dict(height=64, width=64, num_inference_steps=4, guidance_scale=st.guidance_scale,
-              max_sequence_length=st.max_sequence_length)
-    ref = diffusers.StableDiffusion3Pipeline.from_pretrained(testbed_path())
-    ref.set_progress_bar_config(disable=True)
-    with torch.no_grad():
-        ref_lat = ref(prompts, latents=torch.from_numpy(latents), output_type="latent", **kw).images.numpy()
-        ref_img = ref(prompts, latents=torch.from_numpy(latents), output_type="np", **kw).images
+    latents = np.random.default_rng(3).standard_normal(latent_shape, np.float32)
+    kw = {**settings.generate_kwargs(), "num_inference_steps": 4}
+    ref_lat, ref_img = diffusers_outputs(testbed_path(settings.family), settings.family, prompts, latents, kw)
     out = pipe(prompts, latents=latents, **kw)
     assert len(out.images) == 2 and out.images[0].size == (64, 64)
-    assert_pipeline_output_matches(out, ref_lat, ref_img, "testbed_sd3")
+    assert_pipeline_output_matches(out, ref_lat, ref_img, f"testbed_{settings.family}")
 
 
 def test_four_step_samples_follow_their_captions(testbed):
@@ -206,23 +204,8 @@ def test_flux_loads_and_shares_the_sd3_encoders(flux_testbed):
 def test_flux_matches_diffusers_from_the_same_latents(flux_testbed):
     """diffusers' FluxPipeline on the shipped folder vs ours: 2 held-out captions, 4 steps, packed latents.
     Achieved (CPU, float32, jax 0.10.2, diffusers 0.42.1): final latents max relative error 6.4e-7, PSNR 64.1 dB."""
-    import diffusers
-    import torch
-
-    from dfa2_jax.testbed import testbed_path, world
-
     pipe, st = flux_testbed
-    _, prompts, _ = world.make_batch(0, 2, "heldout")
-    latents = np.random.default_rng(3).standard_normal((2, 64, 16), np.float32)  # (16/2)² tokens x 4·4 channels
-    kw = dict(height=64, width=64, num_inference_steps=4, max_sequence_length=st.max_sequence_length)
-    ref = diffusers.FluxPipeline.from_pretrained(testbed_path("flux"))
-    ref.set_progress_bar_config(disable=True)
-    with torch.no_grad():
-        ref_lat = ref(prompts, latents=torch.from_numpy(latents), output_type="latent", **kw).images.numpy()
-        ref_img = ref(prompts, latents=torch.from_numpy(latents), output_type="np", **kw).images
-    out = pipe(prompts, latents=latents, **kw)
-    assert len(out.images) == 2 and out.images[0].size == (64, 64)
-    assert_pipeline_output_matches(out, ref_lat, ref_img, "testbed_flux")
+    _matches_diffusers(pipe, st, (2, 64, 16))  # (16/2)² packed tokens x 4·4 channels
 
 
 def test_flux_four_step_samples_follow_their_captions(flux_testbed):

@@ -12,7 +12,7 @@ import tarfile
 import numpy as np
 import pytest
 
-from tests.conftest import assert_pipeline_output_matches
+from tests.conftest import assert_pipeline_output_matches, diffusers_outputs
 
 SCRIPT = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "scripts", "train_testbed.py")
 
@@ -23,19 +23,6 @@ def _script():
     sys.modules["train_testbed"] = mod  # dataclasses resolve their module by name
     spec.loader.exec_module(mod)
     return mod
-
-
-def _diffusers_latents(folder, family, prompts, latents, kw):
-    import diffusers
-    import torch
-
-    cls = diffusers.StableDiffusion3Pipeline if family == "sd3" else diffusers.FluxPipeline
-    pipe = cls.from_pretrained(folder)
-    pipe.set_progress_bar_config(disable=True)
-    with torch.no_grad():
-        lat = pipe(prompts, latents=torch.from_numpy(latents), output_type="latent", **kw).images.numpy()
-        img = pipe(prompts, latents=torch.from_numpy(latents), output_type="np", **kw).images
-    return lat, img
 
 
 def _check_parity(out_dir, family, cache_dir):
@@ -50,7 +37,7 @@ def _check_parity(out_dir, family, cache_dir):
     kw = dict(height=64, width=64, num_inference_steps=4, max_sequence_length=info["max_sequence_length"])
     if family == "sd3":
         kw["guidance_scale"] = info["guidance_scale"]
-    ref_lat, ref_img = _diffusers_latents(folder, family, prompts, latents, kw)
+    ref_lat, ref_img = diffusers_outputs(folder, family, prompts, latents, kw)
     out = load_pipeline(folder, cache_dir=cache_dir)(prompts, latents=latents, **kw)
     assert len(out.images) == 2 and out.images[0].size == (64, 64)
     assert_pipeline_output_matches(out, ref_lat, ref_img, family)

@@ -236,16 +236,18 @@ def calibrate(pipe, prompts: Sequence[str], *, resolution, steps: int, delta: fl
         return res.choice
 
     end = steps if stop_after is None else min(steps, start + stop_after)
+    # under the mesh, attention runs per device (dfa2_jax.models.attention.per_device)
     try:
-        for t in range(start, end):
-            with jax.set_mesh(mesh) if mesh is not None else contextlib.nullcontext():
+        with jax.set_mesh(mesh) if mesh is not None else contextlib.nullcontext():
+            for t in range(start, end):
                 x, state = run_step(choose, tr.graphdef, params, x, cond, jnp.asarray(prep.timesteps[t]),
                                     jnp.asarray(prep.sigmas[t]), jnp.asarray(prep.sigmas[t + 1]), state,
                                     jnp.int32(t), family=tr.family, do_cfg=prep.do_cfg, candidates=cands,
                                     n_img=prep.n_img)
-            if checkpoint:
-                _save_ckpt(checkpoint, x, state, {"version": CKPT_VERSION, "key": key, "next_step": t + 1,
-                                                  "assignment": assignment.tolist(), "solver_time": solver_time[0]})
+                if checkpoint:
+                    _save_ckpt(checkpoint, x, state, {"version": CKPT_VERSION, "key": key, "next_step": t + 1,
+                                                      "assignment": assignment.tolist(),
+                                                      "solver_time": solver_time[0]})
     finally:
         if bar is not None:
             bar.close()
