@@ -195,53 +195,30 @@ def _text_blocks(seq_len: int, text_len: int, text_first: bool, block_q: int) ->
     return t_lo // block_q, -(-t_hi // block_q)
 
 
-def _program(p, bh_count: int, n_qb: int, tq0: int, tq1: int):
-    """Launch index -> (batch·head, query block). Longest jobs first: the query blocks holding text rows (they
-    visit every key block) of all heads, then the image-only blocks head by head (neighbouring query blocks of
-    one head share their key bands: L2 reuse)."""
-    n_txt = tq1 - tq0
-    if n_txt == 0:
-        return p // n_qb, lax.rem(p, n_qb)
-    first = bh_count * n_txt
-    early = p < first
-    r = jnp.maximum(p - first, 0)
-    n_img_qb = n_qb - n_txt
-    j = lax.rem(r, n_img_qb) if n_img_qb else r
-    bh = jnp.where(early, lax.rem(p, bh_count), r // max(n_img_qb, 1))
-    qb = jnp.where(early, tq0 + p // bh_count, jnp.where(j < tq0, j, j + n_txt))
-    return bh, qb
+def visit_ranges(w, q0, *, s_pad: int, seq_len: int, text_len: int, text_first: bool, block_q: int, block_k: int,
+                 has_cache: bool):
+    """The key blocks a query tile [q0, q0 + block_q) of a head with half-window ``w`` visits, as six
+    ``((lo, hi), masked)`` block ranges (visit order does not matter: online softmax), and whether the head is
+    cached (then every range is empty). ``w`` and ``q0`` are int32 scalars inside a kernel, or vectors (one entry
+    per program) in the Mosaic GPU wrapper; the rest is static.
 
+    * a tile holding any text row, or a full head: every key block;
+    * an image-only tile with image rows [a0, a1]: the text key blocks, then the image key blocks meeting
+      [a0 − w, a1 + w] (clipped so that no block is visited twice).
 
-def _arrow_kernel(hw_ref, q_ref, k_ref, v_ref, *rest, num_heads: int, seq_len: int, text_len: int,
-                  text_first: bool, sm_scale: float, block_q: int, block_k: int, has_cache: bool, bh_count: int,
-                  n_qb: int, tq0: int, tq1: int):
-    """One (batch·head, query block) program (:func:`_program`). q_ref, o_ref (and cache_ref): [block_q, D]; k_ref, v_ref:
-    [S_pad, D] of this batch element and head; hw_ref: [H_pad] int32 half-windows."""
-    if has_cache:
-        cache_ref, o_ref = rest
-    else:
-        (o_ref,) = rest
-    # Grid (batch·head, query block): the heads of one query block run side by side, and the query blocks
-    # holding text rows (every key block: the heaviest programs) are launched first (longest job first).
-    bh, qb = _program(pl.program_id(0), bh_count, n_qb, tq0, tq1)
-    h = lax.rem(bh, num_heads)
-    w = hw_ref[h]  # scalar int32
-    s_pad = k_ref.shape[0]
+    Blocks where every (row, key) pair of the tile is allowed are unmasked; only edge blocks (band edges,
+    text/image boundary, padding) need the element-wise mask.
+    """
+    i32 = lambda x: jnp.asarray(x, jnp.int32)
     n_kb = s_pad // block_k
     n_img = seq_len - text_len
     off = text_len if text_first else 0  # sequence position of image token 0
     t_lo, t_hi = (0, text_len) if text_first else (n_img, seq_len)  # text positions [t_lo, t_hi)
-
-    q0 = qb * block_q
     q1 = q0 + block_q - 1  # inclusive
     if text_len == 0:
         has_text_row = jnp.bool_(False)
     else:
         has_text_row = (q0 < t_hi) & (q1 >= t_lo)
-
-    # Key-block ranges, each a fori_loop. Blocks where every (row, key) pair of the tile is allowed run the
-    # unmasked body; only edge blocks (band edges, text/image boundary, padding) are masked element-wise.
-    i32 = lambda x: jnp.asarray(x, jnp.int32)
     n_full = seq_len // block_k  # key blocks holding no padding
     all_text_rows = (q0 >= t_lo) & (q1 < t_hi) if text_len else jnp.bool_(False)
     # Text key blocks [tb0, tb1); the pure-text ones [ti0, ti1) need no mask (every query sees text keys).
@@ -287,7 +264,7 @@ def _arrow_kernel(hw_ref, q_ref, k_ref, v_ref, *rest, num_heads: int, seq_len: i
             out.append(jnp.where(cached, i32(0), x))
         return tuple(out)
 
-    ranges = (  # (range, masked): the order of the visits does not matter (online softmax)
+    ranges = (
         (pick((0, n_full), empty, (ti0, ti1)), False),
         (pick((n_full, n_kb), (0, n_kb), (tb0, ti0)), True),
         (pick(empty, empty, (ti1, tb1)), True),
@@ -295,6 +272,47 @@ def _arrow_kernel(hw_ref, q_ref, k_ref, v_ref, *rest, num_heads: int, seq_len: i
         (pick(empty, empty, (i0, i1)), False),
         (pick(empty, empty, (i1, bb1)), True),
     )
+    return ranges, cached
+
+
+def _program(p, bh_count: int, n_qb: int, tq0: int, tq1: int):
+    """Launch index -> (batch·head, query block). Longest jobs first: the query blocks holding text rows (they
+    visit every key block) of all heads, then the image-only blocks head by head (neighbouring query blocks of
+    one head share their key bands: L2 reuse)."""
+    n_txt = tq1 - tq0
+    if n_txt == 0:
+        return p // n_qb, lax.rem(p, n_qb)
+    first = bh_count * n_txt
+    early = p < first
+    r = jnp.maximum(p - first, 0)
+    n_img_qb = n_qb - n_txt
+    j = lax.rem(r, n_img_qb) if n_img_qb else r
+    bh = jnp.where(early, lax.rem(p, bh_count), r // max(n_img_qb, 1))
+    qb = jnp.where(early, tq0 + p // bh_count, jnp.where(j < tq0, j, j + n_txt))
+    return bh, qb
+
+
+def _arrow_kernel(hw_ref, q_ref, k_ref, v_ref, *rest, num_heads: int, seq_len: int, text_len: int,
+                  text_first: bool, sm_scale: float, block_q: int, block_k: int, has_cache: bool, bh_count: int,
+                  n_qb: int, tq0: int, tq1: int):
+    """One (batch·head, query block) program (:func:`_program`). q_ref, o_ref (and cache_ref): [block_q, D]; k_ref, v_ref:
+    [S_pad, D] of this batch element and head; hw_ref: [H_pad] int32 half-windows."""
+    if has_cache:
+        cache_ref, o_ref = rest
+    else:
+        (o_ref,) = rest
+    # Grid (batch·head, query block): the heads of one query block run side by side, and the query blocks
+    # holding text rows (every key block: the heaviest programs) are launched first (longest job first).
+    bh, qb = _program(pl.program_id(0), bh_count, n_qb, tq0, tq1)
+    h = lax.rem(bh, num_heads)
+    w = hw_ref[h]  # scalar int32
+    s_pad = k_ref.shape[0]
+    n_img = seq_len - text_len
+    off = text_len if text_first else 0  # sequence position of image token 0
+    t_lo, t_hi = (0, text_len) if text_first else (n_img, seq_len)  # text positions [t_lo, t_hi)
+    q0 = qb * block_q
+    ranges, cached = visit_ranges(w, q0, s_pad=s_pad, seq_len=seq_len, text_len=text_len, text_first=text_first,
+                                  block_q=block_q, block_k=block_k, has_cache=has_cache)
 
     q = q_ref[...]
     d = q.shape[-1]
@@ -411,24 +429,56 @@ def _validate(q, k, v, half_window, text_len, cache, *, kernel: bool):
         raise ValueError(f"arrow_attention: cache must be [B, S, H, D] = {q.shape}, got {cache.shape}")
 
 
+BACKENDS = ("auto", "triton", "mosaic")
+
+
+def backend_choice(q, *, interpret: bool = False, config=None) -> str:
+    """"triton" or "mosaic" for this call. An explicit config picks its backend (:class:`ArrowConfig` Triton,
+    :class:`~pallas_kernels.arrow_attention_mgpu.MgpuConfig` Mosaic GPU); else ``$DFA2_ARROW_BACKEND``
+    (auto | triton | mosaic; default auto). auto takes the Mosaic GPU kernel on Hopper (sm_90) for bf16/f16 with
+    head_dim a multiple of 64, and the Triton kernel otherwise; interpret mode (CPU) defaults to Triton."""
+    from pallas_kernels import arrow_attention_mgpu as mgpu
+
+    if isinstance(config, ArrowConfig):
+        return "triton"
+    if isinstance(config, mgpu.MgpuConfig):
+        return "mosaic"
+    if config is not None:
+        raise ValueError(f"arrow_attention: config must be an ArrowConfig (Triton) or MgpuConfig (Mosaic GPU), "
+                         f"got {type(config).__name__}")
+    choice = os.environ.get("DFA2_ARROW_BACKEND", "auto").strip().lower() or "auto"
+    if choice not in BACKENDS:
+        raise ValueError(f"$DFA2_ARROW_BACKEND={choice!r}: expected one of {', '.join(BACKENDS)}")
+    if choice == "auto":
+        return "mosaic" if not interpret and mgpu.supported(q) else "triton"
+    return choice
+
+
 def arrow_attention(q, k, v, half_window, *, text_len: int, text_first: bool, cache=None, sm_scale=None,
-                    interpret: bool = False, config: ArrowConfig | None = None):
+                    interpret: bool = False, config=None):
     """Arrow attention with per-head half-windows, one Pallas launch: q, k, v, cache [B, S, H, D] -> [B, S, H, D].
 
     half_window: int32 [H], runtime data: −1 full, 0 cached when ``cache`` is given (else a band of width 0, see
     the module docstring), w > 0 arrow band over the image tokens. text_first: FLUX [text, image] when True, SD3
     [image, text] when False. sm_scale defaults to D ** −0.5. interpret=True runs the kernel on CPU (tests; it
-    does not check Triton's rules). config defaults to the autotuned choice cached on disk for this shape and
-    device (:func:`autotune`), else :func:`heuristic_config`.
+    does not check the GPU compiler's rules).
+
+    Backend (:func:`backend_choice`): the Mosaic GPU kernel (:mod:`pallas_kernels.arrow_attention_mgpu`:
+    warp-specialised, TMA + wgmma) on Hopper, the Triton kernel elsewhere or when ``config`` is an
+    :class:`ArrowConfig`. A Triton call without config takes the autotuned choice cached on disk for this shape
+    and device (:func:`autotune`), else :func:`heuristic_config`.
     """
     _validate(q, k, v, half_window, text_len, cache, kernel=True)
     _, s, _, d = q.shape
+    sm_scale = float(d ** -0.5 if sm_scale is None else sm_scale)
+    if backend_choice(q, interpret=interpret, config=config) == "mosaic":
+        from pallas_kernels.arrow_attention_mgpu import arrow_attention_mgpu
+
+        return arrow_attention_mgpu(q, k, v, half_window, text_len=text_len, text_first=text_first, cache=cache,
+                                    sm_scale=sm_scale, interpret=interpret, config=config)
     if config is None:
         config = (None if interpret else tuned_config(q.shape, q.dtype, text_len, text_first)) or \
             heuristic_config(s, d, q.dtype)
-    if not isinstance(config, ArrowConfig):
-        raise ValueError(f"arrow_attention: config must be an ArrowConfig, got {type(config).__name__}")
-    sm_scale = float(d ** -0.5 if sm_scale is None else sm_scale)
     return _arrow_call(q, k, v, half_window, cache, text_len=int(text_len), text_first=bool(text_first),
                        sm_scale=sm_scale, interpret=bool(interpret), config=config)
 

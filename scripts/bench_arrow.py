@@ -30,6 +30,7 @@ import numpy as np  # noqa: E402
 from dfa2_jax.flops import arrow_tiles, total_tiles  # noqa: E402
 from pallas_kernels.arrow_attention import (ArrowConfig, arrow_attention, arrow_attention_reference,  # noqa: E402
                                             autotune, heuristic_config, tuned_config)
+from pallas_kernels.arrow_attention_mgpu import MgpuConfig  # noqa: E402
 
 TOL = {jnp.dtype(jnp.bfloat16): 2e-2, jnp.dtype(jnp.float16): 4e-3, jnp.dtype(jnp.float32): 1e-5}
 # name, B, text_len, n_img, H, D, text_first
@@ -167,6 +168,10 @@ def main(argv=None):
     p.add_argument("--mgpu", action="store_true", help="also time jax's Mosaic GPU FlashAttention-3 example "
                    "(jax.experimental.pallas.ops.gpu.attention_mgpu, dense) as a Hopper reference point")
     p.add_argument("--shapes", default=None, help="comma-separated subset of the shape names")
+    p.add_argument("--backends", default="triton", help="comma-separated: triton (the Pallas-Triton kernel), "
+                   "mosaic (the Mosaic GPU kernel, Hopper; in interpret mode on CPU)")
+    p.add_argument("--mosaic-configs", default="64/128/2", help="Mosaic GPU configs to time, comma-separated "
+                   "block_q/block_kv/max_concurrent_steps; 'heuristic' = the per-head-dim default")
     args = p.parse_args(argv)
     iters = args.iters or (2 if args.small else 20)
     warmup = args.warmup or (1 if args.small else 3)
@@ -205,29 +210,42 @@ def main(argv=None):
             return random_inputs(jax.random.PRNGKey(seed), b, s, h, d, dtype)
 
         q, k, v, cache = make_inputs(12345)
+        kernels = {}  # row-name prefix -> config (its type picks the backend)
+        for backend in args.backends.split(","):
+            if backend == "triton":
+                kernels[""] = config
+            elif backend == "mosaic":
+                for spec in args.mosaic_configs.split(","):
+                    mcfg = (MgpuConfig(block_q=64, block_kv=64 if args.small else 128, max_concurrent_steps=2)
+                            if spec == "heuristic" else MgpuConfig(*map(int, spec.split("/"))))
+                    kernels[f"M{mcfg.block_q}/{mcfg.block_kv}/{mcfg.max_concurrent_steps} "] = mcfg
+            else:
+                raise SystemExit(f"--backends: unknown backend {backend!r} (triton, mosaic)")
         failed = set()
-        for mode, w in modes.items():  # correctness first
-            try:
-                err, heads = check(q, k, v, cache, jnp.asarray(w), text_len=t, text_first=text_first,
-                                   interpret=args.interpret, config=config,
-                                   max_heads=h if args.small else args.check_heads)
-            except Exception as e:  # noqa: BLE001 - report and go on to the other modes and the baselines
-                failed.add(mode)
-                print(f"  check {mode:9s} FAILED: {type(e).__name__}: {str(e)[:2000]}", flush=True)
-                continue
-            print(f"  check {mode:9s} heads {heads}: max |err| {err:.2e} ok", flush=True)
+        for prefix, cfg in kernels.items():
+            for mode, w in modes.items():  # correctness first
+                try:
+                    err, heads = check(q, k, v, cache, jnp.asarray(w), text_len=t, text_first=text_first,
+                                       interpret=args.interpret, config=cfg,
+                                       max_heads=h if args.small else args.check_heads)
+                except Exception as e:  # noqa: BLE001 - report and go on to the other modes and the baselines
+                    failed.add(prefix + mode)
+                    print(f"  check {prefix + mode:22s} FAILED: {type(e).__name__}: {str(e)[:2000]}", flush=True)
+                    continue
+                print(f"  check {prefix + mode:22s} heads {heads}: max |err| {err:.2e} ok", flush=True)
 
         dense = jax.jit(lambda q, k, v, c: jax.nn.dot_product_attention(q, k, v, implementation=dense_impl))
         t_dense = time_fn(dense, make_inputs, iters, warmup)
         rows.append((name, f"dense {dense_impl}", t_dense, dense_flops, 1.0))
-        for mode, w in modes.items():
-            if mode in failed:
-                continue
-            hw = jnp.asarray(w)
-            fn = jax.jit(lambda q, k, v, c, hw=hw: arrow_attention(
-                q, k, v, hw, text_len=t, text_first=text_first, cache=c, interpret=args.interpret, config=config))
-            rows.append((name, mode, time_fn(fn, make_inputs, iters, warmup), dense_flops,
-                         kept_fraction(w, n, t, text_first, blocks)))
+        for prefix, cfg in kernels.items():
+            for mode, w in modes.items():
+                if prefix + mode in failed:
+                    continue
+                hw = jnp.asarray(w)
+                fn = jax.jit(lambda q, k, v, c, hw=hw, cfg=cfg: arrow_attention(
+                    q, k, v, hw, text_len=t, text_first=text_first, cache=c, interpret=args.interpret, config=cfg))
+                rows.append((name, prefix + mode, time_fn(fn, make_inputs, iters, warmup), dense_flops,
+                             kept_fraction(w, n, t, text_first, blocks)))
         if args.mgpu:
             rows.extend(triton_fa_rows(name, make_inputs, s, d, dense_flops, iters, warmup))
             rows.extend(mgpu_rows(name, make_inputs, b, s, h, d, dense_flops, iters, warmup))
@@ -236,7 +254,7 @@ def main(argv=None):
                 r_dense = t_dense
                 ms, eff, kept = r[2] * 1e3, r[3] / r[2] / 1e12, r[4]
                 ideal = f"{1 / kept:6.2f}" if kept > 0 else "   inf"
-                print(f"  {r[1]:12s} {ms:9.3f} ms  eff {eff:7.1f} TFLOP/s  kept-work {eff * kept:7.1f} TFLOP/s  "
+                print(f"  {r[1]:22s} {ms:9.3f} ms  eff {eff:7.1f} TFLOP/s  kept-work {eff * kept:7.1f} TFLOP/s  "
                       f"speedup {r_dense / r[2]:5.2f}x  kept {kept:5.3f}  ideal {ideal}x")
     if args.interpret:
         print("\n(interpret mode: timings are CPU interpreter times, not kernel performance)")

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # One device call: kernel benchmark (autotune + Mosaic FA3 reference) then calibration timing with the kernel;
 # or the end-to-end run (e2e), or the multi-GPU scaling run (scale: data / heads / seq rows, NVLink multicast off).
-# Usage on the device: bash scripts/gpu_round.sh [kernel|calib|all|e2e|scale]
+# Usage on the device: bash scripts/gpu_round.sh [kernel|mosaic|calib|all|e2e|scale]
 set -o pipefail
 export PYTHONUNBUFFERED=1 PYTHONPATH=.${PYTHONPATH:+:$PYTHONPATH} DFA2_ARROW_TUNE_CACHE=${OUT:-/tmp}/arrow_tune.json
 what=${1:-all}
@@ -9,6 +9,10 @@ nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader
 python3 -c "import jax, flax; print('jax', jax.__version__, 'flax', flax.__version__, jax.devices())"
 if [[ $what == kernel || $what == all ]]; then
   timeout ${KERNEL_TIMEOUT:-330} python3 scripts/bench_arrow.py --tune --mgpu ${BENCH_ARGS:-} 2>&1 | tee $OUT/bench_arrow.log
+fi
+if [[ $what == mosaic ]]; then  # Triton and Mosaic GPU kernels side by side with cuDNN
+  timeout ${KERNEL_TIMEOUT:-520} python3 scripts/bench_arrow.py --backends triton,mosaic \
+    --mosaic-configs ${MOSAIC_CONFIGS:-64/128/2,64/64/3,64/128/3} ${BENCH_ARGS:-} 2>&1 | tee $OUT/bench_mosaic.log
 fi
 if [[ $what == calib || $what == all ]]; then
   DFA2_ARROW_IMPL=pallas timeout ${CALIB_TIMEOUT:-250} python3 scripts/bench_calibrate.py 2>&1 | tee $OUT/calib.log

@@ -1,0 +1,363 @@
+"""Arrow attention on Hopper: the Mosaic GPU variant of :mod:`pallas_kernels.arrow_attention`.
+
+Same signature, semantics and visit schedule as the Triton kernel (see that module's docstring); what differs is
+how a program runs its key blocks. Each CTA owns 2 × ``block_q`` query rows of one (batch, head) and runs three
+warpgroups, FlashAttention-3 style:
+
+* a memory warpgroup streams the CTA's key/value blocks with TMA into a ring of ``max_concurrent_steps`` shared
+  memory slots; the block sequence (text blocks, then the head's band) comes from a per-program table computed
+  in the wrapper (:func:`pallas_kernels.arrow_attention.visit_ranges`, vectorised over programs), so blocks
+  outside the band are never loaded;
+* two compute warpgroups (``block_q`` rows each) run QKᵀ and PV as asynchronous wgmma from shared memory, with a
+  schedule barrier that lets one warpgroup's softmax overlap the other's matmuls;
+* only edge blocks (band edges, text/image boundary, padding) are masked element-wise; interior band blocks and
+  pure-text blocks run the unmasked body;
+* a cached head (half-window 0 with ``cache`` given) loads nothing: its output tile is copied from ``cache``
+  with TMA.
+
+Inputs must be bfloat16 or float16 with head_dim a multiple of 64 (wgmma operand tiles); the sequence is padded
+to a multiple of 2 × ``block_q`` and ``block_kv``. :func:`supported` says whether a call can take this path; the
+dispatcher in :func:`pallas_kernels.arrow_attention.arrow_attention` falls back to the Triton kernel otherwise.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax import lax
+from jax.experimental import pallas as pl
+
+_LOG2E = math.log2(math.e)
+_MASK_VALUE = -0.7 * float(np.finfo(np.float32).max)  # finite: see arrow_attention._MASK_VALUE
+_COMPUTE_WGS = 2
+_MGPU_DTYPES = (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class MgpuConfig:
+    """block_q: query rows per compute warpgroup (a CTA holds two); block_kv: keys per streamed block;
+    max_concurrent_steps: shared-memory ring slots for K and V (≥ 2)."""
+
+    block_q: int = 64
+    block_kv: int = 128
+    max_concurrent_steps: int = 2
+
+    def __post_init__(self):
+        for name in ("block_q", "block_kv"):
+            b = getattr(self, name)
+            if not (isinstance(b, int) and b >= 64 and b % 64 == 0 and b & (b - 1) == 0):
+                raise ValueError(f"MgpuConfig.{name}={b!r} must be a power of two and a multiple of 64 (wgmma tiles)")
+        if not (isinstance(self.max_concurrent_steps, int) and self.max_concurrent_steps >= 2):
+            raise ValueError(f"MgpuConfig.max_concurrent_steps={self.max_concurrent_steps!r} must be an int >= 2")
+
+    @property
+    def tile_q(self) -> int:
+        return _COMPUTE_WGS * self.block_q
+
+
+def heuristic_config(head_dim: int) -> MgpuConfig:
+    """128-key blocks and a 2-slot ring at head_dim 128 (the ring of 256-key blocks does not fit in 227 KB of
+    shared memory); 3 slots at head_dim 64."""
+    return MgpuConfig(block_q=64, block_kv=128, max_concurrent_steps=2 if head_dim > 64 else 3)
+
+
+def supported(q, *, interpret: bool = False) -> bool:
+    """Whether this path can run these inputs: bf16/f16, head_dim a multiple of 64 (≤ 256), and a Hopper GPU
+    (compute capability 9.x) unless ``interpret``."""
+    d = q.shape[-1]
+    if jnp.dtype(q.dtype) not in _MGPU_DTYPES or d % 64 or d > 256:
+        return False
+    if interpret:
+        return True
+    try:
+        dev = jax.devices()[0]
+    except RuntimeError:
+        return False
+    if dev.platform != "gpu":
+        return False
+    cc = getattr(dev, "compute_capability", None)
+    if cc is not None:
+        return str(cc).split(".")[0] == "9"
+    return any(name in dev.device_kind for name in ("H100", "H200", "H800", "H20", "GH200"))
+
+
+def _kernel(table_ref, q_ref, k_ref, v_ref, *refs, cfg: MgpuConfig, head_dim: int, seq_len: int,
+            text_len: int, text_first: bool, scale: float, has_cache: bool, num_ranges: int, masked: tuple,
+            interpret: bool):
+    import jax.experimental.pallas.mosaic_gpu as plgpu
+
+    if has_cache:
+        cache_ref, out_ref, *scratch = refs
+    else:
+        cache_ref = None
+        out_ref, *scratch = refs
+    (qo_smem2, k_smem, v_smem), (k_bars, v_bars, q_bars), (k_used, v_used), sched = scratch
+    bq, bkv, ring = cfg.block_q, cfg.block_kv, cfg.max_concurrent_steps
+    dtype = q_ref.dtype
+    p = lax.axis_index("prog")
+    wg = lax.axis_index("wg")
+    # GPU interpret mode (CPU tests) lacks four GPU-only pieces: layout annotations (identity there), layout-typed
+    # iotas, run_state and transposed wgmma operands. There the two matmuls are jnp.dot on the same shared-memory
+    # tiles; the TMA ring, barriers, visit schedule, masks and cache copies are the GPU code's.
+    layout = (lambda x, _: x) if interpret else plgpu.layout_cast
+    iota = ((lambda axis: lax.broadcasted_iota(jnp.int32, (bq, bkv), axis)) if interpret else
+            (lambda axis: plgpu.broadcasted_iota(jnp.int32, (bq, bkv), axis, layout=plgpu.Layout.WGMMA)))
+
+    def col(j):
+        return table_ref[p, j]
+
+    b, h, qt, w = col(0), col(1), col(2), col(3)
+    cached = col(4) != 0
+    lo = [col(5 + 2 * j) for j in range(num_ranges)]
+    hi = [col(6 + 2 * j) for j in range(num_ranges)]
+    starts = [jnp.int32(0)]  # global step index of each range's first block
+    for j in range(num_ranges):
+        starts.append(starts[-1] + (hi[j] - lo[j]))
+    n_steps = starts[-1]
+
+    def sched_sync():
+        plgpu.barrier_arrive(sched)
+        plgpu.barrier_wait(sched)
+
+    @pl.when(wg < _COMPUTE_WGS)
+    def _compute():
+        plgpu.set_max_registers(232, action="increase")
+        qo = qo_smem2.at[wg]
+        row0 = qt * cfg.tile_q + wg * bq
+
+        @pl.when(jnp.logical_not(cached))
+        def _():
+            plgpu.copy_gmem_to_smem(q_ref.at[b, pl.ds(row0, bq), h], qo, q_bars.at[wg])
+            plgpu.barrier_wait(q_bars.at[wg])
+
+        acc = layout(jnp.full((bq, head_dim), 0, jnp.float32), plgpu.Layout.WGMMA)
+        m_i = layout(jnp.full((bq,), -jnp.inf, jnp.float32), plgpu.Layout.WGMMA.reduce(1))
+        l_i = layout(jnp.full((bq,), 0, jnp.float32), plgpu.Layout.WGMMA.reduce(1))
+
+        @pl.when(n_steps > 0)
+        def _():
+            plgpu.barrier_wait(k_bars.at[0])
+
+        pl.when(wg == 1)(sched_sync)
+        # Band test on sequence positions: image rows/keys differ by the same amount as their image indices.
+        w_eff = jnp.where(w < 0, jnp.int32(seq_len), w)
+        t_lo, t_hi = (0, text_len) if text_first else (seq_len - text_len, seq_len)
+
+        def step(kb, carry, *, base, masked):
+            acc, m_i, l_i = carry
+            i = kb + base
+            slot = lax.rem(i, jnp.int32(ring))
+
+            def qk(acc_ref):
+                plgpu.wgmma(acc_ref, qo, plgpu.transpose_ref(k_smem.at[slot], (1, 0)))
+                sched_sync()
+                return acc_ref[...]
+
+            if interpret:  # the interpreter's wgmma takes no transposed operand
+                s = jnp.dot(qo[...], k_smem[slot].T, preferred_element_type=jnp.float32)
+                sched_sync()
+            else:
+                s = pl.run_scoped(qk, plgpu.ACC((bq, bkv), jnp.float32))
+            plgpu.barrier_arrive(k_used.at[slot])
+            s = s * scale
+            if masked:
+                rows = iota(0) + row0
+                cols = iota(1) + kb * bkv
+                diff = rows - cols
+                allowed = (diff <= w_eff) & (diff >= -w_eff)
+                if text_len:
+                    allowed = allowed | ((rows >= t_lo) & (rows < t_hi)) | ((cols >= t_lo) & (cols < t_hi))
+                allowed = allowed & (cols < seq_len)
+                s = jnp.where(allowed, s, _MASK_VALUE)
+            m_new = jnp.maximum(m_i, s.max(axis=1))
+            alpha = jnp.exp2(m_i - m_new)
+            pr = jnp.exp2(s - lax.broadcast_in_dim(m_new, s.shape, [0]))
+            acc = acc * lax.broadcast_in_dim(alpha, acc.shape, [0])
+            l_i = l_i * alpha + pr.sum(axis=1)
+            p16 = pr.astype(dtype)
+            acc, l_i, m_new, p16 = lax.optimization_barrier((acc, l_i, m_new, p16))
+            plgpu.barrier_arrive(sched)  # softmax done
+            plgpu.barrier_wait(v_bars.at[slot])
+            plgpu.barrier_wait(sched)  # the tensor cores are free
+
+            def wait_next_k():
+                nxt = i + 1
+
+                @pl.when(nxt < n_steps)
+                def _():
+                    plgpu.barrier_wait(k_bars.at[lax.rem(nxt, jnp.int32(ring))])
+
+            def pv(acc_ref):
+                plgpu.wgmma(acc_ref, p16, v_smem.at[slot])
+                wait_next_k()
+
+            if interpret:
+                acc = acc + jnp.dot(p16, v_smem[slot], preferred_element_type=jnp.float32)
+                wait_next_k()
+            else:  # PV accumulates into acc inside the wgmma
+                acc = pl.run_state(pv)(plgpu.ACC.init(acc))
+            plgpu.barrier_arrive(v_used.at[slot])
+            return acc, m_new, l_i
+
+        carry = (acc, m_i, l_i)
+        for j in range(num_ranges):
+            body = functools.partial(step, base=starts[j] - lo[j], masked=masked[j])
+            carry = lax.fori_loop(lo[j], hi[j], body, carry)
+        acc, m_i, l_i = carry
+        pl.when(wg == 0)(sched_sync)
+
+        if has_cache:
+            @pl.when(cached)
+            def _():
+                plgpu.copy_gmem_to_smem(cache_ref.at[b, pl.ds(row0, bq), h], qo, q_bars.at[wg])
+                plgpu.barrier_wait(q_bars.at[wg])
+
+        @pl.when(jnp.logical_not(cached))
+        def _():
+            l_safe = jnp.where(l_i == 0.0, 1.0, l_i)  # all-padding rows (sliced off by the wrapper)
+            qo[...] = (acc / lax.broadcast_in_dim(l_safe, acc.shape, [0])).astype(dtype)
+            plgpu.commit_smem()
+
+        plgpu.copy_smem_to_gmem(qo, out_ref.at[b, pl.ds(row0, bq), h])
+        plgpu.wait_smem_to_gmem(0)
+
+    @pl.when(wg == _COMPUTE_WGS)
+    def _memory():
+        plgpu.set_max_registers(40, action="decrease")
+
+        def block_of(i):
+            kb = lo[0] + i
+            for j in range(1, num_ranges):
+                kb = jnp.where(i >= starts[j], lo[j] + (i - starts[j]), kb)
+            return kb
+
+        def issue(i, slot, wait: bool):
+            kb = block_of(i)
+            sl = (b, pl.ds(kb * bkv, bkv), h)
+            if wait:
+                plgpu.barrier_wait(k_used.at[slot])
+            plgpu.copy_gmem_to_smem(k_ref.at[sl], k_smem.at[slot], k_bars.at[slot])
+            if wait:
+                plgpu.barrier_wait(v_used.at[slot])
+            plgpu.copy_gmem_to_smem(v_ref.at[sl], v_smem.at[slot], v_bars.at[slot])
+
+        for i in range(ring):
+            pl.when(n_steps > i)(functools.partial(issue, jnp.int32(i), i, False))
+
+        @pl.loop(jnp.int32(ring), jnp.maximum(n_steps, ring))
+        def _(i):
+            issue(i, lax.rem(i, jnp.int32(ring)), True)
+
+        # Take the last consumed arrivals of every used slot, so that no completed barrier phase is left unwaited
+        # when the CTA exits (the GPU would not mind; the interpreter checks it).
+        @pl.loop(jnp.maximum(n_steps - ring, 0), n_steps)
+        def _(i):
+            slot = lax.rem(i, jnp.int32(ring))
+            plgpu.barrier_wait(k_used.at[slot])
+            plgpu.barrier_wait(v_used.at[slot])
+
+
+
+def _interpret_params():
+    """GPU interpret mode (CPU simulation of shared memory, warpgroups, barriers and TMA). Its parameters class
+    is not exported by ``jax.experimental.pallas.mosaic_gpu`` in jax 0.10–0.11."""
+    try:
+        from jax._src.pallas.mosaic_gpu.interpret.params import InterpretGPUParams
+    except ImportError as e:  # pragma: no cover - a jax without GPU interpret mode
+        raise NotImplementedError(f"this jax ({jax.__version__}) has no Mosaic GPU interpret mode") from e
+    return InterpretGPUParams()
+
+
+def _scratch(cfg: MgpuConfig, head_dim: int, dtype):
+    import jax.experimental.pallas.mosaic_gpu as plgpu
+
+    transforms = (plgpu.TilingTransform((8, 128 // jnp.dtype(dtype).itemsize)), plgpu.SwizzleTransform(128))
+    ring = cfg.max_concurrent_steps
+    smem = (plgpu.SMEM((_COMPUTE_WGS, cfg.block_q, head_dim), dtype, transforms=transforms),
+            plgpu.SMEM((ring, cfg.block_kv, head_dim), dtype, transforms=transforms),
+            plgpu.SMEM((ring, cfg.block_kv, head_dim), dtype, transforms=transforms))
+    loaded = (plgpu.Barrier(num_barriers=ring), plgpu.Barrier(num_barriers=ring),
+              plgpu.Barrier(num_barriers=_COMPUTE_WGS))
+    used = (plgpu.Barrier(num_arrivals=_COMPUTE_WGS, num_barriers=ring),) * 2
+    return smem, loaded, used, plgpu.Barrier(num_arrivals=_COMPUTE_WGS)
+
+
+def program_table(half_window, *, batch: int, seq_len: int, s_pad: int, text_len: int, text_first: bool,
+                  has_cache: bool, tile_q: int, block_kv: int):
+    """int32 [programs, 5 + 2·ranges]: (batch, head, query tile, half-window, cached, range bounds…) per program,
+    in launch order (text-row tiles of every head first, then head by head), and the static masked flag of each
+    range. Computed with jnp from the runtime half-windows (a few thousand rows: negligible next to the kernel)."""
+    from pallas_kernels.arrow_attention import _program, _text_blocks, visit_ranges
+
+    h = half_window.shape[0]
+    n_qt = s_pad // tile_q
+    tq0, tq1 = _text_blocks(seq_len, text_len, text_first, tile_q)
+    prog = jnp.arange(batch * h * n_qt, dtype=jnp.int32)
+    bh, qt = _program(prog, batch * h, n_qt, tq0, tq1)
+    hd = lax.rem(bh, h)
+    w = half_window.astype(jnp.int32)[hd]
+    ranges, cached = visit_ranges(w, qt * tile_q, s_pad=s_pad, seq_len=seq_len, text_len=text_len,
+                                  text_first=text_first, block_q=tile_q, block_k=block_kv, has_cache=has_cache)
+    cols = [bh // h, hd, qt, w, cached]
+    for (r_lo, r_hi), _ in ranges:
+        cols += [r_lo, r_hi]
+    cols = [jnp.broadcast_to(c, prog.shape).astype(jnp.int32) for c in cols]
+    return jnp.stack(cols, axis=1), tuple(m for _, m in ranges)
+
+
+@functools.partial(jax.jit, static_argnames=("text_len", "text_first", "sm_scale", "interpret", "config"))
+def _mgpu_call(q, k, v, half_window, cache, *, text_len, text_first, sm_scale, interpret, config: MgpuConfig):
+    import jax.experimental.pallas.mosaic_gpu as plgpu
+
+    bsz, s, h, d = q.shape
+    unit = math.lcm(config.tile_q, config.block_kv)
+    s_pad = pl.cdiv(s, unit) * unit
+    pad = ((0, 0), (0, s_pad - s), (0, 0), (0, 0))
+    q, k, v = (jnp.pad(x, pad) if s_pad != s else x for x in (q, k, v))
+    has_cache = cache is not None
+    table, masked = program_table(half_window, batch=bsz, seq_len=s, s_pad=s_pad, text_len=text_len,
+                                  text_first=text_first, has_cache=has_cache, tile_q=config.tile_q,
+                                  block_kv=config.block_kv)
+    args = [table, q, k, v]
+    if has_cache:
+        cache = cache.astype(q.dtype)
+        args.append(jnp.pad(cache, pad) if s_pad != s else cache)
+    body = functools.partial(_kernel, cfg=config, head_dim=d, seq_len=s, text_len=text_len, text_first=text_first,
+                             scale=sm_scale * _LOG2E, has_cache=has_cache, num_ranges=len(masked), masked=masked,
+                             interpret=bool(interpret))
+    out = plgpu.kernel(
+        body,
+        out_type=jax.ShapeDtypeStruct((bsz, s_pad, h, d), q.dtype),
+        scratch_types=_scratch(config, d, q.dtype),
+        grid=(table.shape[0],),
+        grid_names=("prog",),
+        num_threads=_COMPUTE_WGS + 1,
+        thread_name="wg",
+        compiler_params=plgpu.CompilerParams(approx_math=True),
+        interpret=_interpret_params() if interpret else None,
+    )(*args)
+    return out[:, :s] if s_pad != s else out
+
+
+def arrow_attention_mgpu(q, k, v, half_window, *, text_len: int, text_first: bool, cache=None, sm_scale=None,
+                         interpret: bool = False, config: MgpuConfig | None = None):
+    """:func:`pallas_kernels.arrow_attention.arrow_attention` on the Mosaic GPU backend (Hopper); same signature
+    and semantics; bf16/f16 inputs with head_dim a multiple of 64 (:func:`supported`)."""
+    from pallas_kernels.arrow_attention import _validate
+
+    _validate(q, k, v, half_window, text_len, cache, kernel=True)
+    if not supported(q, interpret=True):
+        raise ValueError(f"arrow_attention_mgpu: needs bfloat16/float16 inputs with head_dim a multiple of 64 "
+                         f"(<= 256), got {q.dtype} with head_dim {q.shape[-1]}")
+    config = config or heuristic_config(q.shape[-1])
+    if not isinstance(config, MgpuConfig):
+        raise ValueError(f"arrow_attention_mgpu: config must be an MgpuConfig, got {type(config).__name__}")
+    d = q.shape[-1]
+    sm_scale = float(d ** -0.5 if sm_scale is None else sm_scale)
+    return _mgpu_call(q, k, v, half_window, cache, text_len=int(text_len), text_first=bool(text_first),
+                      sm_scale=sm_scale, interpret=bool(interpret), config=config)
