@@ -40,12 +40,14 @@ _MGPU_DTYPES = (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
 
 @dataclasses.dataclass(frozen=True, slots=True)
 class MgpuConfig:
-    """block_q: query rows per compute warpgroup (a CTA holds two); block_kv: keys per streamed block;
-    max_concurrent_steps: shared-memory ring slots for K and V (≥ 2)."""
+    """block_q: query rows per compute warpgroup (a tile holds two); block_kv: keys per streamed block;
+    max_concurrent_steps: shared-memory ring slots for K and V (≥ 2); num_ctas: persistent CTAs (0: one per
+    SM), each taking every num_ctas-th tile of the launch order."""
 
     block_q: int = 64
     block_kv: int = 128
     max_concurrent_steps: int = 2
+    num_ctas: int = 0  # persistent CTAs; 0 = one per SM
 
     def __post_init__(self):
         for name in ("block_q", "block_kv"):
@@ -54,6 +56,8 @@ class MgpuConfig:
                 raise ValueError(f"MgpuConfig.{name}={b!r} must be a power of two and a multiple of 64 (wgmma tiles)")
         if not (isinstance(self.max_concurrent_steps, int) and self.max_concurrent_steps >= 2):
             raise ValueError(f"MgpuConfig.max_concurrent_steps={self.max_concurrent_steps!r} must be an int >= 2")
+        if not (isinstance(self.num_ctas, int) and self.num_ctas >= 0):
+            raise ValueError(f"MgpuConfig.num_ctas={self.num_ctas!r} must be an int >= 0 (0: one per SM)")
 
     @property
     def tile_q(self) -> int:
@@ -87,8 +91,13 @@ def supported(q, *, interpret: bool = False) -> bool:
 
 
 def _kernel(table_ref, q_ref, k_ref, v_ref, *refs, cfg: MgpuConfig, head_dim: int, seq_len: int,
-            text_len: int, text_first: bool, scale: float, has_cache: bool, num_ranges: int, masked: tuple,
-            interpret: bool):
+            text_len: int, text_first: bool, scale: float, has_cache: bool, num_ranges: int, masked: tuple[str, ...],
+            n_prog: int, n_cta: int, interpret: bool):
+    """One persistent CTA: rows cta, cta + n_cta, … of the table (:func:`program_table`), each a 2·block_q-row
+    query tile. Warpgroups
+    0 and 1 compute (block_q rows each), warpgroup 2 issues every TMA load: each tile's Q (or, for a cached
+    head, its cache tile) into a double-buffered Q/O slot, then its K/V blocks into the ring. Its step counter
+    runs across tiles, so the next tile's loads overlap the current tile's last steps and its output store."""
     import jax.experimental.pallas.mosaic_gpu as plgpu
 
     if has_cache:
@@ -96,29 +105,29 @@ def _kernel(table_ref, q_ref, k_ref, v_ref, *refs, cfg: MgpuConfig, head_dim: in
     else:
         cache_ref = None
         out_ref, *scratch = refs
-    (qo_smem2, k_smem, v_smem), (k_bars, v_bars, q_bars), (k_used, v_used), sched = scratch
+    (qo_smem, k_smem, v_smem), (k_bars, v_bars, q_bars), (k_used, v_used, qo_free), sched = scratch
     bq, bkv, ring = cfg.block_q, cfg.block_kv, cfg.max_concurrent_steps
     dtype = q_ref.dtype
-    p = lax.axis_index("prog")
+    cta = lax.axis_index("cta")
     wg = lax.axis_index("wg")
+    n_tiles = (n_prog - 1 - cta) // n_cta + 1  # rows cta, cta + n_cta, … of the table (n_cta <= n_prog)
     # GPU interpret mode (CPU tests) lacks four GPU-only pieces: layout annotations (identity there), layout-typed
     # iotas, run_state and transposed wgmma operands. There the two matmuls are jnp.dot on the same shared-memory
     # tiles; the TMA ring, barriers, visit schedule, masks and cache copies are the GPU code's.
     layout = (lambda x, _: x) if interpret else plgpu.layout_cast
     iota = ((lambda axis: lax.broadcasted_iota(jnp.int32, (bq, bkv), axis)) if interpret else
             (lambda axis: plgpu.broadcasted_iota(jnp.int32, (bq, bkv), axis, layout=plgpu.Layout.WGMMA)))
+    ring_slot = lambda g: lax.rem(g, jnp.int32(ring))
 
-    def col(j):
-        return table_ref[p, j]
-
-    b, h, qt, w = col(0), col(1), col(2), col(3)
-    cached = col(4) != 0
-    lo = [col(5 + 2 * j) for j in range(num_ranges)]
-    hi = [col(6 + 2 * j) for j in range(num_ranges)]
-    starts = [jnp.int32(0)]  # global step index of each range's first block
-    for j in range(num_ranges):
-        starts.append(starts[-1] + (hi[j] - lo[j]))
-    n_steps = starts[-1]
+    def tile_info(j):
+        p = cta + j * n_cta
+        col = lambda c: table_ref[p, c]
+        lo = [col(5 + 2 * r) for r in range(num_ranges)]
+        hi = [col(6 + 2 * r) for r in range(num_ranges)]
+        starts = [jnp.int32(0)]  # tile-local step index of each range's first block
+        for r in range(num_ranges):
+            starts.append(starts[-1] + (hi[r] - lo[r]))
+        return dict(b=col(0), h=col(1), qt=col(2), w=col(3), cached=col(4) != 0, lo=lo, hi=hi, starts=starts)
 
     def sched_sync():
         plgpu.barrier_arrive(sched)
@@ -127,140 +136,174 @@ def _kernel(table_ref, q_ref, k_ref, v_ref, *refs, cfg: MgpuConfig, head_dim: in
     @pl.when(wg < _COMPUTE_WGS)
     def _compute():
         plgpu.set_max_registers(232, action="increase")
-        qo = qo_smem2.at[wg]
-        row0 = qt * cfg.tile_q + wg * bq
 
-        @pl.when(jnp.logical_not(cached))
-        def _():
-            plgpu.copy_gmem_to_smem(q_ref.at[b, pl.ds(row0, bq), h], qo, q_bars.at[wg])
-            plgpu.barrier_wait(q_bars.at[wg])
+        def tile(j, g0):
+            t = tile_info(j)
+            lo, hi, starts, w = t["lo"], t["hi"], t["starts"], t["w"]
+            n_steps = starts[-1]
+            par = lax.rem(j, 2)
+            qo = qo_smem.at[wg, par]
+            row0 = t["qt"] * cfg.tile_q + wg * bq
+            plgpu.barrier_wait(q_bars.at[wg * 2 + par])  # this tile's Q (or cache tile) is in qo
 
-        acc = layout(jnp.full((bq, head_dim), 0, jnp.float32), plgpu.Layout.WGMMA)
-        m_i = layout(jnp.full((bq,), -jnp.inf, jnp.float32), plgpu.Layout.WGMMA.reduce(1))
-        l_i = layout(jnp.full((bq,), 0, jnp.float32), plgpu.Layout.WGMMA.reduce(1))
+            @pl.when(j >= 1)
+            def _():  # the previous tile's output has left its buffer: the memory warpgroup may refill it
+                plgpu.wait_smem_to_gmem(0, wait_read_only=True)
+                plgpu.barrier_arrive(qo_free.at[wg * 2 + 1 - par])
 
-        @pl.when(n_steps > 0)
-        def _():
-            plgpu.barrier_wait(k_bars.at[0])
+            acc = layout(jnp.full((bq, head_dim), 0, jnp.float32), plgpu.Layout.WGMMA)
+            m_i = layout(jnp.full((bq,), -jnp.inf, jnp.float32), plgpu.Layout.WGMMA.reduce(1))
+            l_i = layout(jnp.full((bq,), 0, jnp.float32), plgpu.Layout.WGMMA.reduce(1))
 
-        pl.when(wg == 1)(sched_sync)
-        # Band test on sequence positions: image rows/keys differ by the same amount as their image indices.
-        w_eff = jnp.where(w < 0, jnp.int32(seq_len), w)
-        t_lo, t_hi = (0, text_len) if text_first else (seq_len - text_len, seq_len)
-
-        def step(kb, carry, *, base, masked):
-            acc, m_i, l_i = carry
-            i = kb + base
-            slot = lax.rem(i, jnp.int32(ring))
-
-            def qk(acc_ref):
-                plgpu.wgmma(acc_ref, qo, plgpu.transpose_ref(k_smem.at[slot], (1, 0)))
-                sched_sync()
-                return acc_ref[...]
-
-            if interpret:  # the interpreter's wgmma takes no transposed operand
-                s = jnp.dot(qo[...], k_smem[slot].T, preferred_element_type=jnp.float32)
-                sched_sync()
-            else:
-                s = pl.run_scoped(qk, plgpu.ACC((bq, bkv), jnp.float32))
-            plgpu.barrier_arrive(k_used.at[slot])
-            s = s * scale
-            if masked:
-                rows = iota(0) + row0
-                cols = iota(1) + kb * bkv
-                diff = rows - cols
-                allowed = (diff <= w_eff) & (diff >= -w_eff)
-                if text_len:
-                    allowed = allowed | ((rows >= t_lo) & (rows < t_hi)) | ((cols >= t_lo) & (cols < t_hi))
-                allowed = allowed & (cols < seq_len)
-                s = jnp.where(allowed, s, _MASK_VALUE)
-            m_new = jnp.maximum(m_i, s.max(axis=1))
-            alpha = jnp.exp2(m_i - m_new)
-            pr = jnp.exp2(s - lax.broadcast_in_dim(m_new, s.shape, [0]))
-            acc = acc * lax.broadcast_in_dim(alpha, acc.shape, [0])
-            l_i = l_i * alpha + pr.sum(axis=1)
-            p16 = pr.astype(dtype)
-            acc, l_i, m_new, p16 = lax.optimization_barrier((acc, l_i, m_new, p16))
-            plgpu.barrier_arrive(sched)  # softmax done
-            plgpu.barrier_wait(v_bars.at[slot])
-            plgpu.barrier_wait(sched)  # the tensor cores are free
-
-            def wait_next_k():
-                nxt = i + 1
-
-                @pl.when(nxt < n_steps)
-                def _():
-                    plgpu.barrier_wait(k_bars.at[lax.rem(nxt, jnp.int32(ring))])
-
-            def pv(acc_ref):
-                plgpu.wgmma(acc_ref, p16, v_smem.at[slot])
-                wait_next_k()
-
-            if interpret:
-                acc = acc + jnp.dot(p16, v_smem[slot], preferred_element_type=jnp.float32)
-                wait_next_k()
-            else:  # PV accumulates into acc inside the wgmma
-                acc = pl.run_state(pv)(plgpu.ACC.init(acc))
-            plgpu.barrier_arrive(v_used.at[slot])
-            return acc, m_new, l_i
-
-        carry = (acc, m_i, l_i)
-        for j in range(num_ranges):
-            body = functools.partial(step, base=starts[j] - lo[j], masked=masked[j])
-            carry = lax.fori_loop(lo[j], hi[j], body, carry)
-        acc, m_i, l_i = carry
-        pl.when(wg == 0)(sched_sync)
-
-        if has_cache:
-            @pl.when(cached)
+            @pl.when(n_steps > 0)
             def _():
-                plgpu.copy_gmem_to_smem(cache_ref.at[b, pl.ds(row0, bq), h], qo, q_bars.at[wg])
-                plgpu.barrier_wait(q_bars.at[wg])
+                plgpu.barrier_wait(k_bars.at[ring_slot(g0)])
 
-        @pl.when(jnp.logical_not(cached))
-        def _():
-            l_safe = jnp.where(l_i == 0.0, 1.0, l_i)  # all-padding rows (sliced off by the wrapper)
-            qo[...] = (acc / lax.broadcast_in_dim(l_safe, acc.shape, [0])).astype(dtype)
-            plgpu.commit_smem()
+            pl.when(wg == 1)(sched_sync)
+            w_eff = jnp.where(w < 0, jnp.int32(seq_len), w)
+            t_lo, t_hi = (0, text_len) if text_first else (seq_len - text_len, seq_len)
 
-        plgpu.copy_smem_to_gmem(qo, out_ref.at[b, pl.ds(row0, bq), h])
+            def step(kb, carry, *, base, masked):
+                acc, m_i, l_i = carry
+                i = kb + base  # tile-local step
+                slot = ring_slot(g0 + i)
+
+                def qk(acc_ref):
+                    plgpu.wgmma(acc_ref, qo, plgpu.transpose_ref(k_smem.at[slot], (1, 0)))
+                    sched_sync()
+                    return acc_ref[...]
+
+                if interpret:  # the interpreter's wgmma takes no transposed operand
+                    s = jnp.dot(qo[...], k_smem[slot].T, preferred_element_type=jnp.float32)
+                    sched_sync()
+                else:
+                    s = pl.run_scoped(qk, plgpu.ACC((bq, bkv), jnp.float32))
+                plgpu.barrier_arrive(k_used.at[slot])
+                s = s * scale
+                if masked != "clean":
+                    # Band test on positions: image rows and keys differ by as much as their image indices.
+                    diff = iota(0) - iota(1) + (row0 - kb * bkv)
+                    allowed = (diff <= w_eff) & (diff >= -w_eff)
+                    if masked == "general":  # text/image boundary blocks, padding of full / text-row tiles
+                        rows, cols = iota(0) + row0, iota(1) + kb * bkv
+                        if text_len:
+                            allowed = allowed | ((rows >= t_lo) & (rows < t_hi)) | ((cols >= t_lo) & (cols < t_hi))
+                        allowed = allowed & (cols < seq_len)
+                    elif text_first and seq_len % bkv:  # band edge blocks: image rows and keys, maybe padding
+                        allowed = allowed & (iota(1) + kb * bkv < seq_len)
+                    s = jnp.where(allowed, s, _MASK_VALUE)
+                m_new = jnp.maximum(m_i, s.max(axis=1))
+                alpha = jnp.exp2(m_i - m_new)
+                pr = jnp.exp2(s - lax.broadcast_in_dim(m_new, s.shape, [0]))
+                acc = acc * lax.broadcast_in_dim(alpha, acc.shape, [0])
+                l_i = l_i * alpha + pr.sum(axis=1)
+                p16 = pr.astype(dtype)
+                acc, l_i, m_new, p16 = lax.optimization_barrier((acc, l_i, m_new, p16))
+                plgpu.barrier_arrive(sched)  # softmax done
+                plgpu.barrier_wait(v_bars.at[slot])
+                plgpu.barrier_wait(sched)  # the tensor cores are free
+
+                def wait_next_k():
+                    @pl.when(i + 1 < n_steps)
+                    def _():
+                        plgpu.barrier_wait(k_bars.at[ring_slot(g0 + i + 1)])
+
+                def pv(acc_ref):
+                    plgpu.wgmma(acc_ref, p16, v_smem.at[slot])
+                    wait_next_k()
+
+                if interpret:
+                    acc = acc + jnp.dot(p16, v_smem[slot], preferred_element_type=jnp.float32)
+                    wait_next_k()
+                else:  # PV accumulates into acc inside the wgmma
+                    acc = pl.run_state(pv)(plgpu.ACC.init(acc))
+                plgpu.barrier_arrive(v_used.at[slot])
+                return acc, m_new, l_i
+
+            carry = (acc, m_i, l_i)
+            for r in range(num_ranges):
+                body = functools.partial(step, base=starts[r] - lo[r], masked=masked[r])
+                carry = lax.fori_loop(lo[r], hi[r], body, carry)
+            acc, m_i, l_i = carry
+            pl.when(wg == 0)(sched_sync)
+
+            @pl.when(jnp.logical_not(t["cached"]))  # a cached tile's buffer already holds its output
+            def _():
+                l_safe = jnp.where(l_i == 0.0, 1.0, l_i)  # all-padding rows (sliced off by the wrapper)
+                qo[...] = (acc / lax.broadcast_in_dim(l_safe, acc.shape, [0])).astype(dtype)
+                plgpu.commit_smem()
+
+            plgpu.copy_smem_to_gmem(qo, out_ref.at[t["b"], pl.ds(row0, bq), t["h"]])
+            return g0 + n_steps
+
+        lax.fori_loop(0, n_tiles, tile, jnp.int32(0))
         plgpu.wait_smem_to_gmem(0)
 
     @pl.when(wg == _COMPUTE_WGS)
     def _memory():
         plgpu.set_max_registers(40, action="decrease")
 
-        def block_of(i):
-            kb = lo[0] + i
-            for j in range(1, num_ranges):
-                kb = jnp.where(i >= starts[j], lo[j] + (i - starts[j]), kb)
-            return kb
+        def tile(j, g0):
+            t = tile_info(j)
+            lo, starts = t["lo"], t["starts"]
+            n_steps = starts[-1]
+            par = lax.rem(j, 2)
+            for c in range(_COMPUTE_WGS):  # Q rows of compute warpgroup c (the cache tile for a cached head)
+                @pl.when(j >= 2)
+                def _():
+                    plgpu.barrier_wait(qo_free.at[c * 2 + par])
 
-        def issue(i, slot, wait: bool):
-            kb = block_of(i)
-            sl = (b, pl.ds(kb * bkv, bkv), h)
-            if wait:
-                plgpu.barrier_wait(k_used.at[slot])
-            plgpu.copy_gmem_to_smem(k_ref.at[sl], k_smem.at[slot], k_bars.at[slot])
-            if wait:
-                plgpu.barrier_wait(v_used.at[slot])
-            plgpu.copy_gmem_to_smem(v_ref.at[sl], v_smem.at[slot], v_bars.at[slot])
+                rows = (t["b"], pl.ds(t["qt"] * cfg.tile_q + c * bq, bq), t["h"])
+                dst, bar = qo_smem.at[c, par], q_bars.at[c * 2 + par]
+                if has_cache:
+                    @pl.when(t["cached"])
+                    def _():
+                        plgpu.copy_gmem_to_smem(cache_ref.at[rows], dst, bar)
 
-        for i in range(ring):
-            pl.when(n_steps > i)(functools.partial(issue, jnp.int32(i), i, False))
+                @pl.when(jnp.logical_not(t["cached"]))
+                def _():
+                    plgpu.copy_gmem_to_smem(q_ref.at[rows], dst, bar)
 
-        @pl.loop(jnp.int32(ring), jnp.maximum(n_steps, ring))
-        def _(i):
-            issue(i, lax.rem(i, jnp.int32(ring)), True)
+            def block_of(i):
+                kb = lo[0] + i
+                for r in range(1, num_ranges):
+                    kb = jnp.where(i >= starts[r], lo[r] + (i - starts[r]), kb)
+                return kb
 
-        # Take the last consumed arrivals of every used slot, so that no completed barrier phase is left unwaited
-        # when the CTA exits (the GPU would not mind; the interpreter checks it).
-        @pl.loop(jnp.maximum(n_steps - ring, 0), n_steps)
-        def _(i):
-            slot = lax.rem(i, jnp.int32(ring))
-            plgpu.barrier_wait(k_used.at[slot])
-            plgpu.barrier_wait(v_used.at[slot])
+            @pl.loop(jnp.int32(0), n_steps)
+            def _(i):
+                g = g0 + i
+                slot = ring_slot(g)
+                sl = (t["b"], pl.ds(block_of(i) * bkv, bkv), t["h"])
 
+                @pl.when(g >= ring)
+                def _():
+                    plgpu.barrier_wait(k_used.at[slot])
+
+                plgpu.copy_gmem_to_smem(k_ref.at[sl], k_smem.at[slot], k_bars.at[slot])
+
+                @pl.when(g >= ring)
+                def _():
+                    plgpu.barrier_wait(v_used.at[slot])
+
+                plgpu.copy_gmem_to_smem(v_ref.at[sl], v_smem.at[slot], v_bars.at[slot])
+
+            return g0 + n_steps
+
+        g_end = lax.fori_loop(0, n_tiles, tile, jnp.int32(0))
+
+        # Take every arrival not yet waited for (the last consumed arrivals of each used ring slot, the last
+        # tile's buffer release), so that no completed barrier phase is left when the CTA exits: the GPU would not
+        # mind, the interpreter checks it.
+        @pl.loop(jnp.maximum(g_end - ring, 0), g_end)
+        def _(g):
+            plgpu.barrier_wait(k_used.at[ring_slot(g)])
+            plgpu.barrier_wait(v_used.at[ring_slot(g)])
+
+        @pl.when(n_tiles >= 2)
+        def _():
+            for c in range(_COMPUTE_WGS):
+                plgpu.barrier_wait(qo_free.at[c * 2 + lax.rem(n_tiles, 2)])
 
 
 def _interpret_params():
@@ -278,20 +321,35 @@ def _scratch(cfg: MgpuConfig, head_dim: int, dtype):
 
     transforms = (plgpu.TilingTransform((8, 128 // jnp.dtype(dtype).itemsize)), plgpu.SwizzleTransform(128))
     ring = cfg.max_concurrent_steps
-    smem = (plgpu.SMEM((_COMPUTE_WGS, cfg.block_q, head_dim), dtype, transforms=transforms),
+    smem = (plgpu.SMEM((_COMPUTE_WGS, 2, cfg.block_q, head_dim), dtype, transforms=transforms),  # Q/O, 2 tiles
             plgpu.SMEM((ring, cfg.block_kv, head_dim), dtype, transforms=transforms),
             plgpu.SMEM((ring, cfg.block_kv, head_dim), dtype, transforms=transforms))
     loaded = (plgpu.Barrier(num_barriers=ring), plgpu.Barrier(num_barriers=ring),
-              plgpu.Barrier(num_barriers=_COMPUTE_WGS))
-    used = (plgpu.Barrier(num_arrivals=_COMPUTE_WGS, num_barriers=ring),) * 2
-    return smem, loaded, used, plgpu.Barrier(num_arrivals=_COMPUTE_WGS)
+              plgpu.Barrier(num_barriers=2 * _COMPUTE_WGS))
+    released = (plgpu.Barrier(num_arrivals=_COMPUTE_WGS, num_barriers=ring),) * 2 + (
+        plgpu.Barrier(num_barriers=2 * _COMPUTE_WGS),)
+    return smem, loaded, released, plgpu.Barrier(num_arrivals=_COMPUTE_WGS)
+
+
+def num_ctas(n_prog: int, config: MgpuConfig) -> int:
+    """Persistent CTAs: ``config.num_ctas`` if set, else one per SM of the device (132 if unknown)."""
+    n = config.num_ctas
+    if not n:
+        try:
+            n = int(getattr(jax.devices()[0], "core_count", 0) or 0)
+        except RuntimeError:
+            n = 0
+        n = n or 132
+    return max(1, min(n, n_prog))
 
 
 def program_table(half_window, *, batch: int, seq_len: int, s_pad: int, text_len: int, text_first: bool,
                   has_cache: bool, tile_q: int, block_kv: int):
     """int32 [programs, 5 + 2·ranges]: (batch, head, query tile, half-window, cached, range bounds…) per program,
-    in launch order (text-row tiles of every head first, then head by head), and the static masked flag of each
-    range. Computed with jnp from the runtime half-windows (a few thousand rows: negligible next to the kernel)."""
+    in launch order (most key blocks first; ties in the Triton kernel's order: text-row tiles of every head, then
+    head by head), and the static mask kind of each range ("clean", "general", "band"). Persistent CTA c runs
+    rows c, c + n_cta, … (round-robin). Computed with jnp from the runtime half-windows (a few thousand rows:
+    negligible next to the kernel)."""
     from pallas_kernels.arrow_attention import _program, _text_blocks, visit_ranges
 
     h = half_window.shape[0]
@@ -307,7 +365,15 @@ def program_table(half_window, *, batch: int, seq_len: int, s_pad: int, text_len
     for (r_lo, r_hi), _ in ranges:
         cols += [r_lo, r_hi]
     cols = [jnp.broadcast_to(c, prog.shape).astype(jnp.int32) for c in cols]
-    return jnp.stack(cols, axis=1), tuple(m for _, m in ranges)
+    table = jnp.stack(cols, axis=1)
+    # Longest job first: stable sort by the number of key blocks, so the full-attention tiles run first and the
+    # short arrow tiles fill in behind them (equal work keeps the head-by-head order: L2 reuse).
+    steps = jnp.broadcast_to(sum(r_hi - r_lo for (r_lo, r_hi), _ in ranges), prog.shape)
+    table = table[jnp.argsort(-steps, stable=True)]
+    # Mask kind per range (visit_ranges' fixed order): ranges 3 and 5 are band edges of image-only tiles (image
+    # rows and image keys: the band test alone, plus padding); the other masked ranges need the general test.
+    kinds = tuple("clean" if not m else ("band" if j in (3, 5) else "general") for j, (_, m) in enumerate(ranges))
+    return table, kinds
 
 
 @functools.partial(jax.jit, static_argnames=("text_len", "text_first", "sm_scale", "interpret", "config"))
@@ -320,6 +386,8 @@ def _mgpu_call(q, k, v, half_window, cache, *, text_len, text_first, sm_scale, i
     pad = ((0, 0), (0, s_pad - s), (0, 0), (0, 0))
     q, k, v = (jnp.pad(x, pad) if s_pad != s else x for x in (q, k, v))
     has_cache = cache is not None
+    n_prog = bsz * h * (s_pad // config.tile_q)
+    n_cta = num_ctas(n_prog, config)
     table, masked = program_table(half_window, batch=bsz, seq_len=s, s_pad=s_pad, text_len=text_len,
                                   text_first=text_first, has_cache=has_cache, tile_q=config.tile_q,
                                   block_kv=config.block_kv)
@@ -327,15 +395,16 @@ def _mgpu_call(q, k, v, half_window, cache, *, text_len, text_first, sm_scale, i
     if has_cache:
         cache = cache.astype(q.dtype)
         args.append(jnp.pad(cache, pad) if s_pad != s else cache)
-    body = functools.partial(_kernel, cfg=config, head_dim=d, seq_len=s, text_len=text_len, text_first=text_first,
+    body = functools.partial(_kernel, n_prog=n_prog, n_cta=n_cta, cfg=config, head_dim=d, seq_len=s,
+                             text_len=text_len, text_first=text_first,
                              scale=sm_scale * _LOG2E, has_cache=has_cache, num_ranges=len(masked), masked=masked,
                              interpret=bool(interpret))
     out = plgpu.kernel(
         body,
         out_type=jax.ShapeDtypeStruct((bsz, s_pad, h, d), q.dtype),
         scratch_types=_scratch(config, d, q.dtype),
-        grid=(table.shape[0],),
-        grid_names=("prog",),
+        grid=(n_cta,),
+        grid_names=("cta",),
         num_threads=_COMPUTE_WGS + 1,
         thread_name="wg",
         compiler_params=plgpu.CompilerParams(approx_math=True),
