@@ -38,7 +38,8 @@ def _velocity(model, x, t, cond: dict[str, Any], *, family: str, do_cfg: bool, r
         v = model(model_in, cond["prompt_embeds"], cond["pooled_projections"], ts, runtime=runtime)
         if do_cfg:
             uncond, text = jnp.split(v, 2, axis=0)
-            v = uncond + cond["guidance_scale"] * (text - uncond)
+            # In the model's dtype, as diffusers does (a float32 guidance scale would promote bf16 latents).
+            v = uncond + jnp.asarray(cond["guidance_scale"], v.dtype) * (text - uncond)
         return v
     ts = jnp.broadcast_to(t, (x.shape[0],)).astype(x.dtype) / 1000
     return model(x, cond["prompt_embeds"], cond["pooled_projections"], ts, cond["rope"], cond.get("guidance"),

@@ -341,12 +341,14 @@ def run_jax(name: str, case: Case, args, clock: Clock) -> None:
     impl = arrow_impl()
     tuned = None
     if impl == "pallas":
-        from pallas_kernels.arrow_attention import tuned_config
+        from pallas_kernels.arrow_attention import backend_choice, tuned_config
 
         heads, hd = cfg.num_attention_heads, cfg.attention_head_dim
         batch = 2 if do_cfg else 1
-        tuned = tuned_config((batch, n_img + text_tokens(case, smoke), heads, hd), dtype, text_tokens(case, smoke),
-                             family == "flux")
+        shape = (batch, n_img + text_tokens(case, smoke), heads, hd)
+        impl = f"pallas/{backend_choice(jax.ShapeDtypeStruct(shape, dtype))}"
+        if impl == "pallas/triton":
+            tuned = tuned_config(shape, dtype, text_tokens(case, smoke), family == "flux")
     _emit("META", {"case": name, "framework": "jax", "device": dev.device_kind, "platform": dev.platform,
                    "version": f"jax {jax.__version__}", "init_s": init_s, "plan_build_s": plan_build_s,
                    "weights_gib": weights_b / 2**30 if weights_b else None, "params_b": tr.num_params() / 1e9,
@@ -781,7 +783,7 @@ def main() -> None:
     for key, m in sorted(metas.items()):
         extra = ""
         if m["framework"] == "jax":
-            extra = (f", arrow impl {m['arrow_impl']} (tuned config: {m['arrow_tuned_config'] or 'none, heuristic'}), "
+            extra = (f", arrow impl {m['arrow_impl']} (Triton tuned config: {m['arrow_tuned_config'] or 'none'}), "
                      f"weights {_fmt(m['weights_gib'], '.1f')} GiB, plans built in {m['plan_build_s']:.1f} s")
         print(f"{key}: {m['device']}, {m['version']}, weights init {m['init_s']:.1f} s{extra}")
     for name, res in results.items():
