@@ -1,0 +1,97 @@
+"""The Mosaic GPU arrow-attention kernel (Hopper) in GPU interpret mode on the CPU, against the jnp reference.
+
+GPU interpret mode simulates the warpgroups, shared memory, barriers and TMA copies; its matmuls are jnp.dot on
+the same shared-memory tiles (the interpreter has no transposed wgmma operand). Three persistent CTAs over a
+dozen tiles exercise the cross-tile ring, both Q/O buffer parities and cached tiles. Each case takes 10–20 s,
+so the cases are fixed rather than drawn. The compiled GPU kernel is checked against the same reference at the
+benchmark shapes by scripts/bench_arrow.py (docs/PERFORMANCE.md).
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from pallas_kernels import arrow_attention_mgpu as mgpu
+from pallas_kernels.arrow_attention import ArrowConfig, arrow_attention, arrow_attention_reference, backend_choice
+
+pytest.importorskip("jax._src.pallas.mosaic_gpu.interpret.params", reason="this jax has no Mosaic GPU interpret mode")
+
+TOL = {jnp.bfloat16: 2e-2, jnp.float16: 4e-3}  # max |kernel − reference|, as tests/test_arrow_kernel.py
+SMALL = mgpu.MgpuConfig(block_q=64, block_kv=64, max_concurrent_steps=2, num_ctas=3)
+
+
+def _inputs(seed, shape, dtype):
+    ks = jax.random.split(jax.random.PRNGKey(seed), 4)
+    return tuple(jax.random.normal(x, shape, jnp.float32).astype(dtype) for x in ks)
+
+
+@pytest.mark.parametrize("s, text_len, text_first, windows, use_cache, dtype", [
+    (300, 40, True, [-1, 5, 0, 1], True, jnp.float16),     # FLUX layout, padding, a cached head
+    (250, 21, False, [3, 0, -1, 200], True, jnp.bfloat16),  # SD3 layout, text block straddling, w > image
+    (200, 0, True, [0, 2, -1, 7], False, jnp.float16),     # no text; w = 0 without cache is a width-0 band
+])
+def test_matches_reference(s, text_len, text_first, windows, use_cache, dtype):
+    q, k, v, c = _inputs(s, (2, s, len(windows), 64), dtype)
+    cache = c if use_cache else None
+    hw = jnp.asarray(windows, jnp.int32)
+    out = arrow_attention(q, k, v, hw, text_len=text_len, text_first=text_first, cache=cache, interpret=True,
+                          config=SMALL)
+    ref = arrow_attention_reference(q, k, v, hw, text_len=text_len, text_first=text_first, cache=cache)
+    assert out.shape == q.shape and out.dtype == q.dtype
+    out32, ref32 = np.asarray(out, np.float32), np.asarray(ref, np.float32)
+    assert np.isfinite(out32).all()
+    err = float(np.max(np.abs(out32 - ref32)))
+    assert err <= TOL[dtype], f"max |err| {err} > {TOL[dtype]}"  # achieved: 9.8e-4 (f16), 9.8e-4 (bf16)
+    if use_cache:  # cached heads are the cache, bit for bit
+        cached = np.flatnonzero(np.asarray(windows) == 0)
+        np.testing.assert_array_equal(np.asarray(out)[:, :, cached], np.asarray(c)[:, :, cached])
+
+
+def test_program_table_covers_every_tile_once_longest_first():
+    hw = jnp.asarray([-1, 0, 9, 40, 3], jnp.int32)
+    s, s_pad, tile, bkv = 700, 768, 128, 64
+    table, kinds = mgpu.program_table(hw, batch=2, seq_len=s, s_pad=s_pad, text_len=50, text_first=True,
+                                      has_cache=True, tile_q=tile, block_kv=bkv)
+    t = np.asarray(table)
+    assert sorted(map(tuple, t[:, :3].tolist())) == [(b, h, q) for b in range(2) for h in range(5)
+                                                    for q in range(s_pad // tile)]
+    steps = (t[:, 6::2] - t[:, 5::2]).sum(axis=1)
+    assert (np.diff(steps) <= 0).all()  # longest first
+    assert (steps[t[:, 4] == 1] == 0).all() and (t[t[:, 4] == 1, 1] == 1).all()  # cached: head 1, no blocks
+    assert (steps[t[:, 1] == 0] == s_pad // bkv).all()  # a full head visits every key block
+    assert kinds == ("clean", "general", "general", "band", "clean", "band")
+
+
+def test_backend_choice(monkeypatch):
+    q = jnp.zeros((1, 256, 2, 64), jnp.bfloat16)
+    monkeypatch.delenv("DFA2_ARROW_BACKEND", raising=False)
+    assert backend_choice(q, config=ArrowConfig()) == "triton"
+    assert backend_choice(q, config=mgpu.MgpuConfig()) == "mosaic"
+    assert backend_choice(q, interpret=True) == "triton"  # CPU tests default to the Triton kernel
+    assert backend_choice(q) == ("mosaic" if mgpu.supported(q) else "triton")  # "triton" on this CPU machine
+    monkeypatch.setenv("DFA2_ARROW_BACKEND", "mosaic")
+    assert backend_choice(q) == "mosaic"
+    monkeypatch.setenv("DFA2_ARROW_BACKEND", "cuda")
+    with pytest.raises(ValueError, match=r"DFA2_ARROW_BACKEND='cuda'.*auto, triton, mosaic"):
+        backend_choice(q)
+    with pytest.raises(ValueError, match="ArrowConfig .Triton. or MgpuConfig"):
+        backend_choice(q, config={"block_q": 64})
+
+
+def test_supported_and_errors():
+    assert mgpu.supported(jnp.zeros((1, 8, 1, 64), jnp.bfloat16), interpret=True)
+    assert not mgpu.supported(jnp.zeros((1, 8, 1, 64), jnp.float32), interpret=True)
+    assert not mgpu.supported(jnp.zeros((1, 8, 1, 32), jnp.float16), interpret=True)
+    assert not mgpu.supported(jnp.zeros((1, 8, 1, 64), jnp.float16))  # no Hopper GPU here
+    q = jnp.zeros((1, 130, 2, 32), jnp.float16)
+    with pytest.raises(ValueError, match="head_dim a multiple of 64"):
+        mgpu.arrow_attention_mgpu(q, q, q, jnp.asarray([-1, 3], jnp.int32), text_len=2, text_first=True)
+    for bad, match in ((dict(block_q=96), "block_q=96"), (dict(block_kv=32), "block_kv=32"),
+                       (dict(max_concurrent_steps=1), "max_concurrent_steps=1"), (dict(num_ctas=-1), "num_ctas=-1")):
+        with pytest.raises(ValueError, match=match):
+            mgpu.MgpuConfig(**bad)
+    assert mgpu.heuristic_config(128) == mgpu.MgpuConfig(64, 128, 2)
+    assert mgpu.num_ctas(10, mgpu.MgpuConfig(num_ctas=4)) == 4 and mgpu.num_ctas(3, mgpu.MgpuConfig(num_ctas=4)) == 3
