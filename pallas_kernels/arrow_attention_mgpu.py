@@ -1,19 +1,20 @@
 """Arrow attention on Hopper: the Mosaic GPU variant of :mod:`pallas_kernels.arrow_attention`.
 
 Same signature, semantics and visit schedule as the Triton kernel (see that module's docstring); what differs is
-how a program runs its key blocks. Each CTA owns 2 × ``block_q`` query rows of one (batch, head) and runs three
-warpgroups, FlashAttention-3 style:
+how the tiles run. The kernel is persistent (one CTA per SM, each taking every n-th tile of the longest-first
+launch order); a tile is 2 × ``block_q`` query rows of one (batch, head), and each CTA runs three warpgroups,
+FlashAttention-3 style:
 
-* a memory warpgroup streams the CTA's key/value blocks with TMA into a ring of ``max_concurrent_steps`` shared
-  memory slots; the block sequence (text blocks, then the head's band) comes from a per-program table computed
-  in the wrapper (:func:`pallas_kernels.arrow_attention.visit_ranges`, vectorised over programs), so blocks
+* a memory warpgroup streams each tile's Q (double-buffered) and key/value blocks with TMA into a ring of
+  ``max_concurrent_steps`` shared-memory slots, running ahead across tile boundaries; the block sequence (text
+  blocks, then the head's band) comes from a per-program table computed in the wrapper (:func:`pallas_kernels.arrow_attention.visit_ranges`, vectorised over programs), so blocks
   outside the band are never loaded;
 * two compute warpgroups (``block_q`` rows each) run QKᵀ and PV as asynchronous wgmma from shared memory, with a
   schedule barrier that lets one warpgroup's softmax overlap the other's matmuls;
 * only edge blocks (band edges, text/image boundary, padding) are masked element-wise; interior band blocks and
   pure-text blocks run the unmasked body;
-* a cached head (half-window 0 with ``cache`` given) loads nothing: its output tile is copied from ``cache``
-  with TMA.
+* a cached head (half-window 0 with ``cache`` given) loads no K/V: its cache tile takes the place of Q and is
+  stored back as the output.
 
 Inputs must be bfloat16 or float16 with head_dim a multiple of 64 (wgmma operand tiles); the sequence is padded
 to a multiple of 2 × ``block_q`` and ``block_kv``. :func:`supported` says whether a call can take this path; the
