@@ -36,6 +36,7 @@ from jax.experimental import pallas as pl
 _LOG2E = math.log2(math.e)
 _MASK_VALUE = -0.7 * float(np.finfo(np.float32).max)  # finite: see arrow_attention._MASK_VALUE
 _COMPUTE_WGS = 2
+_MASK_KINDS = ("clean", "band", "general")  # per range of the program table: which mask its blocks need
 _MGPU_DTYPES = (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
 
 
@@ -101,8 +102,9 @@ def _kernel(table_ref, q_ref, k_ref, v_ref, *refs, cfg: MgpuConfig, head_dim: in
     runs across tiles, so the next tile's loads overlap the current tile's last steps and its output store."""
     import jax.experimental.pallas.mosaic_gpu as plgpu
 
-    if has_cache:
-        cache_ref, out_ref, *scratch = refs
+    if has_cache:  # the output is written over the cache (a ref aliased in and out, see _mgpu_call)
+        cache_ref, *scratch = refs
+        out_ref = cache_ref
     else:
         cache_ref = None
         out_ref, *scratch = refs
@@ -119,13 +121,30 @@ def _kernel(table_ref, q_ref, k_ref, v_ref, *refs, cfg: MgpuConfig, head_dim: in
     iota = ((lambda axis: lax.broadcasted_iota(jnp.int32, (bq, bkv), axis)) if interpret else
             (lambda axis: plgpu.broadcasted_iota(jnp.int32, (bq, bkv), axis, layout=plgpu.Layout.WGMMA)))
     ring_slot = lambda g: lax.rem(g, jnp.int32(ring))
+    # Both warpgroup kinds visit the ranges grouped by mask kind (clean, band, general; the softmax is
+    # order-free), so the compute warpgroups hold one loop body per kind instead of one per range: half the
+    # kernel's code, and XLA compiles each kernel instance of the sampler (57 in FLUX.1) about twice as fast.
+    order = sorted(range(num_ranges), key=lambda r: _MASK_KINDS.index(masked[r]))
+    groups = []  # (mask kind, positions in visit order)
+    for pos, r in enumerate(order):
+        if groups and groups[-1][0] == masked[r]:
+            groups[-1][1].append(pos)
+        else:
+            groups.append((masked[r], [pos]))
+
+    def block_at(i, lo, starts, positions):
+        """The K/V block of tile-local step i, which lies in one of the ranges at ``positions``."""
+        kb = lo[positions[0]] + (i - starts[positions[0]])
+        for pos in positions[1:]:
+            kb = jnp.where(i >= starts[pos], lo[pos] + (i - starts[pos]), kb)
+        return kb
 
     def tile_info(j):
         p = cta + j * n_cta
         col = lambda c: table_ref[p, c]
-        lo = [col(5 + 2 * r) for r in range(num_ranges)]
-        hi = [col(6 + 2 * r) for r in range(num_ranges)]
-        starts = [jnp.int32(0)]  # tile-local step index of each range's first block
+        lo = [col(5 + 2 * r) for r in order]
+        hi = [col(6 + 2 * r) for r in order]
+        starts = [jnp.int32(0)]  # tile-local step index of each range's first block (visit order)
         for r in range(num_ranges):
             starts.append(starts[-1] + (hi[r] - lo[r]))
         return dict(b=col(0), h=col(1), qt=col(2), w=col(3), cached=col(4) != 0, lo=lo, hi=hi, starts=starts)
@@ -164,9 +183,8 @@ def _kernel(table_ref, q_ref, k_ref, v_ref, *refs, cfg: MgpuConfig, head_dim: in
             w_eff = jnp.where(w < 0, jnp.int32(seq_len), w)
             t_lo, t_hi = (0, text_len) if text_first else (seq_len - text_len, seq_len)
 
-            def step(kb, carry, *, base, masked):
+            def step(i, carry, *, positions, masked):  # i: tile-local step
                 acc, m_i, l_i = carry
-                i = kb + base  # tile-local step
                 slot = ring_slot(g0 + i)
 
                 def qk(acc_ref):
@@ -182,6 +200,7 @@ def _kernel(table_ref, q_ref, k_ref, v_ref, *refs, cfg: MgpuConfig, head_dim: in
                 plgpu.barrier_arrive(k_used.at[slot])
                 s = s * scale
                 if masked != "clean":
+                    kb = block_at(i, lo, starts, positions)
                     # Band test on positions: image rows and keys differ by as much as their image indices.
                     diff = iota(0) - iota(1) + (row0 - kb * bkv)
                     allowed = (diff <= w_eff) & (diff >= -w_eff)
@@ -222,9 +241,9 @@ def _kernel(table_ref, q_ref, k_ref, v_ref, *refs, cfg: MgpuConfig, head_dim: in
                 return acc, m_new, l_i
 
             carry = (acc, m_i, l_i)
-            for r in range(num_ranges):
-                body = functools.partial(step, base=starts[r] - lo[r], masked=masked[r])
-                carry = lax.fori_loop(lo[r], hi[r], body, carry)
+            for kind, positions in groups:
+                body = functools.partial(step, positions=positions, masked=kind)
+                carry = lax.fori_loop(starts[positions[0]], starts[positions[-1] + 1], body, carry)
             acc, m_i, l_i = carry
             pl.when(wg == 0)(sched_sync)
 
@@ -266,10 +285,7 @@ def _kernel(table_ref, q_ref, k_ref, v_ref, *refs, cfg: MgpuConfig, head_dim: in
                     plgpu.copy_gmem_to_smem(q_ref.at[rows], dst, bar)
 
             def block_of(i):
-                kb = lo[0] + i
-                for r in range(1, num_ranges):
-                    kb = jnp.where(i >= starts[r], lo[r] + (i - starts[r]), kb)
-                return kb
+                return block_at(i, lo, starts, list(range(num_ranges)))
 
             @pl.loop(jnp.int32(0), n_steps)
             def _(i):
@@ -394,23 +410,31 @@ def _mgpu_call(q, k, v, half_window, cache, *, text_len, text_first, sm_scale, i
                                   block_kv=config.block_kv)
     args = [table, q, k, v]
     if has_cache:
+        # Written in place: every tile reads the cache only at the rows it then writes, so the output can take
+        # the cache's buffer (a ref, aliased in and out of the kernel) and the sampler's carried head cache is
+        # updated without a second buffer or a copy into the carry.
         cache = cache.astype(q.dtype)
-        args.append(jnp.pad(cache, pad) if s_pad != s else cache)
+        args.append(jax.new_ref(jnp.pad(cache, pad) if s_pad != s else cache, memory_space=plgpu.GMEM))
     body = functools.partial(_kernel, n_prog=n_prog, n_cta=n_cta, cfg=config, head_dim=d, seq_len=s,
                              text_len=text_len, text_first=text_first,
                              scale=sm_scale * _LOG2E, has_cache=has_cache, num_ranges=len(masked), masked=masked,
                              interpret=bool(interpret))
-    out = plgpu.kernel(
-        body,
-        out_type=jax.ShapeDtypeStruct((bsz, s_pad, h, d), q.dtype),
-        scratch_types=_scratch(config, d, q.dtype),
-        grid=(n_cta,),
-        grid_names=("cta",),
-        num_threads=_COMPUTE_WGS + 1,
-        thread_name="wg",
+    scratch = _scratch(config, d, q.dtype)
+
+    def kernel_body(*refs):  # what plgpu.kernel adds to pl.kernel: the scratch, shared by the warpgroups
+        pl.run_scoped(functools.partial(body, *refs), *scratch, collective_axes="wg")
+
+    # pl.kernel with a Mosaic GPU mesh, not plgpu.kernel: the latter's custom_vmap wrapper rejects a ref operand.
+    mesh = plgpu.Mesh(grid=(n_cta,), grid_names=("cta",), num_threads=_COMPUTE_WGS + 1, thread_name="wg")
+    out = pl.kernel(
+        kernel_body,
+        out_type=() if has_cache else (jax.ShapeDtypeStruct((bsz, s_pad, h, d), q.dtype),),
+        mesh=mesh,
         compiler_params=plgpu.CompilerParams(approx_math=True),
-        interpret=_interpret_params() if interpret else None,
+        interpret=_interpret_params() if interpret else False,
+        name="arrow_attention_mgpu",
     )(*args)
+    out = jax.freeze(args[-1]) if has_cache else out[0]
     return out[:, :s] if s_pad != s else out
 
 

@@ -95,3 +95,24 @@ def test_supported_and_errors():
             mgpu.MgpuConfig(**bad)
     assert mgpu.heuristic_config(128) == mgpu.MgpuConfig(64, 128, 2)
     assert mgpu.num_ctas(10, mgpu.MgpuConfig(num_ctas=4)) == 4 and mgpu.num_ctas(3, mgpu.MgpuConfig(num_ctas=4)) == 3
+
+
+def _custom_calls(text: str) -> list[str]:
+    return [line for line in text.splitlines() if "stablehlo.custom_call @mosaic_gpu" in line]
+
+
+@pytest.mark.parametrize("use_cache", [True, False])
+def test_cache_is_updated_in_place_on_the_gpu(use_cache):
+    """Lowered for CUDA (on the CPU): with a cache, the kernel's output is aliased to the cache operand, so XLA
+    writes the sampler's carried head cache in place (no second buffer, no copy into the scan carry)."""
+    q = jax.ShapeDtypeStruct((1, 384, 2, 64), jnp.bfloat16)
+    hw = jax.ShapeDtypeStruct((2,), jnp.int32)
+
+    def f(q, k, v, hw, *cache):
+        return mgpu.arrow_attention_mgpu(q, k, v, hw, text_len=40, text_first=True, cache=cache[0] if cache else None)
+
+    args = (q, q, q, hw) + ((q,) if use_cache else ())
+    calls = _custom_calls(jax.jit(f).trace(*args).lower(lowering_platforms=("cuda",)).as_text())
+    assert len(calls) == 1
+    alias = "output_operand_alias<output_tuple_indices = [], operand_index = 4,"
+    assert (alias in calls[0]) == use_cache, calls[0][-600:]
