@@ -205,9 +205,23 @@ def test_lowers_to_triton(text_first, use_cache):
     for cfg in TUNE_CANDIDATES:
         f = functools.partial(_arrow_call, text_len=40, text_first=text_first, sm_scale=0.125, interpret=False,
                               config=cfg)
-        text = jax.jit(f).trace(q, q, q, hw, q if use_cache else None).lower(
-            lowering_platforms=("cuda",)).as_text()
+        with _abstract_gpu():
+            text = jax.jit(f).trace(q, q, q, hw, q if use_cache else None).lower(
+                lowering_platforms=("cuda",)).as_text()
         assert "arrow_attention" in text
+
+
+def _abstract_gpu():
+    """Where no GPU is attached, jax ≥ 0.11's Triton lowering reads the target GPU from the abstract mesh's
+    device (jax 0.10 assumed one): an H100 here. A no-op with a GPU or on jax 0.10."""
+    import contextlib
+    import inspect
+
+    if jax.default_backend() == "gpu" or "abstract_device" not in inspect.signature(
+            jax.sharding.AbstractMesh).parameters:
+        return contextlib.nullcontext()
+    device = jax.sharding.AbstractDevice(device_kind="NVIDIA H100 80GB HBM3", num_cores=None, platform="cuda")
+    return jax.sharding.use_abstract_mesh(jax.sharding.AbstractMesh((1,), ("x",), abstract_device=device))
 
 
 def test_shipped_tuning_is_used(tmp_path, monkeypatch):
