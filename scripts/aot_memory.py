@@ -1,0 +1,188 @@
+"""Compile the FLUX.1-dev sampler for an NVIDIA H100 on a machine without a GPU: XLA's memory analysis, the
+cache-sized copies left in the compiled program and the compile time, dense vs the bench_e2e 68% plan.
+
+This is XLA's deviceless (ahead-of-time) GPU compile: a topology built from a target description
+(``H100_TARGET``: the device facts XLA's GPU compiler reads) instead of an attached GPU, through the jax CUDA
+plugin, which must be installed for jax's exact version (Python ≥ 3.12 for jax ≥ 0.11, e.g.
+``pip install jax-cuda13-plugin==$JAX_VERSION jax-cuda13-pjrt==$JAX_VERSION``); run with JAX_PLATFORMS=cpu.
+The plan's layers compile the real Pallas kernel (``--backend mosaic|triton``; ptxas runs here too). cuDNN's
+attention (the dense layers) needs a GPU to build its graph, so it is replaced by an opaque custom call of the
+same signature that returns a new buffer, as cuDNN's does (``stand-in``, a do-nothing FFI handler registered
+through ctypes); its workspace is not counted. The figures are the compiled program's, before any run: use
+``scripts/bench_memory.py`` on a GPU for the device peak.
+
+    JAX_PLATFORMS=cpu PYTHONPATH=. python3 scripts/aot_memory.py --res 2048 --steps 28
+"""
+
+from __future__ import annotations
+
+import argparse
+import ctypes
+import os
+import re
+import sys
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+# An H100 SXM5 80 GB (XLA's GpuTargetConfigProto, text format): 132 SMs, 228 KiB shared memory per SM (227 KiB
+# per block opt-in), 50 MiB L2, 3.35 TB/s HBM3, 1.98 GHz boost clock, compute capability 9.0.
+H100_TARGET = """
+gpu_device_info {
+  threads_per_block_limit: 1024
+  threads_per_warp: 32
+  shared_memory_per_block: 49152
+  shared_memory_per_core: 233472
+  threads_per_core_limit: 2048
+  core_count: 132
+  fpus_per_core: 128
+  block_dim_limit_x: 2147483647
+  block_dim_limit_y: 65535
+  block_dim_limit_z: 65535
+  memory_bandwidth: 3352320000000
+  l2_cache_size: 52428800
+  clock_rate_ghz: 1.98
+  device_memory_size: 84978434048
+  shared_memory_per_block_optin: 232448
+  cuda_compute_capability { major: 9 }
+  registers_per_core_limit: 65536
+  registers_per_block_limit: 65536
+}
+platform_name: "CUDA"
+dnn_version_info { major: 9 minor: 8 }
+device_description_str: "NVIDIA H100 80GB HBM3"
+"""
+
+STAND_IN = "dfa2_attention_stand_in"
+_handlers = []  # the ctypes callbacks must outlive the registration
+
+
+def register_stand_in() -> None:
+    """A do-nothing XLA FFI handler for the CUDA platform, registered as ``STAND_IN``. Compilation only: XLA
+    queries the handler's API version at registration (the metadata extension of the call frame), which it
+    answers; it is never executed."""
+    import jax
+
+    def handler(frame: int) -> None:
+        ext = ctypes.c_void_p.from_address(frame + 8).value  # XLA_FFI_CallFrame.extension_start
+        while ext:
+            if ctypes.c_int.from_address(ext + 8).value == 1:  # XLA_FFI_Extension_Metadata
+                meta = ctypes.c_void_p.from_address(ext + 24).value  # -> XLA_FFI_Metadata
+                ctypes.c_int.from_address(meta + 24).value = 0  # api_version.major_version
+                ctypes.c_int.from_address(meta + 28).value = 1  # api_version.minor_version
+            ext = ctypes.c_void_p.from_address(ext + 16).value
+        return None
+
+    cfunc = ctypes.CFUNCTYPE(ctypes.c_void_p, ctypes.c_void_p)(handler)
+    _handlers.append(cfunc)
+    new_capsule = ctypes.pythonapi.PyCapsule_New
+    new_capsule.restype = ctypes.py_object
+    new_capsule.argtypes = (ctypes.c_void_p, ctypes.c_char_p, ctypes.c_void_p)
+    jax.ffi.register_ffi_target(STAND_IN, new_capsule(ctypes.cast(cfunc, ctypes.c_void_p), None, None),
+                                platform="CUDA")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--res", type=int, default=2048)
+    ap.add_argument("--steps", type=int, default=28)
+    ap.add_argument("--layers", default="19,38", help="double,single blocks (FLUX.1-dev: 19,38)")
+    ap.add_argument("--backend", default="mosaic", choices=("mosaic", "triton"), help="the plan's arrow kernel")
+    ap.add_argument("--variants", default="dense,plan")
+    ap.add_argument("--dump", default=None, help="folder for each compiled module's HLO text")
+    args = ap.parse_args()
+    os.environ["DFA2_ARROW_IMPL"] = "pallas"
+    os.environ["DFA2_ARROW_BACKEND"] = args.backend
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+    from bench_scale import plan_arrays
+    from flax import nnx
+    from jax.experimental import topologies
+
+    import dfa2_jax
+    from converters.transformer import abstract_model
+    from dfa2_jax import runtime
+    from dfa2_jax.models import attention
+    from dfa2_jax.pipeline import flux_image_ids
+    from dfa2_jax.sample import _scan_core_jit, plan_inputs
+    from dfa2_jax.scheduler import FlowMatchEulerConfig, calculate_shift, set_timesteps
+    from dfa2_jax.transformer import flux_rope
+
+    try:
+        topo = topologies.get_topology_desc("", platform="cuda", target_config=H100_TARGET, topology="1x1x1")
+    except Exception as e:  # noqa: BLE001 - the plugin's own message says what is missing
+        sys.exit(f"aot_memory: no deviceless CUDA topology ({e}); install the jax CUDA plugin of jax "
+                 f"{jax.__version__} (jax-cuda13-plugin and jax-cuda13-pjrt) and run with JAX_PLATFORMS=cpu")
+    register_stand_in()
+
+    def cudnn_stand_in(q, k, v, implementation=None):
+        return jax.ffi.ffi_call(STAND_IN, jax.ShapeDtypeStruct(q.shape, q.dtype))(q, k, v)
+
+    attention.dense_attention = runtime.dense_attention = cudnn_stand_in
+    sharding = jax.sharding.SingleDeviceSharding(topo.devices[0])
+    # The Triton lowering of jax >= 0.11 reads its target GPU from the abstract mesh when none is attached.
+    target_mesh = jax.sharding.use_abstract_mesh(jax.sharding.AbstractMesh(
+        (1,), ("target",), abstract_device=jax.sharding.AbstractDevice(
+            device_kind=topo.devices[0].device_kind, num_cores=None, platform="cuda")))
+
+    def on_gpu(tree):
+        return jax.tree.map(lambda x: jax.ShapeDtypeStruct(np.shape(x), x.dtype, sharding=sharding), tree)
+
+    n_double, n_single = (int(x) for x in args.layers.split(","))
+    cfg = dfa2_jax.FluxConfig.dev(num_layers=n_double, num_single_layers=n_single)
+    text, dtype = 512, jnp.bfloat16
+    graphdef, params = nnx.split(abstract_model(cfg, dtype))
+    h = w = args.res // 8
+    n_img = (h // 2) * (w // 2)
+    ts, sig = set_timesteps(FlowMatchEulerConfig.flux_dev(), args.steps,
+                            sigmas=np.linspace(1, 1 / args.steps, args.steps), mu=calculate_shift(n_img))
+    plan, kept = plan_arrays(cfg, text, args.steps, n_img, smoke=False)
+    cond = {"prompt_embeds": jax.ShapeDtypeStruct((1, text, cfg.joint_attention_dim), dtype),
+            "pooled_projections": jax.ShapeDtypeStruct((1, cfg.pooled_projection_dim), dtype),
+            "rope": flux_rope(cfg, np.zeros((text, 3), np.float32), flux_image_ids(h, w)),
+            "guidance": jax.ShapeDtypeStruct((1,), jnp.float32)}
+    latents = jax.ShapeDtypeStruct((1, n_img, cfg.in_channels), dtype)
+    mib = 2.0 ** 20
+    rows = []
+    for name in args.variants.split(","):
+        p = {"dense": None, "plan": plan}[name]
+        spec, plan_in = plan_inputs(graphdef, params, latents, cond, ts, p, family="flux", do_cfg=False)
+        arrays = None if plan_in is None else on_gpu({k: v for k, v in plan_in.items() if k != "state"})
+        state = None if plan_in is None else on_gpu(plan_in["state"])
+        caches = sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(state)) if state is not None else 0
+        t0 = time.perf_counter()
+        with target_mesh:
+            traced = _scan_core_jit.trace(graphdef, on_gpu(params), on_gpu(latents), on_gpu(cond), on_gpu(ts),
+                                          on_gpu(sig), arrays, state, family="flux", do_cfg=False, report=False,
+                                          spec=spec)
+            t1 = time.perf_counter()
+            lowered = traced.lower(lowering_platforms=("cuda",))
+        t2 = time.perf_counter()
+        compiled = lowered.compile()
+        t3 = time.perf_counter()
+        m = compiled.memory_analysis()
+        hlo = compiled.as_text()
+        head = f"{jnp.dtype(dtype).name}[1,{text + n_img},{cfg.num_attention_heads},{cfg.attention_head_dim}]"
+        copies = len(re.findall(re.escape(head) + r"\{[0-9,]*\} copy\(", hlo))
+        if args.dump:
+            os.makedirs(args.dump, exist_ok=True)
+            with open(os.path.join(args.dump, f"{name}.hlo.txt"), "w") as f:
+                f.write(hlo)
+        rows.append((name, caches, m, copies, t1 - t0, t2 - t1, t3 - t2))
+        print(f"{name}: compiled in {t3 - t0:.1f} s", flush=True)
+
+    print(f"\nFLUX.1-dev-shaped {n_double}+{n_single} blocks, {args.res}², {args.steps} steps, bf16; deviceless "
+          f"compile for {topo.devices[0].device_kind}; jax {jax.__version__}; plan keeps {kept:.3f} of attention "
+          f"(kernel: {args.backend}); MiB")
+    print(f"{'variant':<7} {'caches':>7} {'args':>7} {'output':>7} {'alias':>7} {'temp':>7} {'cache copies':>12} "
+          f"{'trace s':>7} {'lower s':>7} {'compile s':>9}")
+    for name, caches, m, copies, tr, lo, co in rows:
+        print(f"{name:<7} {caches / mib:7.0f} {m.argument_size_in_bytes / mib:7.0f} {m.output_size_in_bytes / mib:7.0f} "
+              f"{m.alias_size_in_bytes / mib:7.0f} {m.temp_size_in_bytes / mib:7.0f} {copies:12d} {tr:7.1f} {lo:7.1f} "
+              f"{co:9.1f}")
+
+
+if __name__ == "__main__":
+    main()
