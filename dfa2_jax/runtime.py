@@ -30,7 +30,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from dfa2_jax import methods as M
-from dfa2_jax.models.attention import TokenLayout, dense_attention, per_device
+from dfa2_jax.models.attention import TokenLayout, _mesh_sizes, dense_attention, per_device
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -81,12 +81,18 @@ def arrow_impl(impl: str | None = None) -> str:
     return impl
 
 
-def arrow_heads(q, k, v, half_windows, layout: TokenLayout, cache, impl: str) -> jax.Array:
+def _kernel_ok(impl: str, q) -> bool:
+    d = q.shape[-1]
+    return impl != "reference" and d >= 16 and not d & (d - 1)  # the kernel's block loads: power-of-two head_dim
+
+
+def arrow_heads(q, k, v, half_windows, layout: TokenLayout, cache, impl: str, schedule=None) -> jax.Array:
     """Per-head arrow attention (half-window −1 = full; 0 with ``cache`` = copy the cached head) with the
     chosen implementation: the O(S²) masked reference or the Pallas kernel (GPU, or interpret mode on CPU).
-    Under a context mesh each device runs its own batch rows and heads (:func:`per_device`)."""
-    d = q.shape[-1]
-    if impl == "reference" or d < 16 or d & (d - 1):  # the kernel's block loads need a power-of-two head_dim
+    Under a context mesh each device runs its own batch rows and heads (:func:`per_device`). ``schedule``: the
+    kernel's precomputed launch schedule for this call (:func:`pallas_kernels.arrow_attention.arrow_schedules`;
+    only without a mesh)."""
+    if not _kernel_ok(impl, q):
         def local(q, k, v, *rest):  # rest: ([cache,] half_windows), per_device's operand order
             *cache, hw = rest
             o = M.masked_attention(q, k, v, M.arrow_mask(q.shape[1], layout.text_len, layout.text_first, hw))
@@ -97,7 +103,8 @@ def arrow_heads(q, k, v, half_windows, layout: TokenLayout, cache, impl: str) ->
         def local(q, k, v, *rest):
             *cache, hw = rest
             return arrow_attention(q, k, v, hw, text_len=layout.text_len, text_first=layout.text_first,
-                                   cache=cache[0] if cache else None, interpret=impl == "interpret")
+                                   cache=cache[0] if cache else None, interpret=impl == "interpret",
+                                   schedule=schedule)
 
     bshd = (q, k, v) if cache is None else (q, k, v, cache)
     return per_device(local, bshd, (half_windows.astype(jnp.int32),))
@@ -121,20 +128,21 @@ class PlanRuntime:
         self.state = state
         self.new_state: dict[str, dict[str, jax.Array]] = {}
         self._pending: dict[int, dict[str, jax.Array]] = {}
+        self._schedules: dict[tuple, jax.Array | None] = {}  # kernel launch schedules of every layer, per call kind
+        self._in_cond = False  # tracing a skippable layer's lax.cond branch
 
     # -- per-head attention (called by joint_attention) -------------------------------------------------
     def __call__(self, q, k, v, *, layer: int, layout: TokenLayout) -> jax.Array:
         spec = self.spec
         if spec.dense_layers[layer]:
             return dense_attention(q, k, v)
-        codes, hw = self.codes[layer], self.half_windows[layer]  # [H]
+        codes = self.codes[layer]  # [H]
         old = self.state.get(str(layer), {})
-        band = jnp.where(jnp.isin(codes, jnp.asarray(M.WINDOWED)), hw, -1)
+        band = self._bands(spec.cache_layers[layer])[layer]
         cache = None
         if spec.cache_layers[layer]:  # cached heads: half-window 0 + the stored output (copied, not computed)
-            band = jnp.where(codes == M.CACHE, 0, band)
             cache = old["heads"].astype(q.dtype)
-        o = self._attend(q, k, v, band, layout, cache)
+        o = self._attend(q, k, v, band, layout, cache, self._schedule(layer, q, layout, cache is not None))
         pending = {}
         if spec.resid_layers[layer]:
             window = self._attend(q, k, v, self.resid_windows[layer], layout, None)
@@ -150,8 +158,29 @@ class PlanRuntime:
         self._pending[layer] = pending
         return o
 
-    def _attend(self, q, k, v, band, layout: TokenLayout, cache):
-        return arrow_heads(q, k, v, band, layout, cache, self.spec.impl)
+    def _attend(self, q, k, v, band, layout: TokenLayout, cache, schedule=None):
+        return arrow_heads(q, k, v, band, layout, cache, self.spec.impl, schedule)
+
+    def _bands(self, with_cache: bool) -> jax.Array:
+        """Every layer's per-head half-windows at this step [L, H]: −1 full, w windowed, 0 cached."""
+        band = jnp.where(jnp.isin(self.codes, jnp.asarray(M.WINDOWED)), self.half_windows, -1)
+        return jnp.where(self.codes == M.CACHE, 0, band) if with_cache else band
+
+    def _schedule(self, layer: int, q, layout: TokenLayout, has_cache: bool):
+        """This layer's row of the kernel launch schedules of all layers, computed once per step for each kind
+        of call (shape, layout, cache) — None for the reference, under a mesh (each device schedules its own
+        heads), or inside a skippable layer's lax.cond (a value made there cannot serve later layers)."""
+        if not _kernel_ok(self.spec.impl, q) or self._in_cond or any(n > 1 for n in _mesh_sizes()[1].values()):
+            return None
+        key = (q.shape, q.dtype, layout, has_cache)
+        if key not in self._schedules:
+            from pallas_kernels.arrow_attention import arrow_schedules
+
+            self._schedules[key] = arrow_schedules(q, self._bands(has_cache), text_len=layout.text_len,
+                                                   text_first=layout.text_first, has_cache=has_cache,
+                                                   interpret=self.spec.impl == "interpret")
+        table = self._schedules[key]
+        return None if table is None else table[layer]
 
     # -- around an attention site ------------------------------------------------------------------------
     def run_layer(self, layer: int, compute: Callable[[], tuple[jax.Array, jax.Array | None]]):
@@ -169,7 +198,11 @@ class PlanRuntime:
             def skipped():
                 return old["out"], old.get("ctx"), {k: v for k, v in old.items() if k in ("heads", "resid")}
 
-            out, ctx, pending = jax.lax.cond(jnp.all(self.codes[layer] == M.CACHE), skipped, computed)
+            self._in_cond = True
+            try:
+                out, ctx, pending = jax.lax.cond(jnp.all(self.codes[layer] == M.CACHE), skipped, computed)
+            finally:
+                self._in_cond = False
             pending = {**pending, "out": out, **({"ctx": ctx} if ctx is not None else {})}
         else:
             out, ctx, pending = computed()

@@ -454,8 +454,23 @@ def backend_choice(q, *, interpret: bool = False, config=None) -> str:
     return choice
 
 
+def arrow_schedules(q, half_windows, *, text_len: int, text_first: bool, has_cache: bool, interpret: bool = False,
+                    config=None):
+    """Launch schedules of many :func:`arrow_attention` calls on q's shape and layout, computed at once:
+    half_windows int32 [L, H] -> an array whose row l goes to the call with ``half_windows[l]`` as
+    ``schedule=``, or None where the chosen backend needs none (Triton derives its order in the kernel). The
+    Mosaic GPU kernel's per-call program table is otherwise computed in each call: a sampler step with a
+    schedule per layer compiles one set of small XLA kernels instead of one per layer."""
+    if backend_choice(q, interpret=interpret, config=config) != "mosaic":
+        return None
+    from pallas_kernels.arrow_attention_mgpu import schedules
+
+    return schedules(q, half_windows, text_len=text_len, text_first=text_first, has_cache=has_cache,
+                     config=config)
+
+
 def arrow_attention(q, k, v, half_window, *, text_len: int, text_first: bool, cache=None, sm_scale=None,
-                    interpret: bool = False, config=None):
+                    interpret: bool = False, config=None, schedule=None):
     """Arrow attention with per-head half-windows, one Pallas launch: q, k, v, cache [B, S, H, D] -> [B, S, H, D].
 
     half_window: int32 [H], runtime data: −1 full, 0 cached when ``cache`` is given (else a band of width 0, see
@@ -466,7 +481,8 @@ def arrow_attention(q, k, v, half_window, *, text_len: int, text_first: bool, ca
     Backend (:func:`backend_choice`): the Mosaic GPU kernel (:mod:`pallas_kernels.arrow_attention_mgpu`:
     warp-specialised, TMA + wgmma) on Hopper, the Triton kernel elsewhere or when ``config`` is an
     :class:`ArrowConfig`. A Triton call without config takes the autotuned choice cached on disk for this shape
-    and device (:func:`autotune`), else :func:`heuristic_config`.
+    and device (:func:`autotune`), else :func:`heuristic_config`. ``schedule``: this call's row of
+    :func:`arrow_schedules` (same config and interpret flag), or None to compute it here.
     """
     _validate(q, k, v, half_window, text_len, cache, kernel=True)
     _, s, _, d = q.shape
@@ -475,7 +491,7 @@ def arrow_attention(q, k, v, half_window, *, text_len: int, text_first: bool, ca
         from pallas_kernels.arrow_attention_mgpu import arrow_attention_mgpu
 
         return arrow_attention_mgpu(q, k, v, half_window, text_len=text_len, text_first=text_first, cache=cache,
-                                    sm_scale=sm_scale, interpret=interpret, config=config)
+                                    sm_scale=sm_scale, interpret=interpret, config=config, schedule=schedule)
     if config is None:
         config = (None if interpret else tuned_config(q.shape, q.dtype, text_len, text_first)) or \
             heuristic_config(s, d, q.dtype)

@@ -393,21 +393,45 @@ def program_table(half_window, *, batch: int, seq_len: int, s_pad: int, text_len
     return table, kinds
 
 
+def _table_args(shape, config: MgpuConfig, *, text_len: int, text_first: bool, has_cache: bool) -> dict:
+    """:func:`program_table`'s static arguments for q of ``shape`` [B, S, H, D]."""
+    bsz, s = shape[0], shape[1]
+    unit = math.lcm(config.tile_q, config.block_kv)
+    return dict(batch=bsz, seq_len=s, s_pad=pl.cdiv(s, unit) * unit, text_len=text_len, text_first=text_first,
+                has_cache=has_cache, tile_q=config.tile_q, block_kv=config.block_kv)
+
+
+def schedules(q, half_windows, *, text_len: int, text_first: bool, has_cache: bool, config: MgpuConfig | None = None):
+    """The program tables of many calls at once: half_windows int32 [L, H] (one row per call on q's shape) ->
+    int32 [L, programs, columns], row l to pass as ``schedule=`` to the call with ``half_windows[l]``.
+
+    One vectorised computation instead of one per call: in a sampler step with 57 kernel calls (FLUX.1), the
+    per-call tables (an argsort and a few gathers each) were 57 separate sets of small XLA kernels, about half
+    of the plan sampler's compile time."""
+    config = config or heuristic_config(q.shape[-1])
+    kw = _table_args(q.shape, config, text_len=int(text_len), text_first=bool(text_first), has_cache=has_cache)
+    return jax.vmap(lambda w: program_table(w, **kw)[0])(jnp.asarray(half_windows, jnp.int32))
+
+
 @functools.partial(jax.jit, static_argnames=("text_len", "text_first", "sm_scale", "interpret", "config"))
-def _mgpu_call(q, k, v, half_window, cache, *, text_len, text_first, sm_scale, interpret, config: MgpuConfig):
+def _mgpu_call(q, k, v, half_window, cache, schedule, *, text_len, text_first, sm_scale, interpret,
+               config: MgpuConfig):
     import jax.experimental.pallas.mosaic_gpu as plgpu
 
     bsz, s, h, d = q.shape
-    unit = math.lcm(config.tile_q, config.block_kv)
-    s_pad = pl.cdiv(s, unit) * unit
+    has_cache = cache is not None
+    kw = _table_args(q.shape, config, text_len=text_len, text_first=text_first, has_cache=has_cache)
+    s_pad = kw["s_pad"]
     pad = ((0, 0), (0, s_pad - s), (0, 0), (0, 0))
     q, k, v = (jnp.pad(x, pad) if s_pad != s else x for x in (q, k, v))
-    has_cache = cache is not None
     n_prog = bsz * h * (s_pad // config.tile_q)
     n_cta = num_ctas(n_prog, config)
-    table, masked = program_table(half_window, batch=bsz, seq_len=s, s_pad=s_pad, text_len=text_len,
-                                  text_first=text_first, has_cache=has_cache, tile_q=config.tile_q,
-                                  block_kv=config.block_kv)
+    table, masked = program_table(half_window, **kw)  # unused when a schedule is given (XLA drops it)
+    if schedule is not None:
+        if schedule.shape != table.shape or schedule.dtype != table.dtype:
+            raise ValueError(f"arrow_attention_mgpu: schedule must be int32 {table.shape} for this call (see "
+                             f"schedules()), got {schedule.dtype} {schedule.shape}")
+        table = schedule
     args = [table, q, k, v]
     if has_cache:
         # Written in place: every tile reads the cache only at the rows it then writes, so the output can take
@@ -439,9 +463,10 @@ def _mgpu_call(q, k, v, half_window, cache, *, text_len, text_first, sm_scale, i
 
 
 def arrow_attention_mgpu(q, k, v, half_window, *, text_len: int, text_first: bool, cache=None, sm_scale=None,
-                         interpret: bool = False, config: MgpuConfig | None = None):
+                         interpret: bool = False, config: MgpuConfig | None = None, schedule=None):
     """:func:`pallas_kernels.arrow_attention.arrow_attention` on the Mosaic GPU backend (Hopper); same signature
-    and semantics; bf16/f16 inputs with head_dim a multiple of 64 (:func:`supported`)."""
+    and semantics; bf16/f16 inputs with head_dim a multiple of 64 (:func:`supported`). ``schedule``: this call's
+    program table precomputed by :func:`schedules` (it must come from the same ``half_window``)."""
     from pallas_kernels.arrow_attention import _validate
 
     _validate(q, k, v, half_window, text_len, cache, kernel=True)
@@ -453,5 +478,5 @@ def arrow_attention_mgpu(q, k, v, half_window, *, text_len: int, text_first: boo
         raise ValueError(f"arrow_attention_mgpu: config must be an MgpuConfig, got {type(config).__name__}")
     d = q.shape[-1]
     sm_scale = float(d ** -0.5 if sm_scale is None else sm_scale)
-    return _mgpu_call(q, k, v, half_window, cache, text_len=int(text_len), text_first=bool(text_first),
+    return _mgpu_call(q, k, v, half_window, cache, schedule, text_len=int(text_len), text_first=bool(text_first),
                       sm_scale=sm_scale, interpret=bool(interpret), config=config)

@@ -55,6 +55,7 @@ device_description_str: "NVIDIA H100 80GB HBM3"
 """
 
 STAND_IN = "dfa2_attention_stand_in"
+HLO_DTYPES = {"bfloat16": "bf16", "float16": "f16", "float32": "f32"}
 _handlers = []  # the ctypes callbacks must outlive the registration
 
 
@@ -164,7 +165,7 @@ def main() -> None:
         t3 = time.perf_counter()
         m = compiled.memory_analysis()
         hlo = compiled.as_text()
-        head = f"{jnp.dtype(dtype).name}[1,{text + n_img},{cfg.num_attention_heads},{cfg.attention_head_dim}]"
+        head = f"{HLO_DTYPES[jnp.dtype(dtype).name]}[1,{text + n_img},{cfg.num_attention_heads},{cfg.attention_head_dim}]"
         copies = len(re.findall(re.escape(head) + r"\{[0-9,]*\} copy\(", hlo))
         if args.dump:
             os.makedirs(args.dump, exist_ok=True)

@@ -116,3 +116,24 @@ def test_cache_is_updated_in_place_on_the_gpu(use_cache):
     assert len(calls) == 1
     alias = "output_operand_alias<output_tuple_indices = [], operand_index = 4,"
     assert (alias in calls[0]) == use_cache, calls[0][-600:]
+
+
+def test_schedules_are_the_per_call_tables_and_drive_the_kernel():
+    """``schedules`` stacks exactly the per-call program tables, and a call given its row computes what the call
+    computing its own table does (bit for bit: the same launch order); a wrong-shaped schedule is refused."""
+    from pallas_kernels.arrow_attention import arrow_schedules
+
+    s, text_len = 260, 30
+    windows = jnp.asarray([[-1, 4, 0], [2, 0, 9]], jnp.int32)  # two calls (layers), three heads
+    q, k, v, c = _inputs(7, (1, s, 3, 64), jnp.bfloat16)
+    stacked = arrow_schedules(q, windows, text_len=text_len, text_first=True, has_cache=True, config=SMALL)
+    kw = mgpu._table_args(q.shape, SMALL, text_len=text_len, text_first=True, has_cache=True)
+    for layer in range(2):
+        np.testing.assert_array_equal(stacked[layer], mgpu.program_table(windows[layer], **kw)[0])
+    assert arrow_schedules(q, windows, text_len=text_len, text_first=True, has_cache=True,
+                           config=ArrowConfig(block_q=64, block_k=64)) is None  # Triton: no schedule
+    call = dict(text_len=text_len, text_first=True, cache=c, interpret=True, config=SMALL)
+    with_schedule = arrow_attention(q, k, v, windows[1], schedule=stacked[1], **call)
+    np.testing.assert_array_equal(np.asarray(with_schedule), np.asarray(arrow_attention(q, k, v, windows[1], **call)))
+    with pytest.raises(ValueError, match="schedule must be int32"):
+        arrow_attention(q, k, v, windows[1], schedule=stacked, **call)

@@ -286,3 +286,38 @@ def test_concat_in_ties_each_weight_slice_to_its_input():
         kernel_out = eqn.outvars[0]
         slices = [e for e in jaxpr.eqns if e.primitive.name == "slice" and e.invars[0] is kernel_out]
         assert len(slices) == 1  # the row slice is taken from the barrier's kernel, not the parameter
+
+
+def test_runtime_computes_kernel_schedules_once_per_step(monkeypatch):
+    """The kernel's launch schedules of every layer are computed once per step and kind of call (here: without
+    and with a cache), each layer gets its own row, and a skippable layer's lax.cond branch makes none."""
+    import pallas_kernels.arrow_attention as A
+    from dfa2_jax.models.attention import TokenLayout
+    from dfa2_jax.runtime import PlanRuntime
+
+    calls, seen = [], []
+
+    def fake_schedules(q, half_windows, *, text_len, text_first, has_cache, interpret=False, config=None):
+        calls.append((half_windows.shape, has_cache, interpret))
+        return jnp.arange(half_windows.shape[0])[:, None] + 100 * has_cache  # row l: [l + 100·cache]
+
+    def recording_attention(q, k, v, hw, *, schedule=None, **kw):
+        seen.append(None if schedule is None else int(schedule[0]))
+        return A.arrow_attention_reference(q, k, v, hw, **kw)
+
+    monkeypatch.setattr(A, "arrow_schedules", fake_schedules)
+    monkeypatch.setattr(A, "arrow_attention", recording_attention)
+    codes = np.array([[[M.ARROW, M.FULL], [M.CACHE, M.ARROW], [M.CACHE, M.CACHE]]], np.int32)  # 1 step, 3 layers
+    spec = RuntimeSpec.from_codes(codes, cfg=False, impl="interpret")
+    assert spec.skip_layers == (False, False, True)
+    rng = np.random.default_rng(0)
+    q, k, v = (jnp.asarray(rng.standard_normal((1, 11, 2, 16)), jnp.float32) for _ in range(3))
+    zeros = jnp.zeros_like(q)
+    state = {"1": {"heads": zeros}, "2": {"heads": zeros, "out": jnp.zeros((1, 11, 32))}}
+    rt = PlanRuntime(spec, jnp.asarray(codes[0]), jnp.full((3, 2), 4, jnp.int32), jnp.full((3, 2), -1, jnp.int32),
+                     state)
+    layout = TokenLayout(text_len=3, text_first=True)
+    for layer in range(3):
+        rt.run_layer(layer, lambda layer=layer: (rt(q, k, v, layer=layer, layout=layout).reshape(1, 11, 32), None))
+    assert calls == [((3, 2), False, True), ((3, 2), True, True)]
+    assert seen == [0, 101, None]
