@@ -159,7 +159,7 @@ def _kernel(table_ref, q_ref, k_ref, v_ref, *refs, cfg: MgpuConfig, head_dim: in
 
         def tile(j, g0):
             t = tile_info(j)
-            lo, hi, starts, w = t["lo"], t["hi"], t["starts"], t["w"]
+            lo, starts, w = t["lo"], t["starts"], t["w"]
             n_steps = starts[-1]
             par = lax.rem(j, 2)
             qo = qo_smem.at[wg, par]

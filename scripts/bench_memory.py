@@ -65,7 +65,7 @@ def main():
         print(f"{name:<7} {f(caches)} {f(m.argument_size_in_bytes if m else None)} "
               f"{f(m.output_size_in_bytes if m else None)} {f(m.alias_size_in_bytes if m else None)} "
               f"{f(m.temp_size_in_bytes if m else None)} {f(peak)} {compile_s:9.1f} {run_s:7.2f}")
-    dense_peak, (_, caches, *_rest) = rows[0][3], rows[1]
+    dense_peak, caches = rows[0][3], rows[1][1]
     if dense_peak is not None and rows[1][3] is not None:
         bound = (dense_peak + caches) * 1.1
         print(f"plan peak {rows[1][3] / mib:.0f} MiB vs bound (dense peak + caches) x 1.1 = {bound / mib:.0f} MiB: "

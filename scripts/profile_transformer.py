@@ -81,14 +81,14 @@ def main():
                 return m(*a, runtime=no_attention if stub else None)
 
             a = (x["hidden_states"], x["encoder_hidden_states"], x["pooled_projections"], x["timestep"]) + extra
-            full = _time(lambda: step(tr.graphdef, False, tr.state, *a), args.iters)
-            rest = _time(lambda: step(tr.graphdef, True, tr.state, *a), args.iters)
+            full = _time(lambda tr=tr: step(tr.graphdef, False, tr.state, *a), args.iters)
+            rest = _time(lambda tr=tr: step(tr.graphdef, True, tr.state, *a), args.iters)
             n_img = (res // 16) ** 2
             s = n_img + TEXT_TOKENS[model]
             h, d = cfg.num_attention_heads, cfg.attention_head_dim
             q = jax.random.normal(jax.random.key(0), (3, 1, s, h, d), jnp.bfloat16)
             att = jax.jit(lambda q: dense_attention(q[0], q[1], q[2]))
-            jax_attn = _time(lambda: att(q), args.iters)
+            jax_attn = _time(lambda q=q: att(q), args.iters)
             tq = torch.randn(3, 1, h, s, d, device="cuda", dtype=torch.bfloat16)
             with sdpa_kernel([SDPBackend.CUDNN_ATTENTION]):
                 for _ in range(3):
