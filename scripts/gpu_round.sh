@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # One device call: kernel benchmark (autotune + Mosaic FA3 reference) then calibration timing with the kernel;
 # or the end-to-end run (e2e), or the multi-GPU scaling run (scale: data / heads / seq rows, NVLink multicast off).
-# Usage on the device: bash scripts/gpu_round.sh [kernel|mosaic|calib|all|e2e|scale]
+# or the memory check (memory: the Mosaic kernel at FLUX 2048², then the plan sampler's peak vs its bound).
+# Usage on the device: bash scripts/gpu_round.sh [kernel|mosaic|calib|all|e2e|scale|memory]
 set -o pipefail
 export PYTHONUNBUFFERED=1 PYTHONPATH=.${PYTHONPATH:+:$PYTHONPATH} DFA2_ARROW_TUNE_CACHE=${OUT:-/tmp}/arrow_tune.json
 what=${1:-all}
@@ -23,6 +24,11 @@ if [[ $what == e2e ]]; then
     && export PYTHONPATH=$PYTHONPATH:/tmp/site
   timeout ${E2E_TIMEOUT:-420} python3 scripts/bench_e2e.py --cases ${E2E_CASES:-flux-2048} --out $OUT \
     --budget-s ${E2E_BUDGET:-400} 2>&1 | tee $OUT/e2e.log
+fi
+if [[ $what == memory ]]; then
+  timeout ${KERNEL_TIMEOUT:-150} python3 scripts/bench_arrow.py --backends triton,mosaic --shapes FLUX-2048 \
+    2>&1 | tee $OUT/bench_arrow_flux.log
+  timeout ${MEMORY_TIMEOUT:-330} python3 scripts/bench_memory.py --res 2048 --steps 28 2>&1 | tee $OUT/memory.log
 fi
 if [[ $what == scale ]]; then
   export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
