@@ -285,6 +285,17 @@ def shard_denoise(mesh: Mesh, graphdef, state, latents, cond: dict[str, Any], ti
                   num_heads: int | None = None):
     """:func:`dfa2_jax.sample.denoise` on ``mesh``: places params, latents, conditioning and the plan (see the
     module docstring), then runs the same jitted sampler; returns the latents (sharded on ``data``)."""
+    args, kwargs = sharded_sampler_inputs(mesh, graphdef, state, latents, cond, timesteps, sigmas, family=family,
+                                          do_cfg=do_cfg, plan=plan, fsdp=fsdp, report=report, num_heads=num_heads)
+    with jax.set_mesh(mesh):  # attention runs per device under it (dfa2_jax.models.attention.per_device)
+        return _scan_denoise_jit(*args, **kwargs)
+
+
+def sharded_sampler_inputs(mesh: Mesh, graphdef, state, latents, cond: dict[str, Any], timesteps, sigmas, *,
+                           family: str, do_cfg: bool = False, plan: PlanArrays | None = None, fsdp: bool = False,
+                           report: bool = False, num_heads: int | None = None) -> tuple[tuple, dict]:
+    """The placed (args, kwargs) of the jitted sampler that :func:`shard_denoise` runs under ``jax.set_mesh(mesh)``
+    (also what scripts/aot_memory.py compiles for GPUs that are not attached)."""
     heads = num_heads if num_heads is not None else _num_heads(graphdef, state)
     spec, plan_in = plan_inputs(graphdef, state, jnp.asarray(latents), cond, timesteps, plan, family=family,
                                 do_cfg=do_cfg)
@@ -294,8 +305,6 @@ def shard_denoise(mesh: Mesh, graphdef, state, latents, cond: dict[str, Any], ti
         plan_in = place_plan(plan_in, mesh, model_axes=pl_.carry_axes)
     batch_sharding = (NamedSharding(mesh, P(pl_.model_axes)) if pl_.cfg_model and pl_.model_axes is not None
                       else None)
-    with jax.set_mesh(mesh):  # attention runs per device under it (dfa2_jax.models.attention.per_device)
-        return _scan_denoise_jit(graphdef, pl_.state, pl_.latents, pl_.cond,
-                                 jax.device_put(jnp.asarray(timesteps), replicated),
-                                 jax.device_put(jnp.asarray(sigmas), replicated), plan_in, family=family,
-                                 do_cfg=do_cfg, report=report, spec=spec, batch_sharding=batch_sharding)
+    args = (graphdef, pl_.state, pl_.latents, pl_.cond, jax.device_put(jnp.asarray(timesteps), replicated),
+            jax.device_put(jnp.asarray(sigmas), replicated), plan_in)
+    return args, dict(family=family, do_cfg=do_cfg, report=report, spec=spec, batch_sharding=batch_sharding)

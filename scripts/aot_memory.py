@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import ctypes
+import math
 import os
 import re
 import sys
@@ -91,6 +92,10 @@ def main() -> None:
     ap.add_argument("--layers", default="19,38", help="double,single blocks (FLUX.1-dev: 19,38)")
     ap.add_argument("--backend", default="mosaic", choices=("mosaic", "triton"), help="the plan's arrow kernel")
     ap.add_argument("--variants", default="dense,plan")
+    ap.add_argument("--meshes", default="none",
+                    help="';'-separated meshes to compile on (dfa2 --mesh syntax, e.g. 'none;heads=4;seq=4'): the "
+                         "sharded sampler (dfa2_jax.sharding.shard_denoise) on that many H100s of one host; "
+                         "figures are per device")
     ap.add_argument("--dump", default=None, help="folder for each compiled module's HLO text")
     args = ap.parse_args()
     os.environ["DFA2_ARROW_IMPL"] = "pallas"
@@ -106,13 +111,17 @@ def main() -> None:
     from converters.transformer import abstract_model
     from dfa2_jax import runtime
     from dfa2_jax.models import attention
+    from dfa2_jax import sharding as dfa2_sharding
     from dfa2_jax.pipeline import flux_image_ids
     from dfa2_jax.sample import _scan_core_jit, plan_inputs
+    from dfa2_jax.sharding import make_mesh, parse_mesh
     from dfa2_jax.scheduler import FlowMatchEulerConfig, calculate_shift, set_timesteps
     from dfa2_jax.transformer import flux_rope
 
     try:
-        topo = topologies.get_topology_desc("", platform="cuda", target_config=H100_TARGET, topology="1x1x1")
+        n_gpus = max(math.prod(parse_mesh(m).values()) if m != "none" else 1 for m in args.meshes.split(";"))
+        topo = topologies.get_topology_desc("", platform="cuda", target_config=H100_TARGET,
+                                            topology=f"1x1x{n_gpus}")
     except Exception as e:  # noqa: BLE001 - the plugin's own message says what is missing
         sys.exit(f"aot_memory: no deviceless CUDA topology ({e}); install the jax CUDA plugin of jax "
                  f"{jax.__version__} (jax-cuda13-plugin and jax-cuda13-pjrt) and run with JAX_PLATFORMS=cpu")
@@ -147,40 +156,76 @@ def main() -> None:
     latents = jax.ShapeDtypeStruct((1, n_img, cfg.in_channels), dtype)
     mib = 2.0 ** 20
     rows = []
-    for name in args.variants.split(","):
-        p = {"dense": None, "plan": plan}[name]
-        spec, plan_in = plan_inputs(graphdef, params, latents, cond, ts, p, family="flux", do_cfg=False)
-        arrays = None if plan_in is None else on_gpu({k: v for k, v in plan_in.items() if k != "state"})
-        state = None if plan_in is None else on_gpu(plan_in["state"])
-        caches = sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(state)) if state is not None else 0
+
+    def compile_traced(trace, mesh=None):
         t0 = time.perf_counter()
-        with target_mesh:
-            traced = _scan_core_jit.trace(graphdef, on_gpu(params), on_gpu(latents), on_gpu(cond), on_gpu(ts),
-                                          on_gpu(sig), arrays, state, family="flux", do_cfg=False, report=False,
-                                          spec=spec)
+        with jax.set_mesh(mesh) if mesh is not None else target_mesh:  # a mesh knows its devices' kind
+            traced = trace()
             t1 = time.perf_counter()
             lowered = traced.lower(lowering_platforms=("cuda",))
         t2 = time.perf_counter()
         compiled = lowered.compile()
-        t3 = time.perf_counter()
-        m = compiled.memory_analysis()
-        hlo = compiled.as_text()
-        head = f"{HLO_DTYPES[jnp.dtype(dtype).name]}[1,{text + n_img},{cfg.num_attention_heads},{cfg.attention_head_dim}]"
-        copies = len(re.findall(re.escape(head) + r"\{[0-9,]*\} copy\(", hlo))
-        if args.dump:
-            os.makedirs(args.dump, exist_ok=True)
-            with open(os.path.join(args.dump, f"{name}.hlo.txt"), "w") as f:
-                f.write(hlo)
-        rows.append((name, caches, m, copies, t1 - t0, t2 - t1, t3 - t2))
-        print(f"{name}: compiled in {t3 - t0:.1f} s", flush=True)
+        return compiled, (t1 - t0, t2 - t1, time.perf_counter() - t2)
+
+    def sharded(mesh_spec, p):
+        """shard_denoise's placement on a mesh of the topology's devices (device_put making abstract placed
+        values), then the sampler compiled instead of run."""
+        mesh = make_mesh(mesh_spec, devices=topo.devices)
+
+        def abstract_put(x, device=None, *a, **k):
+            return jax.tree.map(lambda v: jax.ShapeDtypeStruct(np.shape(v), v.dtype, sharding=device), x)
+
+        real_put, jax.device_put = jax.device_put, abstract_put
+        try:
+            rng = np.random.default_rng(0)
+            concrete = {"prompt_embeds": jnp.asarray(rng.standard_normal(cond["prompt_embeds"].shape), dtype),
+                        "pooled_projections": jnp.zeros(cond["pooled_projections"].shape, dtype),
+                        "rope": cond["rope"], "guidance": jnp.full((1,), 3.5, jnp.float32)}
+            sargs, skw = dfa2_sharding.sharded_sampler_inputs(
+                mesh, graphdef, params, jnp.zeros(latents.shape, dtype), concrete, ts, sig, family="flux", plan=p,
+                num_heads=cfg.num_attention_heads)
+        finally:
+            jax.device_put = real_put
+        graph, state, lat, cnd, t, sg, plan_in = sargs
+        arrays = None if plan_in is None else {k: v for k, v in plan_in.items() if k != "state"}
+        attn = None if plan_in is None else plan_in["state"]
+        caches = sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(attn)) // mesh.size
+        compiled, times = compile_traced(lambda: _scan_core_jit.trace(graph, state, lat, cnd, t, sg, arrays, attn,
+                                                                      **skw), mesh)
+        return caches, compiled, times
+
+    for mesh_spec in args.meshes.split(";"):
+        for name in args.variants.split(","):
+            p = {"dense": None, "plan": plan}[name]
+            if mesh_spec == "none":
+                spec, plan_in = plan_inputs(graphdef, params, latents, cond, ts, p, family="flux", do_cfg=False)
+                arrays = None if plan_in is None else on_gpu({k: v for k, v in plan_in.items() if k != "state"})
+                state = None if plan_in is None else on_gpu(plan_in["state"])
+                caches = sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(state)) if state is not None else 0
+                compiled, times = compile_traced(lambda: _scan_core_jit.trace(
+                    graphdef, on_gpu(params), on_gpu(latents), on_gpu(cond), on_gpu(ts), on_gpu(sig), arrays, state,
+                    family="flux", do_cfg=False, report=False, spec=spec))
+            else:
+                caches, compiled, times = sharded(mesh_spec, p)
+            m = compiled.memory_analysis()
+            hlo = compiled.as_text()
+            head = (rf"{HLO_DTYPES[jnp.dtype(dtype).name]}\[\d+,{text + n_img},\d+,{cfg.attention_head_dim}\]"
+                    r"\{[0-9,]*\} copy\(")
+            copies = len(re.findall(head, hlo))
+            if args.dump:
+                os.makedirs(args.dump, exist_ok=True)
+                with open(os.path.join(args.dump, f"{mesh_spec}-{name}.hlo.txt"), "w") as f:
+                    f.write(hlo)
+            rows.append((mesh_spec, name, caches, m, copies, *times))
+            print(f"{mesh_spec} {name}: compiled in {sum(times):.1f} s", flush=True)
 
     print(f"\nFLUX.1-dev-shaped {n_double}+{n_single} blocks, {args.res}², {args.steps} steps, bf16; deviceless "
           f"compile for {topo.devices[0].device_kind}; jax {jax.__version__}; plan keeps {kept:.3f} of attention "
           f"(kernel: {args.backend}); MiB")
-    print(f"{'variant':<7} {'caches':>7} {'args':>7} {'output':>7} {'alias':>7} {'temp':>7} {'cache copies':>12} "
-          f"{'trace s':>7} {'lower s':>7} {'compile s':>9}")
-    for name, caches, m, copies, tr, lo, co in rows:
-        print(f"{name:<7} {caches / mib:7.0f} {m.argument_size_in_bytes / mib:7.0f} {m.output_size_in_bytes / mib:7.0f} "
+    print(f"{'mesh':<9} {'variant':<7} {'caches':>7} {'args':>7} {'output':>7} {'alias':>7} {'temp':>7} "
+          f"{'cache copies':>12} {'trace s':>7} {'lower s':>7} {'compile s':>9}")
+    for mesh_spec, name, caches, m, copies, tr, lo, co in rows:
+        print(f"{mesh_spec:<9} {name:<7} {caches / mib:7.0f} {m.argument_size_in_bytes / mib:7.0f} {m.output_size_in_bytes / mib:7.0f} "
               f"{m.alias_size_in_bytes / mib:7.0f} {m.temp_size_in_bytes / mib:7.0f} {copies:12d} {tr:7.1f} {lo:7.1f} "
               f"{co:9.1f}")
 
