@@ -170,7 +170,7 @@ def main() -> None:
     def sharded(mesh_spec, p):
         """shard_denoise's placement on a mesh of the topology's devices (device_put making abstract placed
         values), then the sampler compiled instead of run."""
-        mesh = make_mesh(mesh_spec, devices=topo.devices)
+        mesh = make_mesh(mesh_spec, devices=topo.devices[:math.prod(parse_mesh(mesh_spec).values())])
 
         def abstract_put(x, device=None, *a, **k):
             return jax.tree.map(lambda v: jax.ShapeDtypeStruct(np.shape(v), v.dtype, sharding=device), x)
