@@ -438,7 +438,11 @@ def _mgpu_call(q, k, v, half_window, cache, schedule, *, text_len, text_first, s
         # the cache's buffer (a ref, aliased in and out of the kernel) and the sampler's carried head cache is
         # updated without a second buffer or a copy into the carry.
         cache = cache.astype(q.dtype)
-        args.append(jax.new_ref(jnp.pad(cache, pad) if s_pad != s else cache, memory_space=plgpu.GMEM))
+        if s_pad != s:  # the padded copy must not run before this call's q exists (see pad_cache)
+            from pallas_kernels.arrow_attention import pad_cache
+
+            cache = pad_cache(cache, q, pad)
+        args.append(jax.new_ref(cache, memory_space=plgpu.GMEM))
     body = functools.partial(_kernel, n_prog=n_prog, n_cta=n_cta, cfg=config, head_dim=d, seq_len=s,
                              text_len=text_len, text_first=text_first,
                              scale=sm_scale * _LOG2E, has_cache=has_cache, num_ranges=len(masked), masked=masked,

@@ -1,5 +1,6 @@
-"""Compile the FLUX.1-dev sampler for an NVIDIA H100 on a machine without a GPU: XLA's memory analysis, the
-cache-sized copies left in the compiled program and the compile time, dense vs the bench_e2e 68% plan.
+"""Compile the FLUX.1-dev sampler (``--model sd3``: SD3-medium with CFG) for an NVIDIA H100 on a machine without a
+GPU: XLA's memory analysis, the cache-sized copies left in the compiled program and the compile time, dense vs the
+bench_e2e 68% plan, on one GPU or sharded over several (``--meshes``).
 
 This is XLA's deviceless (ahead-of-time) GPU compile: a topology built from a target description
 (``H100_TARGET``: the device facts XLA's GPU compiler reads) instead of an attached GPU, through the jax CUDA
@@ -87,9 +88,11 @@ def register_stand_in() -> None:
 
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--res", type=int, default=2048)
+    ap.add_argument("--model", default="flux", choices=("flux", "sd3"),
+                    help="FLUX.1-dev (batch 1) or SD3-medium (batch 1, classifier-free guidance: model batch 2)")
+    ap.add_argument("--res", type=int, default=None, help="default 2048 (FLUX) / 1024 (SD3)")
     ap.add_argument("--steps", type=int, default=28)
-    ap.add_argument("--layers", default="19,38", help="double,single blocks (FLUX.1-dev: 19,38)")
+    ap.add_argument("--layers", default=None, help="FLUX: double,single blocks (default 19,38); SD3: blocks (24)")
     ap.add_argument("--backend", default="mosaic", choices=("mosaic", "triton"), help="the plan's arrow kernel")
     ap.add_argument("--variants", default="dense,plan")
     ap.add_argument("--meshes", default="none",
@@ -140,20 +143,34 @@ def main() -> None:
     def on_gpu(tree):
         return jax.tree.map(lambda x: jax.ShapeDtypeStruct(np.shape(x), x.dtype, sharding=sharding), tree)
 
-    n_double, n_single = (int(x) for x in args.layers.split(","))
-    cfg = dfa2_jax.FluxConfig.dev(num_layers=n_double, num_single_layers=n_single)
-    text, dtype = 512, jnp.bfloat16
+    if args.model == "flux":
+        n_double, n_single = (int(x) for x in (args.layers or "19,38").split(","))
+        cfg = dfa2_jax.FluxConfig.dev(num_layers=n_double, num_single_layers=n_single)
+        text, batch, res, family, do_cfg = 512, 1, args.res or 2048, "flux", False
+        blocks = f"{n_double}+{n_single} blocks"
+    else:
+        cfg = dfa2_jax.SD3Config.medium(**({"num_layers": int(args.layers)} if args.layers else {}))
+        text, batch, res, family, do_cfg = 333, 2, args.res or 1024, "sd3", True  # 77 CLIP + 256 T5; [uncond, cond]
+        blocks = f"{cfg.num_layers} blocks, CFG"
+    dtype = jnp.bfloat16
     graphdef, params = nnx.split(abstract_model(cfg, dtype))
-    h = w = args.res // 8
+    h = w = res // 8
     n_img = (h // 2) * (w // 2)
-    ts, sig = set_timesteps(FlowMatchEulerConfig.flux_dev(), args.steps,
-                            sigmas=np.linspace(1, 1 / args.steps, args.steps), mu=calculate_shift(n_img))
+    steps = np.linspace(1, 1 / args.steps, args.steps)
+    if family == "flux":
+        ts, sig = set_timesteps(FlowMatchEulerConfig.flux_dev(), args.steps, sigmas=steps, mu=calculate_shift(n_img))
+    else:
+        ts, sig = set_timesteps(FlowMatchEulerConfig.sd3(), args.steps)
     plan, kept = plan_arrays(cfg, text, args.steps, n_img, smoke=False)
-    cond = {"prompt_embeds": jax.ShapeDtypeStruct((1, text, cfg.joint_attention_dim), dtype),
-            "pooled_projections": jax.ShapeDtypeStruct((1, cfg.pooled_projection_dim), dtype),
-            "rope": flux_rope(cfg, np.zeros((text, 3), np.float32), flux_image_ids(h, w)),
-            "guidance": jax.ShapeDtypeStruct((1,), jnp.float32)}
-    latents = jax.ShapeDtypeStruct((1, n_img, cfg.in_channels), dtype)
+    cond = {"prompt_embeds": jax.ShapeDtypeStruct((batch, text, cfg.joint_attention_dim), dtype),
+            "pooled_projections": jax.ShapeDtypeStruct((batch, cfg.pooled_projection_dim), dtype)}
+    if family == "flux":
+        cond.update(rope=flux_rope(cfg, np.zeros((text, 3), np.float32), flux_image_ids(h, w)),
+                    guidance=jax.ShapeDtypeStruct((1,), jnp.float32))
+        latents = jax.ShapeDtypeStruct((1, n_img, cfg.in_channels), dtype)
+    else:
+        cond["guidance_scale"] = jax.ShapeDtypeStruct((), jnp.float32)
+        latents = jax.ShapeDtypeStruct((1, cfg.in_channels, h, w), dtype)
     mib = 2.0 ** 20
     rows = []
 
@@ -178,12 +195,11 @@ def main() -> None:
         real_put, jax.device_put = jax.device_put, abstract_put
         try:
             rng = np.random.default_rng(0)
-            concrete = {"prompt_embeds": jnp.asarray(rng.standard_normal(cond["prompt_embeds"].shape), dtype),
-                        "pooled_projections": jnp.zeros(cond["pooled_projections"].shape, dtype),
-                        "rope": cond["rope"], "guidance": jnp.full((1,), 3.5, jnp.float32)}
+            concrete = {k: (v if not isinstance(v, jax.ShapeDtypeStruct) else
+                            jnp.asarray(rng.standard_normal(v.shape), v.dtype)) for k, v in cond.items()}
             sargs, skw = dfa2_sharding.sharded_sampler_inputs(
-                mesh, graphdef, params, jnp.zeros(latents.shape, dtype), concrete, ts, sig, family="flux", plan=p,
-                num_heads=cfg.num_attention_heads)
+                mesh, graphdef, params, jnp.zeros(latents.shape, dtype), concrete, ts, sig, family=family,
+                do_cfg=do_cfg, plan=p, num_heads=cfg.num_attention_heads)
         finally:
             jax.device_put = real_put
         graph, state, lat, cnd, t, sg, plan_in = sargs
@@ -198,18 +214,18 @@ def main() -> None:
         for name in args.variants.split(","):
             p = {"dense": None, "plan": plan}[name]
             if mesh_spec == "none":
-                spec, plan_in = plan_inputs(graphdef, params, latents, cond, ts, p, family="flux", do_cfg=False)
+                spec, plan_in = plan_inputs(graphdef, params, latents, cond, ts, p, family=family, do_cfg=do_cfg)
                 arrays = None if plan_in is None else on_gpu({k: v for k, v in plan_in.items() if k != "state"})
                 state = None if plan_in is None else on_gpu(plan_in["state"])
                 caches = sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(state)) if state is not None else 0
                 compiled, times = compile_traced(lambda: _scan_core_jit.trace(
                     graphdef, on_gpu(params), on_gpu(latents), on_gpu(cond), on_gpu(ts), on_gpu(sig), arrays, state,
-                    family="flux", do_cfg=False, report=False, spec=spec))
+                    family=family, do_cfg=do_cfg, report=False, spec=spec))
             else:
                 caches, compiled, times = sharded(mesh_spec, p)
             m = compiled.memory_analysis()
             hlo = compiled.as_text()
-            head = (rf"{HLO_DTYPES[jnp.dtype(dtype).name]}\[\d+,{text + n_img},\d+,{cfg.attention_head_dim}\]"
+            head = (rf"{HLO_DTYPES[jnp.dtype(dtype).name]}\[\d+,\d+,\d+,{cfg.attention_head_dim}\]"  # [B, S(pad), H, D]
                     r"\{[0-9,]*\} copy\(")
             copies = len(re.findall(head, hlo))
             if args.dump:
@@ -219,7 +235,8 @@ def main() -> None:
             rows.append((mesh_spec, name, caches, m, copies, *times))
             print(f"{mesh_spec} {name}: compiled in {sum(times):.1f} s", flush=True)
 
-    print(f"\nFLUX.1-dev-shaped {n_double}+{n_single} blocks, {args.res}², {args.steps} steps, bf16; deviceless "
+    print(f"\n{'FLUX.1-dev' if family == 'flux' else 'SD3-medium'}-shaped, {blocks}, {res}², {args.steps} steps, "
+          f"bf16; deviceless "
           f"compile for {topo.devices[0].device_kind}; jax {jax.__version__}; plan keeps {kept:.3f} of attention "
           f"(kernel: {args.backend}); MiB")
     print(f"{'mesh':<9} {'variant':<7} {'caches':>7} {'args':>7} {'output':>7} {'alias':>7} {'temp':>7} "

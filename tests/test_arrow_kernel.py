@@ -261,3 +261,20 @@ def test_launch_order_is_a_permutation_text_blocks_first(s, frac, text_first, bq
         rows = np.arange(s)
         text_rows = rows < text_len if text_first else rows >= s - text_len
         assert set(np.unique(rows[text_rows] // bq).tolist()) == set(range(tq0, tq1))
+
+
+def test_pad_cache_waits_for_q():
+    """The cache's padded copy is tied to q (an optimization barrier), so that XLA's GPU scheduler cannot pad every
+    layer's carried cache at the top of a sampler step (SD3 1024² with CFG: 24 padded copies alive at once)."""
+    from pallas_kernels.arrow_attention import pad_cache
+
+    cache, q = jnp.ones((1, 5, 2, 4)), jnp.zeros((1, 8, 2, 4))
+    no_pad = ((0, 0),) * 4
+    assert pad_cache(cache, q, no_pad) is cache
+    pad = ((0, 0), (0, 3), (0, 0), (0, 0))
+    out = pad_cache(cache, q, pad)
+    np.testing.assert_array_equal(out, jnp.pad(cache, pad))
+    jaxpr = jax.make_jaxpr(lambda c, q: pad_cache(c, q, pad))(cache, q).jaxpr
+    barrier = next(e for e in jaxpr.eqns if e.primitive.name == "optimization_barrier")
+    assert list(barrier.invars) == list(jaxpr.invars)  # (cache, q) together
+    assert any(barrier.outvars[0] in e.invars for e in jaxpr.eqns if e is not barrier)  # the pad reads its output
