@@ -110,6 +110,13 @@ def arrow_heads(q, k, v, half_windows, layout: TokenLayout, cache, impl: str, sc
     return per_device(local, bshd, (half_windows.astype(jnp.int32),))
 
 
+def _bands(codes, half_windows, with_cache: bool) -> jax.Array:
+    """The kernel's per-head half-windows from method codes ([H], or [L, H] for every layer): −1 full, w windowed,
+    0 cached (``with_cache``)."""
+    band = jnp.where(jnp.isin(codes, jnp.asarray(M.WINDOWED)), half_windows, -1)
+    return jnp.where(codes == M.CACHE, 0, band) if with_cache else band
+
+
 def _per_head(mask_h: jax.Array) -> jax.Array:
     return mask_h[None, None, :, None]  # [H] -> broadcast over [B, S, H, D]
 
@@ -138,7 +145,7 @@ class PlanRuntime:
             return dense_attention(q, k, v)
         codes = self.codes[layer]  # [H]
         old = self.state.get(str(layer), {})
-        band = self._bands(spec.cache_layers[layer])[layer]
+        band = _bands(codes, self.half_windows[layer], spec.cache_layers[layer])
         cache = None
         if spec.cache_layers[layer]:  # cached heads: half-window 0 + the stored output (copied, not computed)
             cache = old["heads"].astype(q.dtype)
@@ -161,11 +168,6 @@ class PlanRuntime:
     def _attend(self, q, k, v, band, layout: TokenLayout, cache, schedule=None):
         return arrow_heads(q, k, v, band, layout, cache, self.spec.impl, schedule)
 
-    def _bands(self, with_cache: bool) -> jax.Array:
-        """Every layer's per-head half-windows at this step [L, H]: −1 full, w windowed, 0 cached."""
-        band = jnp.where(jnp.isin(self.codes, jnp.asarray(M.WINDOWED)), self.half_windows, -1)
-        return jnp.where(self.codes == M.CACHE, 0, band) if with_cache else band
-
     def _schedule(self, layer: int, q, layout: TokenLayout, has_cache: bool):
         """This layer's row of the kernel launch schedules of all layers, computed once per step for each kind
         of call (shape, layout, cache) — None for the reference, under a mesh (each device schedules its own
@@ -176,7 +178,8 @@ class PlanRuntime:
         if key not in self._schedules:
             from pallas_kernels.arrow_attention import arrow_schedules
 
-            self._schedules[key] = arrow_schedules(q, self._bands(has_cache), text_len=layout.text_len,
+            bands = _bands(self.codes, self.half_windows, has_cache)  # every layer's [L, H]
+            self._schedules[key] = arrow_schedules(q, bands, text_len=layout.text_len,
                                                    text_first=layout.text_first, has_cache=has_cache,
                                                    interpret=self.spec.impl == "interpret")
         table = self._schedules[key]

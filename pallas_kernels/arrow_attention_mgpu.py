@@ -426,10 +426,20 @@ def _mgpu_call(q, k, v, half_window, cache, schedule, *, text_len, text_first, s
     q, k, v = (jnp.pad(x, pad) if s_pad != s else x for x in (q, k, v))
     n_prog = bsz * h * (s_pad // config.tile_q)
     n_cta = num_ctas(n_prog, config)
-    table, masked = program_table(half_window, **kw)  # unused when a schedule is given (XLA drops it)
-    if schedule is not None:
-        if schedule.shape != table.shape or schedule.dtype != table.dtype:
-            raise ValueError(f"arrow_attention_mgpu: schedule must be int32 {table.shape} for this call (see "
+    if schedule is None:
+        table, masked = program_table(half_window, **kw)
+    else:  # the table's shape and the static mask kinds only: nothing traced twice
+        kinds = []
+
+        def table_of(w):
+            table, static_kinds = program_table(w, **kw)
+            kinds.append(static_kinds)
+            return table
+
+        expected = jax.eval_shape(table_of, half_window)
+        masked = kinds[0]
+        if schedule.shape != expected.shape or schedule.dtype != expected.dtype:
+            raise ValueError(f"arrow_attention_mgpu: schedule must be int32 {expected.shape} for this call (see "
                              f"schedules()), got {schedule.dtype} {schedule.shape}")
         table = schedule
     args = [table, q, k, v]
