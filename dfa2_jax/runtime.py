@@ -30,7 +30,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from dfa2_jax import methods as M
-from dfa2_jax.models.attention import TokenLayout, _mesh_sizes, dense_attention, per_device
+from dfa2_jax.models.attention import TokenLayout, dense_attention, per_device, per_device_tables
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -90,8 +90,8 @@ def arrow_heads(q, k, v, half_windows, layout: TokenLayout, cache, impl: str, sc
     """Per-head arrow attention (half-window −1 = full; 0 with ``cache`` = copy the cached head) with the
     chosen implementation: the O(S²) masked reference or the Pallas kernel (GPU, or interpret mode on CPU).
     Under a context mesh each device runs its own batch rows and heads (:func:`per_device`). ``schedule``: the
-    kernel's precomputed launch schedule for this call (:func:`pallas_kernels.arrow_attention.arrow_schedules`;
-    only without a mesh)."""
+    kernel's precomputed launch schedule for this call, one row per device ([devices, ...]: a layer's slice of
+    :meth:`PlanRuntime._schedule`'s tables), or None to compute it in the call."""
     if not _kernel_ok(impl, q):
         def local(q, k, v, *rest):  # rest: ([cache,] half_windows), per_device's operand order
             *cache, hw = rest
@@ -100,14 +100,14 @@ def arrow_heads(q, k, v, half_windows, layout: TokenLayout, cache, impl: str, sc
     else:
         from pallas_kernels.arrow_attention import arrow_attention
 
-        def local(q, k, v, *rest):
-            *cache, hw = rest
+        def local(q, k, v, *rest):  # rest: ([cache,] half_windows[, schedule])
+            *cache, hw = rest[:-1] if schedule is not None else rest
             return arrow_attention(q, k, v, hw, text_len=layout.text_len, text_first=layout.text_first,
                                    cache=cache[0] if cache else None, interpret=impl == "interpret",
-                                   schedule=schedule)
+                                   schedule=rest[-1] if schedule is not None else None)
 
     bshd = (q, k, v) if cache is None else (q, k, v, cache)
-    return per_device(local, bshd, (half_windows.astype(jnp.int32),))
+    return per_device(local, bshd, (half_windows.astype(jnp.int32),), () if schedule is None else (schedule,))
 
 
 def _bands(codes, half_windows, with_cache: bool) -> jax.Array:
@@ -169,21 +169,25 @@ class PlanRuntime:
         return arrow_heads(q, k, v, band, layout, cache, self.spec.impl, schedule)
 
     def _schedule(self, layer: int, q, layout: TokenLayout, has_cache: bool):
-        """This layer's row of the kernel launch schedules of all layers, computed once per step for each kind
-        of call (shape, layout, cache) — None for the reference, under a mesh (each device schedules its own
-        heads), or inside a skippable layer's lax.cond (a value made there cannot serve later layers)."""
-        if not _kernel_ok(self.spec.impl, q) or self._in_cond or any(n > 1 for n in _mesh_sizes()[1].values()):
+        """This layer's slice ([devices, ...]) of the kernel launch schedules of all layers, computed once per
+        step for each kind of call (shape, layout, cache) and, under a mesh, on each device for its own heads
+        (:func:`per_device_tables`) — None for the reference or a backend that needs none, or inside a
+        skippable layer's lax.cond (a value made there cannot serve later layers)."""
+        if not _kernel_ok(self.spec.impl, q) or self._in_cond:
             return None
         key = (q.shape, q.dtype, layout, has_cache)
         if key not in self._schedules:
             from pallas_kernels.arrow_attention import arrow_schedules
 
+            def tables(shape, bands):
+                return arrow_schedules(jax.ShapeDtypeStruct(shape, q.dtype), bands, text_len=layout.text_len,
+                                       text_first=layout.text_first, has_cache=has_cache,
+                                       interpret=self.spec.impl == "interpret")
+
             bands = _bands(self.codes, self.half_windows, has_cache)  # every layer's [L, H]
-            self._schedules[key] = arrow_schedules(q, bands, text_len=layout.text_len,
-                                                   text_first=layout.text_first, has_cache=has_cache,
-                                                   interpret=self.spec.impl == "interpret")
+            self._schedules[key] = per_device_tables(tables, q.shape, (bands,))
         table = self._schedules[key]
-        return None if table is None else table[layer]
+        return None if table is None else table[:, layer]
 
     # -- around an attention site ------------------------------------------------------------------------
     def run_layer(self, layer: int, compute: Callable[[], tuple[jax.Array, jax.Array | None]]):

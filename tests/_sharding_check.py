@@ -6,6 +6,7 @@ prints ``OK <mode> <max rel err>`` per mode, exits non-zero on the first mismatc
 
 from __future__ import annotations
 
+import contextlib
 import os
 import sys
 
@@ -99,7 +100,7 @@ KERNEL_MODES = {"flux": [("heads=4", False), ("data=2,heads=2", False), ("seq=4"
 
 def per_device_check() -> None:
     """Attention under a context mesh sees each device's own batch rows and heads (no gathered operands)."""
-    from dfa2_jax.models.attention import per_device
+    from dfa2_jax.models.attention import per_device, per_device_tables
 
     q = jnp.arange(4 * 3 * 8 * 2, dtype=jnp.float32).reshape(4, 3, 8, 2)
     hw = jnp.arange(8, dtype=jnp.int32)
@@ -119,6 +120,25 @@ def per_device_check() -> None:
         np.testing.assert_array_equal(np.asarray(out), np.asarray(2 * q + hw[None, None, :, None]))
         print(f"OK per_device {spec} local {'x'.join(map(str, local[0]))}", flush=True)
     assert per_device(fn, (q, q), (hw,)).shape == q.shape and seen[-1][0] == q.shape  # no mesh: called as is
+
+    # per-device tables (the kernel's launch schedules): made once per device for its own shape and heads, each
+    # device's row reaching that device's call
+    hw2 = jnp.stack([hw, hw + 1])  # [L=2, H]
+
+    def table(shape, hw):
+        return hw * 100 + shape[0] * 10 + shape[2]  # [L, local H]
+
+    def with_row(q, k, hw, row):
+        return q + k + row[None, None, :, None]
+
+    for spec, (lb, lh) in (("data=2,heads=2", (2, 4)), ("heads=4", (4, 2)), ("data=4", (1, 8)), ("seq=4", (4, 2)),
+                           (None, (4, 8))):
+        with jax.set_mesh(make_mesh(spec)) if spec else contextlib.nullcontext():
+            out = jax.jit(lambda q, hw, hw2: per_device(with_row, (q, q), (hw,),
+                                                        (per_device_tables(table, q.shape, (hw2,))[:, 1],)))(q, hw, hw2)
+        want = 2 * q + ((hw + 1) * 100 + lb * 10 + lh)[None, None, :, None]
+        np.testing.assert_array_equal(np.asarray(out), np.asarray(want))
+        print(f"OK per_device_tables {spec or 'none'} local {lb}x{lh}", flush=True)
 
 
 def collectives_check() -> None:

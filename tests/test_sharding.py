@@ -97,7 +97,8 @@ def test_parallel_modes_match_single_device():
             "flux heads=4 kernel", "flux data=2,heads=2 kernel", "per_device data=2,heads=2",
             "per_device heads=4", "per_device data=4", "flux seq=4", "flux data=2,seq=2", "flux data=2,seq=2 fsdp",
             "sd3 seq=4", "sd3 cfg=2,seq=2", "flux seq=4 kernel", "per_device seq=4", "collectives seq=4",
-            "collectives heads=4", "collectives data=4"} <= modes, out
+            "collectives heads=4", "collectives data=4", "per_device_tables data=2,heads=2", "per_device_tables heads=4",
+            "per_device_tables data=4", "per_device_tables seq=4", "per_device_tables none"} <= modes, out
 
 
 def test_calibration_on_a_mesh_gives_the_same_plan():

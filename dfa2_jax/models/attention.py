@@ -71,28 +71,63 @@ def _batch_axes(sizes: dict[str, int], b: int):
     return None if not batch or b % math.prod(sizes[a] for a in batch) else batch
 
 
-def per_device(fn: Callable[..., jax.Array], bshd: Sequence[jax.Array], per_head: Sequence[jax.Array] = ()):
-    """``fn(*bshd, *per_head)`` -> [B, S, H, D], run on each device's own batch rows and heads under the context
-    mesh (``jax.set_mesh``; :func:`dfa2_jax.sharding.shard_denoise` sets it), else called as is.
+def _split_axes(sizes: dict[str, int], b: int, h: int):
+    """The mesh axes :func:`per_device` splits [B, S, H, D] operands on: (batch axes, head axes), None where not
+    split (no such axis > 1, or it does not divide its dim)."""
+    heads = tuple(a for a in HEAD_AXES if sizes.get(a, 1) > 1)
+    if not heads or h % math.prod(sizes[a] for a in heads):
+        heads = None
+    return _batch_axes(sizes, b), heads
+
+
+def per_device(fn: Callable[..., jax.Array], bshd: Sequence[jax.Array], per_head: Sequence[jax.Array] = (),
+               per_call: Sequence[jax.Array] = ()):
+    """``fn(*bshd, *per_head, *per_call)`` -> [B, S, H, D], run on each device's own batch rows and heads under
+    the context mesh (``jax.set_mesh``; :func:`dfa2_jax.sharding.shard_denoise` sets it), else called as is.
 
     Attention is independent per (batch row, head), so it needs no collectives: ``jax.shard_map`` splits the
     [B, S, H, D] operands on B over the mesh's ``cfg``/``data`` axes and on H over ``heads`` and ``seq`` (where
     the operands come in split on tokens — the ``seq`` axis — the partitioner moves them with an all-to-all),
     and the [H] operands on the same head axes. Custom calls (the Pallas kernel, cuDNN) then see local shapes
-    instead of being gathered by the partitioner. An axis that does not divide its dim is left replicated."""
+    instead of being gathered by the partitioner. An axis that does not divide its dim is left replicated.
+    ``per_call``: arrays made by :func:`per_device_tables` for operands of this shape ([devices, ...]); ``fn``
+    gets its device's row."""
     mesh, sizes = _mesh_sizes()
-    if not sizes:
-        return fn(*bshd, *per_head)
-    b, h = bshd[0].shape[0], bshd[0].shape[2]
-    batch = _batch_axes(sizes, b)
-    heads = tuple(a for a in HEAD_AXES if sizes.get(a, 1) > 1)
-    if not heads or h % math.prod(sizes[a] for a in heads):
-        heads = None
+    batch, heads = _split_axes(sizes, bshd[0].shape[0], bshd[0].shape[2]) if sizes else (None, None)
     if batch is None and heads is None:
-        return fn(*bshd, *per_head)
-    x, hs = P(batch, None, heads, None), P(heads)
-    return jax.shard_map(fn, mesh=mesh, in_specs=(x,) * len(bshd) + (hs,) * len(per_head), out_specs=x,
-                         check_vma=False)(*bshd, *per_head)
+        return fn(*bshd, *per_head, *(t[0] for t in per_call))
+    n = len(bshd) + len(per_head)
+
+    def local(*args):
+        return fn(*args[:n], *(t[0] for t in args[n:]))
+
+    x, hs, dev = P(batch, None, heads, None), P(heads), P(tuple(mesh.axis_names))
+    return jax.shard_map(local, mesh=mesh, in_specs=(x,) * len(bshd) + (hs,) * len(per_head) + (dev,) * len(per_call),
+                         out_specs=x, check_vma=False)(*bshd, *per_head, *per_call)
+
+
+def per_device_tables(fn: Callable[..., jax.Array | None], shape: Sequence[int], per_head: Sequence[jax.Array] = ()):
+    """What each device's :func:`per_device` call on [B, S, H, D] operands of ``shape`` needs, computed once:
+    ``fn(local_shape, *per_head)`` with the device's own [B, S, H, D] shape and its heads of the ``per_head``
+    arrays ([..., H], split on the last axis as per_device splits H) -> [devices, ...], one row per device in
+    the mesh's order (index it on later axes and pass it as ``per_call``). Without a mesh, or one that splits
+    nothing at this shape: ``fn(shape, *per_head)[None]``. None when ``fn`` returns None (decided from shapes)."""
+    mesh, sizes = _mesh_sizes()
+    batch, heads = _split_axes(sizes, shape[0], shape[2]) if sizes else (None, None)
+    local_shape = list(shape)
+    if batch is not None:
+        local_shape[0] //= math.prod(sizes[a] for a in batch)
+    if heads is not None:
+        local_shape[2] //= math.prod(sizes[a] for a in heads)
+    local_shape = tuple(local_shape)
+    if batch is None and heads is None:
+        out = fn(local_shape, *per_head)
+        return None if out is None else out[None]
+    if jax.eval_shape(lambda *a: fn(local_shape, *a), *per_head) is None:
+        return None
+    hs = [P(*([None] * (a.ndim - 1)), heads) for a in per_head]
+    return jax.shard_map(lambda *a: fn(local_shape, *a)[None], mesh=mesh, in_specs=tuple(hs),
+                         out_specs=P(tuple(mesh.axis_names)), check_vma=False)(*per_head)
 
 
 def token_split(x: jax.Array | None) -> jax.Array | None:
