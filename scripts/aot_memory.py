@@ -130,8 +130,11 @@ def main() -> None:
                  f"{jax.__version__} (jax-cuda13-plugin and jax-cuda13-pjrt) and run with JAX_PLATFORMS=cpu")
     register_stand_in()
 
-    def cudnn_stand_in(q, k, v, implementation=None):
-        return jax.ffi.ffi_call(STAND_IN, jax.ShapeDtypeStruct(q.shape, q.dtype))(q, k, v)
+    def cudnn_stand_in(q, k, v, implementation=None):  # per device under a mesh, as dense_attention's cuDNN call
+        def local(q, k, v):
+            return jax.ffi.ffi_call(STAND_IN, jax.ShapeDtypeStruct(q.shape, q.dtype))(q, k, v)
+
+        return attention.per_device(local, (q, k, v))
 
     attention.dense_attention = runtime.dense_attention = cudnn_stand_in
     sharding = jax.sharding.SingleDeviceSharding(topo.devices[0])

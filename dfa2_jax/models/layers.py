@@ -268,6 +268,11 @@ class Attention(nnx.Module):
                 q, k, v = (jnp.concatenate(order(a, b), axis=1) for a, b in ((q, cq), (k, ck), (v, cv)))
             if rope is not None:
                 q, k = apply_rope(q, *rope), apply_rope(k, *rope)
+            # Computed on the token split (a mesh's seq axis) and moved to the head split inside attention by
+            # an all-to-all. Without the constraint the partitioner gathered the tokens of q, k, v instead, and
+            # inside a skippable layer's lax.cond (where the stream's split is not seen) sliced the weights by
+            # heads, every slice kept alive for the whole step by the scheduler.
+            q, k, v = token_split(q), token_split(k), token_split(v)
             out = joint_attention(q, k, v, layer=layer, layout=TokenLayout(text_len, text_first), runtime=runtime)
             out = out.reshape(*out.shape[:2], -1)  # [B, S, H·D]
             ctx_out = None
