@@ -168,7 +168,7 @@ def collectives_check() -> None:
             assert ar >= layers and a2a == 0, (spec, a2a, ar)
         else:
             assert a2a == 0 and ar == 0, (spec, a2a, ar)
-        print(f"OK collectives {spec} all-to-all={a2a} all-reduce={ar} all-gather={ag}", flush=True)
+        print(f"OK collectives {spec} counts all-to-all={a2a},all-reduce={ar},all-gather={ag}", flush=True)
 
 
 def main() -> int:
