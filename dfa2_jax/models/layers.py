@@ -16,7 +16,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from dfa2_jax.models.attention import AttentionRuntime, TokenLayout, joint_attention, token_split
+from dfa2_jax.models.attention import (AttentionRuntime, TokenLayout, head_split_rows, heads_replicated, joint_attention,
+                                      token_split)
 
 
 class Linear(nnx.Module):
@@ -41,7 +42,7 @@ class Linear(nnx.Module):
         """``self(jnp.concatenate(parts, -1))`` as one dot per part on its own rows of the kernel (partial sums
         in f32), without the concatenated input: each part may then be split on its last dim over a mesh
         axis (head-split attention output, column-split MLP hidden) and the partials summed across it."""
-        kernel = self.kernel[...]
+        kernel = heads_replicated(self.kernel[...])
         acc, row = None, 0
         for x in parts:
             n = x.shape[-1]
@@ -49,7 +50,10 @@ class Linear(nnx.Module):
             # then runs every layer's slices at the top of the sampler's step and keeps them all alive (3.4 GiB
             # for FLUX.1's 38 single blocks). Tying the weight to this part's input makes the slice wait for it.
             kernel, x = jax.lax.optimization_barrier((kernel, x))
-            y = jnp.dot(x.astype(kernel.dtype), kernel[row:row + n], preferred_element_type=jnp.float32)
+            # Under a mesh's heads axis every part comes split on its features (head-split attention output,
+            # column-split MLP hidden): each device takes its own rows of the part's block.
+            y = jnp.dot(x.astype(kernel.dtype), head_split_rows(kernel[row:row + n]),
+                        preferred_element_type=jnp.float32)
             acc, row = (y if acc is None else acc + y), row + n
         if row != kernel.shape[0]:
             raise ValueError(f"parts have {row} features in all; the kernel has {kernel.shape[0]} rows")
