@@ -104,12 +104,18 @@ _scan_core_jit = jax.jit(_scan_core, static_argnums=(0,),
                          donate_argnums=(2, 7))
 
 
+def split_plan_inputs(plan: dict | None) -> tuple[dict | None, dict | None]:
+    """:func:`plan_inputs`' plan (arrays + initial ``state``, or None) as the compiled sampler's two arguments:
+    (the plan arrays, the initial carried state)."""
+    if plan is None:
+        return None, None
+    return {k: v for k, v in plan.items() if k != "state"}, plan["state"]
+
+
 def _scan_denoise_jit(graphdef, state, latents, cond, timesteps, sigmas, plan=None, **kw):
     """The compiled sampler on :func:`plan_inputs`' output (``plan``: arrays + initial ``state``, or None).
     Donates ``latents`` and ``plan["state"]``: build a fresh plan state for every call."""
-    arrays = None if plan is None else {k: v for k, v in plan.items() if k != "state"}
-    attn_state = None if plan is None else plan["state"]
-    return _scan_core_jit(graphdef, state, latents, cond, timesteps, sigmas, arrays, attn_state, **kw)[0]
+    return _scan_core_jit(graphdef, state, latents, cond, timesteps, sigmas, *split_plan_inputs(plan), **kw)[0]
 
 
 @dataclasses.dataclass(frozen=True)

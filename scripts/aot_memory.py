@@ -106,7 +106,7 @@ def main() -> None:
     import jax
     import jax.numpy as jnp
     import numpy as np
-    from bench_scale import plan_arrays
+    from bench_scale import plan_arrays, tree_bytes
     from flax import nnx
     from jax.experimental import topologies
 
@@ -116,7 +116,7 @@ def main() -> None:
     from dfa2_jax.models import attention
     from dfa2_jax import sharding as dfa2_sharding
     from dfa2_jax.pipeline import flux_image_ids
-    from dfa2_jax.sample import _scan_core_jit, plan_inputs
+    from dfa2_jax.sample import _scan_core_jit, plan_inputs, split_plan_inputs
     from dfa2_jax.sharding import make_mesh, parse_mesh
     from dfa2_jax.scheduler import FlowMatchEulerConfig, calculate_shift, set_timesteps
     from dfa2_jax.transformer import flux_rope
@@ -206,9 +206,8 @@ def main() -> None:
         finally:
             jax.device_put = real_put
         graph, state, lat, cnd, t, sg, plan_in = sargs
-        arrays = None if plan_in is None else {k: v for k, v in plan_in.items() if k != "state"}
-        attn = None if plan_in is None else plan_in["state"]
-        caches = sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(attn)) // mesh.size
+        arrays, attn = split_plan_inputs(plan_in)
+        caches = tree_bytes(attn) // mesh.size
         compiled, times = compile_traced(lambda: _scan_core_jit.trace(graph, state, lat, cnd, t, sg, arrays, attn,
                                                                       **skw), mesh)
         return caches, compiled, times
@@ -218,9 +217,8 @@ def main() -> None:
             p = {"dense": None, "plan": plan}[name]
             if mesh_spec == "none":
                 spec, plan_in = plan_inputs(graphdef, params, latents, cond, ts, p, family=family, do_cfg=do_cfg)
-                arrays = None if plan_in is None else on_gpu({k: v for k, v in plan_in.items() if k != "state"})
-                state = None if plan_in is None else on_gpu(plan_in["state"])
-                caches = sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(state)) if state is not None else 0
+                arrays, state = on_gpu(split_plan_inputs(plan_in))
+                caches = tree_bytes(state)
                 compiled, times = compile_traced(lambda: _scan_core_jit.trace(
                     graphdef, on_gpu(params), on_gpu(latents), on_gpu(cond), on_gpu(ts), on_gpu(sig), arrays, state,
                     family=family, do_cfg=do_cfg, report=False, spec=spec))

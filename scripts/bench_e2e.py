@@ -294,7 +294,7 @@ def run_jax(name: str, case: Case, args, clock: Clock) -> None:
     from dfa2_jax.pipeline import flux_image_ids
     from dfa2_jax.plan import model_info_for
     from dfa2_jax.runtime import RuntimeSpec, arrow_impl
-    from dfa2_jax.sample import PlanArrays, _scan_denoise_jit, denoise, plan_inputs
+    from dfa2_jax.sample import PlanArrays, _scan_denoise_jit, denoise, plan_inputs, split_plan_inputs
     from dfa2_jax.scheduler import FlowMatchEulerConfig, calculate_shift, set_timesteps
     from dfa2_jax.transformer import flux_rope
 
@@ -407,8 +407,8 @@ def run_jax(name: str, case: Case, args, clock: Clock) -> None:
 
             # The sampler donates the plan's initial carried state: each call gets fresh zeros (a memset of the
             # head caches, inside the timed region: milliseconds against seconds).
-            tmpl = jax.tree.map(lambda a: (a.shape, a.dtype, a.sharding), plan_in["state"])
-            arrays = {k: v for k, v in plan_in.items() if k != "state"}
+            arrays, state0 = split_plan_inputs(plan_in)
+            tmpl = jax.tree.map(lambda a: (a.shape, a.dtype, a.sharding), state0)
 
             def fn(z, spec=spec, arrays=arrays, tmpl=tmpl):
                 fresh_state = jax.tree.map(lambda t: jax.device_put(jnp.zeros(t[0], t[1]), t[2]), tmpl,

@@ -29,22 +29,21 @@ def main():
     args.res = args.res or (256 if args.small else 2048)
     import jax
     import jax.numpy as jnp
-    from bench_scale import flux_case
+    from bench_scale import flux_case, tree_bytes
 
-    from dfa2_jax.sample import _scan_core_jit, plan_inputs
+    from dfa2_jax.sample import _scan_core_jit, plan_inputs, split_plan_inputs
 
     case = flux_case(args, 1)
     tr, dtype, ts, sig, plan, kept = case.tr, case.dtype, case.ts, case.sig, case.plan, case.kept
     lat0, cond = case.inputs(1)
     dev = jax.devices()[0]
-    weights = sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(tr.state))
+    weights = tree_bytes(tr.state)
     mib = 2.0 ** 20
     rows = []
     for name, p in (("dense", None), ("plan", plan)):
         spec, plan_in = plan_inputs(tr.graphdef, tr.state, lat0, cond, ts, p, family="flux", do_cfg=False)
-        arrays = None if plan_in is None else {k: v for k, v in plan_in.items() if k != "state"}
-        state = None if plan_in is None else plan_in["state"]
-        caches = sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(state)) if state is not None else 0
+        arrays, state = split_plan_inputs(plan_in)
+        caches = tree_bytes(state)
         t0 = time.perf_counter()
         compiled = _scan_core_jit.lower(tr.graphdef, tr.state, lat0, cond, ts, sig, arrays, state, family="flux",
                                         do_cfg=False, report=False, spec=spec).compile()

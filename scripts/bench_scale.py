@@ -41,6 +41,13 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 REMOVED = 0.68
 
 
+def tree_bytes(tree) -> int:
+    """Bytes of every array in ``tree`` (0 for None)."""
+    import jax
+
+    return sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(tree))
+
+
 def plan_arrays(cfg, text: int, steps: int, n_img: int, *, smoke: bool):
     """The bench_e2e plan removing ~68% of the attention FLOPs -> (PlanArrays, attention FLOPs kept)."""
     from bench_e2e import BLOCKS, SMOKE_BLOCKS, build_plan

@@ -80,6 +80,11 @@ def _split_axes(sizes: dict[str, int], b: int, h: int):
     return _batch_axes(sizes, b), heads
 
 
+def _device_rows(mesh) -> P:
+    """A leading axis with one entry per device of ``mesh``, in its order (:func:`per_device_tables`' rows)."""
+    return P(tuple(mesh.axis_names))
+
+
 def per_device(fn: Callable[..., jax.Array], bshd: Sequence[jax.Array], per_head: Sequence[jax.Array] = (),
                per_call: Sequence[jax.Array] = ()):
     """``fn(*bshd, *per_head, *per_call)`` -> [B, S, H, D], run on each device's own batch rows and heads under
@@ -101,7 +106,7 @@ def per_device(fn: Callable[..., jax.Array], bshd: Sequence[jax.Array], per_head
     def local(*args):
         return fn(*args[:n], *(t[0] for t in args[n:]))
 
-    x, hs, dev = P(batch, None, heads, None), P(heads), P(tuple(mesh.axis_names))
+    x, hs, dev = P(batch, None, heads, None), P(heads), _device_rows(mesh)
     return jax.shard_map(local, mesh=mesh, in_specs=(x,) * len(bshd) + (hs,) * len(per_head) + (dev,) * len(per_call),
                          out_specs=x, check_vma=False)(*bshd, *per_head, *per_call)
 
@@ -127,7 +132,7 @@ def per_device_tables(fn: Callable[..., jax.Array | None], shape: Sequence[int],
         return None
     hs = [P(*([None] * (a.ndim - 1)), heads) for a in per_head]
     return jax.shard_map(lambda *a: fn(local_shape, *a)[None], mesh=mesh, in_specs=tuple(hs),
-                         out_specs=P(tuple(mesh.axis_names)), check_vma=False)(*per_head)
+                         out_specs=_device_rows(mesh), check_vma=False)(*per_head)
 
 
 def token_split(x: jax.Array | None) -> jax.Array | None:
