@@ -50,7 +50,7 @@ SSIM_K1 = 0.01
 SSIM_K2 = 0.03
 SSIM_SIGMA = 1.5
 SSIM_TRUNCATE = 3.5
-KERNEL_BLOCKS = (128, 64)  # the arrow kernel's (block_q, block_k): dfa2_jax.flops.DEFAULT_BLOCKS
+KERNEL_BLOCKS = (128, 64)  # the arrow kernel's (block_q, block_k): dfa2_jax.plan.flops.DEFAULT_BLOCKS
 LABEL_H = 14  # px of the label band above every row of grid.png
 METRICS_ENV = "DFA2_METRICS_DIR"
 LPIPS_FILES = ("lpips_alex.safetensors", "lpips_vgg.safetensors", "lpips_squeeze.safetensors")
@@ -309,7 +309,7 @@ def evaluate(pipe, plan, prompts: Sequence[str], *, seed: int = 0, height: int |
              max_sequence_length: int | None = None, metrics_dir: str | os.PathLike | None = None,
              model: str | None = None, progress: bool = False,
              log: Callable[[str], None] | None = None,
-             testbed_classifier: str | os.PathLike | None = None) -> dict[str, Any]:
+             testbed_classifier: str | os.PathLike | None = None, attention_impl: str = "auto") -> dict[str, Any]:
     """Dense and compressed (``plan``: a :class:`dfa2_jax.plan.Plan` or a plan file) images of ``prompts`` from
     the same noise (prompt i: seed + i), compared per image (PSNR, SSIM) and on average, with the plan's
     attention FLOPs kept at the actual token counts and the wall time of both.
@@ -325,7 +325,7 @@ def evaluate(pipe, plan, prompts: Sequence[str], *, seed: int = 0, height: int |
     Returns the report (as written to report.json, with float inf for PSNR of identical images) plus
     ``"images": {"dense": [PIL], "compressed": [PIL]}`` and, with ``out_dir``, ``"report_path"``.
     """
-    from dfa2_jax.flops import plan_stats
+    from dfa2_jax.plan.flops import plan_stats
     from dfa2_jax.plan import Plan
 
     say = log or (lambda _msg: None)
@@ -381,7 +381,7 @@ def evaluate(pipe, plan, prompts: Sequence[str], *, seed: int = 0, height: int |
         images, t0 = [], time.perf_counter()
         for bi, idx in enumerate(batches):
             out = pipe([prompts[i] for i in idx], latents=np.concatenate([noise[i] for i in idx]),
-                       plan=None if kind == "dense" else plan, **kwargs)
+                       plan=None if kind == "dense" else plan, attention_impl=attention_impl, **kwargs)
             images += out.images
         dt = time.perf_counter() - t0
         say(f"{kind} run {r + 1}/{repeat}: {len(prompts)} image(s) in {dt:.2f} s"

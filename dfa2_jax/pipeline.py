@@ -25,6 +25,7 @@ from flax import nnx
 from dfa2_jax.models.configs import FluxConfig, SD3Config
 from dfa2_jax.models.vae import VAEConfig, to_pil
 from dfa2_jax.models.vae import decode as vae_decode
+from dfa2_jax.runtime import check_attention_impl
 from dfa2_jax.sample import PlanArrays, denoise, progress_hook
 from dfa2_jax.scheduler import FlowMatchEulerConfig, calculate_shift, set_timesteps
 from dfa2_jax.transformer import Transformer, flux_rope
@@ -145,12 +146,12 @@ class _Pipeline:
         return PlanArrays(*plan.to_arrays(n_img))
 
     def _run(self, latents, cond, timesteps, sigmas, do_cfg: bool, progress: bool, plan: PlanArrays | None = None,
-             mesh=None, fsdp: bool = False):
+             mesh=None, fsdp: bool = False, attention_impl: str = "auto"):
         tr = self.transformer
         x = jnp.array(latents, copy=True)  # the sampler donates its latents buffer
         sampler = denoise
         if mesh is not None:  # a Mesh, a spec such as "data=2,heads=4", "auto" or "none"
-            from dfa2_jax.sharding import resolve_mesh, shard_denoise
+            from dfa2_jax.parallel.sharded import resolve_mesh, shard_denoise
 
             mesh = resolve_mesh(mesh, batch=x.shape[0], heads=tr.config.num_attention_heads, family=self.family,
                                 do_cfg=do_cfg)
@@ -160,32 +161,34 @@ class _Pipeline:
             raise ValueError("fsdp needs a mesh with a data axis")
         if not progress:
             return sampler(tr.graphdef, tr.state, x, cond, timesteps, sigmas, family=self.family, do_cfg=do_cfg,
-                           plan=plan)
+                           plan=plan, attention_impl=attention_impl)
         from tqdm.auto import tqdm
 
         with tqdm(total=len(timesteps), desc="denoising", unit="step") as bar, \
                 progress_hook(lambda i: bar.update(1)):
             out = sampler(tr.graphdef, tr.state, x, cond, timesteps, sigmas, family=self.family, do_cfg=do_cfg,
-                          report=True, plan=plan)
+                          report=True, plan=plan, attention_impl=attention_impl)
             return jax.block_until_ready(out)
 
     def __call__(self, prompt: str | list[str], negative_prompt: str | list[str] | None = None, *,
                  height: int | None = None, width: int | None = None, num_inference_steps: int = 28,
                  guidance_scale: float | None = None, seed: int = 0, latents=None,
                  max_sequence_length: int | None = None, output_type: str = "pil", progress: bool = False,
-                 plan=None, mesh=None, fsdp: bool = False) -> PipelineOutput:
+                 plan=None, mesh=None, fsdp: bool = False, attention_impl: str = "auto") -> PipelineOutput:
         """Text to image as diffusers' pipeline. ``plan``: a :class:`dfa2_jax.plan.Plan` or plan file
         (head-wise compression); None = dense. ``output_type="latent"``: no VAE decoding. ``mesh``: run the
-        sampler on a device mesh (:mod:`dfa2_jax.sharding`; a Mesh, "data=2,heads=4", "auto" = every local device
+        sampler on a device mesh (:mod:`dfa2_jax.parallel.sharded`; a Mesh, "data=2,heads=4", "auto" = every local device
         on the data axis when the batch divides over them, or None = one device), ``fsdp``: params sharded over
-        its data axis."""
+        its data axis. ``attention_impl``: how a plan's compressed heads run ("auto", "xla", "triton",
+        "mosaic_gpu", "interpret"; :func:`dfa2_jax.runtime.check_attention_impl`)."""
+        check_attention_impl(attention_impl)
         kw = {} if max_sequence_length is None else {"max_sequence_length": max_sequence_length}
         prep = self.prepare(prompt, negative_prompt, height=height, width=width,
                             num_inference_steps=num_inference_steps, guidance_scale=guidance_scale, seed=seed,
                             latents=latents, **kw)
         arrays = self.plan_arrays(plan, prep.n_img, num_inference_steps, prep.do_cfg)
         final = self._run(prep.latents, prep.cond, prep.timesteps, prep.sigmas, prep.do_cfg, progress, arrays,
-                          mesh=mesh, fsdp=fsdp)
+                          mesh=mesh, fsdp=fsdp, attention_impl=attention_impl)
         final_np = np.asarray(final.astype(jnp.float32))
         images = [] if output_type == "latent" else self.to_images(final, prep)
         return PipelineOutput(images, final_np)

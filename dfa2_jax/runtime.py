@@ -12,7 +12,8 @@ before the output projection [B, S, H, D]; ``resid`` — the ``wars`` residual f
 refreshed at the head's ``full`` steps; ``out``/``ctx`` — the layer's projected outputs, returned as they
 are when the layer is skipped.
 
-Per head at one step (the Pallas kernel on a GPU, :func:`arrow_heads`; the pure-jnp reference elsewhere):
+Per head at one step (:func:`arrow_heads`: the Pallas kernel on a GPU, the pure-jnp reference elsewhere, or
+what ``attention_impl`` names):
 - full / cfg_share: dense over the joint sequence; arrow / wars / cfg_share+arrow: the arrow band;
 - wars: band output + the stored residual; at a full step the residual is refreshed (full − band);
 - cfg_share(+arrow): the conditional half's output is used for both CFG halves (batch = [uncond, cond]);
@@ -22,15 +23,16 @@ Per head at one step (the Pallas kernel on a GPU, :func:`arrow_heads`; the pure-
 from __future__ import annotations
 
 import dataclasses
-import os
 from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from dfa2_jax import methods as M
-from dfa2_jax.models.attention import TokenLayout, dense_attention, per_device, per_device_tables
+from dfa2_jax.plan import methods as M
+from dfa2_jax.models.attention import TokenLayout, dense_attention
+from dfa2_jax.parallel.mesh import per_device, per_device_tables
+from pallas_kernels import arrow_attention, arrow_schedules, resolve_implementation
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -42,9 +44,8 @@ class RuntimeSpec:
     resid_layers: tuple[bool, ...]  # some head is `wars`
     skip_layers: tuple[bool, ...]  # every head `cache` at some step: projections skipped then
     cfg: bool  # the batch is [uncond, cond] (SD3 with classifier-free guidance)
-    # Per-head attention of compressed layers: "reference" (pure jnp, O(S²) mask), "pallas" (the Pallas kernel,
-    # GPU) or "interpret" (the kernel in interpret mode, CPU tests). Default: :func:`arrow_impl`.
-    impl: str = "reference"
+    # How compressed layers' heads run: one of ATTENTION_IMPLS (:func:`check_attention_impl`).
+    impl: str = "auto"
 
     @classmethod
     def from_codes(cls, codes: np.ndarray, *, cfg: bool, impl: str | None = None) -> RuntimeSpec:
@@ -54,7 +55,7 @@ class RuntimeSpec:
         if not cfg and np.isin(codes, M.CFG_CODES).any():
             raise ValueError("cfg_share methods need classifier-free guidance (SD3 with guidance_scale > 1)")
         skip = (codes == M.CACHE).all(axis=2).any(axis=0)
-        impl = arrow_impl(impl)
+        impl = check_attention_impl(impl)
         return cls(dense_layers=tuple(bool(x) for x in (codes == M.FULL).all(axis=(0, 2))),
                    cache_layers=tuple(bool(x) for x in (codes == M.CACHE).any(axis=(0, 2)) | skip),
                    resid_layers=tuple(bool(x) for x in (codes == M.WARS).any(axis=(0, 2))),
@@ -68,43 +69,50 @@ class RuntimeSpec:
         return self.cache_layers[layer] or self.resid_layers[layer]
 
 
-IMPLS = ("reference", "pallas", "interpret")
+ATTENTION_IMPLS = ("auto", "xla", "triton", "mosaic_gpu", "interpret")
 
 
-def arrow_impl(impl: str | None = None) -> str:
-    """The per-head attention implementation: ``impl`` if given, else ``$DFA2_ARROW_IMPL``, else "pallas" on a
-    GPU backend (the kernel, checked against the reference on an H100 by scripts/bench_arrow.py) and
-    "reference" elsewhere."""
-    impl = impl or os.environ.get("DFA2_ARROW_IMPL") or ("pallas" if jax.default_backend() == "gpu" else "reference")
-    if impl not in IMPLS:
-        raise ValueError(f"attention implementation {impl!r}: expected one of {', '.join(IMPLS)} ($DFA2_ARROW_IMPL)")
+def check_attention_impl(impl: str | None) -> str:
+    """The per-head attention implementation of a plan's compressed layers, checked: "auto" (None) is the Pallas
+    kernel on a GPU (Mosaic GPU on Hopper, Triton elsewhere: :func:`pallas_kernels.resolve_implementation`) and the
+    pure-jnp reference elsewhere; "xla" the reference everywhere; "triton" / "mosaic_gpu" one kernel backend;
+    "interpret" the Triton kernel in Pallas interpret mode (CPU tests of the kernel path)."""
+    impl = "auto" if impl is None else impl
+    if impl not in ATTENTION_IMPLS:
+        raise ValueError(f"attention implementation {impl!r}: expected one of {', '.join(ATTENTION_IMPLS)}")
     return impl
 
 
-def _kernel_ok(impl: str, q) -> bool:
+def _kernel_call(impl: str, q) -> tuple[str, bool]:
+    """(pallas_kernels ``implementation``, ``interpret``) for this call. Head dims the kernels cannot load (not a
+    power of two >= 16) take the reference ("xla")."""
     d = q.shape[-1]
-    return impl != "reference" and d >= 16 and not d & (d - 1)  # the kernel's block loads: power-of-two head_dim
+    if impl == "xla" or d < 16 or d & (d - 1):
+        return "xla", False
+    if impl == "interpret":
+        return "triton", True
+    return impl, False
+
+
+def uses_kernel(impl: str, q) -> bool:
+    """Whether ``impl`` runs a Pallas kernel (not the jnp reference) on operands like ``q``."""
+    implementation, interpret = _kernel_call(impl, q)
+    return implementation != "xla" and resolve_implementation(q, implementation, interpret=interpret) != "xla"
 
 
 def arrow_heads(q, k, v, half_windows, layout: TokenLayout, cache, impl: str, schedule=None) -> jax.Array:
-    """Per-head arrow attention (half-window −1 = full; 0 with ``cache`` = copy the cached head) with the
-    chosen implementation: the O(S²) masked reference or the Pallas kernel (GPU, or interpret mode on CPU).
+    """Per-head arrow attention (half-window −1 = full; 0 with ``cache`` = copy the cached head) through
+    :func:`pallas_kernels.arrow_attention` with the chosen implementation (:func:`check_attention_impl`).
     Under a context mesh each device runs its own batch rows and heads (:func:`per_device`). ``schedule``: the
     kernel's precomputed launch schedule for this call, one row per device ([devices, ...]: a layer's slice of
     :meth:`PlanRuntime._schedule`'s tables), or None to compute it in the call."""
-    if not _kernel_ok(impl, q):
-        def local(q, k, v, *rest):  # rest: ([cache,] half_windows), per_device's operand order
-            *cache, hw = rest
-            o = M.masked_attention(q, k, v, M.arrow_mask(q.shape[1], layout.text_len, layout.text_first, hw))
-            return jnp.where(_per_head(hw == 0), cache[0].astype(o.dtype), o) if cache else o
-    else:
-        from pallas_kernels.arrow_attention import arrow_attention
+    implementation, interpret = _kernel_call(impl, q)
 
-        def local(q, k, v, *rest):  # rest: ([cache,] half_windows[, schedule])
-            *cache, hw = rest[:-1] if schedule is not None else rest
-            return arrow_attention(q, k, v, hw, text_len=layout.text_len, text_first=layout.text_first,
-                                   cache=cache[0] if cache else None, interpret=impl == "interpret",
-                                   schedule=rest[-1] if schedule is not None else None)
+    def local(q, k, v, *rest):  # rest: ([cache,] half_windows[, schedule]), per_device's operand order
+        *cache, hw = rest[:-1] if schedule is not None else rest
+        return arrow_attention(q, k, v, hw, text_len=layout.text_len, text_first=layout.text_first,
+                               cache=cache[0] if cache else None, implementation=implementation, interpret=interpret,
+                               schedule=rest[-1] if schedule is not None else None)
 
     bshd = (q, k, v) if cache is None else (q, k, v, cache)
     return per_device(local, bshd, (half_windows.astype(jnp.int32),), () if schedule is None else (schedule,))
@@ -173,16 +181,16 @@ class PlanRuntime:
         step for each kind of call (shape, layout, cache) and, under a mesh, on each device for its own heads
         (:func:`per_device_tables`) — None for the reference or a backend that needs none, or inside a
         skippable layer's lax.cond (a value made there cannot serve later layers)."""
-        if not _kernel_ok(self.spec.impl, q) or self._in_cond:
+        if self._in_cond or not uses_kernel(self.spec.impl, q):
             return None
         key = (q.shape, q.dtype, layout, has_cache)
         if key not in self._schedules:
-            from pallas_kernels.arrow_attention import arrow_schedules
+            implementation, interpret = _kernel_call(self.spec.impl, q)
 
             def tables(shape, bands):
                 return arrow_schedules(jax.ShapeDtypeStruct(shape, q.dtype), bands, text_len=layout.text_len,
                                        text_first=layout.text_first, has_cache=has_cache,
-                                       interpret=self.spec.impl == "interpret")
+                                       implementation=implementation, interpret=interpret)
 
             bands = _bands(self.codes, self.half_windows, has_cache)  # every layer's [L, H]
             self._schedules[key] = per_device_tables(tables, q.shape, (bands,))

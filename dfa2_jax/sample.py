@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import functools
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -25,7 +24,7 @@ from dfa2_jax.runtime import PlanRuntime, RuntimeSpec, ShapeProbe
 from dfa2_jax.scheduler import euler_step
 
 
-def _velocity(model, x, t, cond: dict[str, Any], *, family: str, do_cfg: bool, runtime=None, batch_sharding=None):
+def velocity(model, x, t, cond: dict[str, Any], *, family: str, do_cfg: bool, runtime=None, batch_sharding=None):
     """One transformer evaluation at timestep t (diffusers' scale: 0..1000) -> velocity, x's shape.
 
     ``batch_sharding``: a ``jax.sharding.Sharding`` for the model batch (SD3 with CFG: the doubled batch
@@ -67,8 +66,17 @@ def progress_hook(fn: Callable[[int], None]) -> Iterator[None]:
         _progress_hooks.remove(fn)
 
 
-def _scan_core(graphdef, state, latents, cond, timesteps, sigmas, plan, attn_state, *, family: str, do_cfg: bool,
-               report: bool, spec: RuntimeSpec | None, batch_sharding=None):
+def _sampler(graphdef, state, latents, cond, timesteps, sigmas, plan, attn_state, *, family: str, do_cfg: bool,
+             report: bool, spec: RuntimeSpec | None, batch_sharding=None):
+    """The whole denoising loop, jit-compiled: ``scan_sampler(graphdef, state, latents, cond, timesteps, sigmas,
+    plan_arrays, plan_state, *, family, do_cfg, report, spec, batch_sharding=None) -> (final latents, final plan state)``.
+
+    The arguments are what :func:`plan_inputs` and :func:`split_plan_inputs` prepare (``plan_arrays`` / ``plan_state`` /
+    ``spec`` None for dense attention); ``spec`` (a :class:`~dfa2_jax.runtime.RuntimeSpec`, holding the attention
+    implementation) and the model's graphdef are static, so one compile serves every plan of the same structure.
+    ``latents`` and ``plan_state`` are donated. Use ``scan_sampler.lower(...)`` / ``.trace(...)`` to compile ahead of
+    time (benchmarks, memory analysis); :func:`run_sampler` calls it on :func:`plan_inputs`' output, :func:`denoise`
+    does everything."""
     model = nnx.merge(graphdef, state)
 
     def step(carry, xs):
@@ -76,7 +84,7 @@ def _scan_core(graphdef, state, latents, cond, timesteps, sigmas, plan, attn_sta
         runtime = None
         if spec is not None:
             runtime = PlanRuntime(spec, xs["codes"], xs["half_windows"], plan["resid_windows"], carry["attn"])
-        v = _velocity(model, x, xs["t"], cond, family=family, do_cfg=do_cfg, runtime=runtime,
+        v = velocity(model, x, xs["t"], cond, family=family, do_cfg=do_cfg, runtime=runtime,
                       batch_sharding=batch_sharding)
         x = euler_step(x, v, xs["sigma"], xs["sigma_next"])
         if report:
@@ -99,9 +107,9 @@ def _scan_core(graphdef, state, latents, cond, timesteps, sigmas, plan, attn_sta
 
 # The latents and the plan's initial carried state (head caches: tens of GiB at 2048²) are donated, so the scan
 # carry reuses their buffers instead of holding a second copy.
-_scan_core_jit = jax.jit(_scan_core, static_argnums=(0,),
-                         static_argnames=("family", "do_cfg", "report", "spec", "batch_sharding"),
-                         donate_argnums=(2, 7))
+scan_sampler = jax.jit(_sampler, static_argnums=(0,),
+                       static_argnames=("family", "do_cfg", "report", "spec", "batch_sharding"), donate_argnums=(2, 7))
+
 
 
 def split_plan_inputs(plan: dict | None) -> tuple[dict | None, dict | None]:
@@ -112,16 +120,17 @@ def split_plan_inputs(plan: dict | None) -> tuple[dict | None, dict | None]:
     return {k: v for k, v in plan.items() if k != "state"}, plan["state"]
 
 
-def _scan_denoise_jit(graphdef, state, latents, cond, timesteps, sigmas, plan=None, **kw):
-    """The compiled sampler on :func:`plan_inputs`' output (``plan``: arrays + initial ``state``, or None).
-    Donates ``latents`` and ``plan["state"]``: build a fresh plan state for every call."""
-    return _scan_core_jit(graphdef, state, latents, cond, timesteps, sigmas, *split_plan_inputs(plan), **kw)[0]
+def run_sampler(graphdef, state, latents, cond, timesteps, sigmas, plan=None, **kw):
+    """:func:`scan_sampler` on :func:`plan_inputs`' output (``plan``: arrays + initial ``state``, or None) -> the
+    final latents. Donates ``latents`` and ``plan["state"]``: build a fresh plan state for every call. ``kw``:
+    ``family``, ``do_cfg``, ``report``, ``spec`` (and ``batch_sharding``)."""
+    return scan_sampler(graphdef, state, latents, cond, timesteps, sigmas, *split_plan_inputs(plan), **kw)[0]
 
 
 @dataclasses.dataclass(frozen=True)
 class PlanArrays:
     """A plan for one resolution as the sampler takes it: codes / half-windows [steps, layers, heads] (method
-    codes of ``dfa2_jax.methods``, half-widths in tokens) and the wars residual half-windows [layers, heads]."""
+    codes of ``dfa2_jax.plan.methods``, half-widths in tokens) and the wars residual half-windows [layers, heads]."""
 
     codes: np.ndarray
     half_windows: np.ndarray
@@ -142,7 +151,7 @@ def zero_state(graphdef, state, latents, cond, make_probe, *, family: str, do_cf
 
     def probe_step(state, latents, cond):
         probe = make_probe()
-        _velocity(nnx.merge(graphdef, state), latents, jnp.zeros(()), cond, family=family, do_cfg=do_cfg,
+        velocity(nnx.merge(graphdef, state), latents, jnp.zeros(()), cond, family=family, do_cfg=do_cfg,
                   runtime=probe)
         return probe.shapes
 
@@ -174,7 +183,7 @@ def initial_attention_state(graphdef, state, latents, cond, spec: RuntimeSpec, *
 
 
 def denoise(graphdef, state, latents, cond: dict[str, Any], timesteps, sigmas, *, family: str, do_cfg: bool = False,
-            report: bool = False, plan: PlanArrays | None = None):
+            report: bool = False, plan: PlanArrays | None = None, attention_impl: str = "auto"):
     """Run every step of the schedule; latents: SD3 [B, C, H, W], FLUX packed [B, N, C·4].
 
     ``cond``: ``prompt_embeds``, ``pooled_projections`` (SD3 with CFG: [uncond; cond] stacked on the batch,
@@ -182,53 +191,25 @@ def denoise(graphdef, state, latents, cond: dict[str, Any], timesteps, sigmas, *
     ``sigmas`` [N + 1] from :func:`dfa2_jax.scheduler.set_timesteps`. The latents buffer is donated.
     ``report``: call the :func:`progress_hook` after every step (a host callback; off for benchmarks).
     ``plan``: head-wise compression (:class:`PlanArrays` for this resolution); None is dense attention.
+    ``attention_impl``: how a plan's compressed heads run (:data:`dfa2_jax.runtime.ATTENTION_IMPLS`: "auto" is the
+    Pallas kernel on a GPU and the jnp reference elsewhere); part of the compiled sampler's key.
     """
-    spec, plan_in = plan_inputs(graphdef, state, latents, cond, timesteps, plan, family=family, do_cfg=do_cfg)
-    return _scan_denoise_jit(graphdef, state, latents, cond, jnp.asarray(timesteps), jnp.asarray(sigmas), plan_in,
+    spec, plan_in = plan_inputs(graphdef, state, latents, cond, timesteps, plan, family=family, do_cfg=do_cfg,
+                                attention_impl=attention_impl)
+    return run_sampler(graphdef, state, latents, cond, jnp.asarray(timesteps), jnp.asarray(sigmas), plan_in,
                              family=family, do_cfg=do_cfg, report=report, spec=spec)
 
 
-def plan_inputs(graphdef, state, latents, cond, timesteps, plan: PlanArrays | None, *, family: str, do_cfg: bool):
-    """(static :class:`RuntimeSpec`, the sampler's plan arrays and initial carried state) or (None, None)."""
+def plan_inputs(graphdef, state, latents, cond, timesteps, plan: PlanArrays | None, *, family: str, do_cfg: bool,
+                attention_impl: str = "auto"):
+    """(static :class:`RuntimeSpec`, the sampler's plan arrays and initial carried state) or (None, None).
+    ``attention_impl``: see :func:`denoise`."""
     if plan is None:
         return None, None
     if plan.codes.shape[0] != len(timesteps):
         raise ValueError(f"the plan has {plan.codes.shape[0]} steps; the schedule has {len(timesteps)}")
-    spec = RuntimeSpec.from_codes(plan.codes, cfg=do_cfg)
+    spec = RuntimeSpec.from_codes(plan.codes, cfg=do_cfg, impl=attention_impl)
     plan_in = {"codes": jnp.asarray(plan.codes, jnp.int32), "half_windows": jnp.asarray(plan.half_windows, jnp.int32),
                "resid_windows": jnp.asarray(plan.resid_windows, jnp.int32),
                "state": initial_attention_state(graphdef, state, latents, cond, spec, family=family, do_cfg=do_cfg)}
     return spec, plan_in
-
-
-@functools.partial(jax.jit, static_argnums=(0,), static_argnames=("family", "do_cfg", "spec"))
-def _one_step(graphdef, state, x, cond, t, sigma, sigma_next, step_plan, *, family: str, do_cfg: bool,
-              spec: RuntimeSpec | None):
-    model = nnx.merge(graphdef, state)
-    runtime = None
-    if spec is not None:
-        runtime = PlanRuntime(spec, step_plan["codes"], step_plan["half_windows"], step_plan["resid_windows"],
-                              step_plan["state"])
-    x = euler_step(x, _velocity(model, x, t, cond, family=family, do_cfg=do_cfg, runtime=runtime), sigma, sigma_next)
-    return x, (runtime.new_state if runtime is not None else None)
-
-
-def denoise_loop(graphdef, state, latents, cond, timesteps, sigmas, *, family: str, do_cfg: bool = False,
-                 callback=None, plan: PlanArrays | None = None):
-    """The same steps as :func:`denoise` in a Python loop (one jitted step per call): the reference the scan
-    is tested against (``callback(i, latents)`` after each step)."""
-    x = jnp.asarray(latents)
-    spec, attn = None, None
-    if plan is not None:
-        spec = RuntimeSpec.from_codes(plan.codes, cfg=do_cfg)
-        attn = initial_attention_state(graphdef, state, x, cond, spec, family=family, do_cfg=do_cfg)
-    for i in range(len(timesteps)):
-        step_plan = None
-        if plan is not None:
-            step_plan = {"codes": jnp.asarray(plan.codes[i]), "half_windows": jnp.asarray(plan.half_windows[i]),
-                         "resid_windows": jnp.asarray(plan.resid_windows), "state": attn}
-        x, attn = _one_step(graphdef, state, x, cond, jnp.asarray(timesteps[i]), jnp.asarray(sigmas[i]),
-                            jnp.asarray(sigmas[i + 1]), step_plan, family=family, do_cfg=do_cfg, spec=spec)
-        if callback is not None:
-            callback(i, x)
-    return x

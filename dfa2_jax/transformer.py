@@ -37,14 +37,19 @@ class Transformer2DModelOutput:
 
 
 @functools.partial(jax.jit, static_argnums=(0,))
-def _sd3_forward(graphdef, state, hidden_states, encoder_hidden_states, pooled_projections, timestep):
+def sd3_forward(graphdef, state, hidden_states, encoder_hidden_states, pooled_projections, timestep):
+    """One dense SD3 transformer evaluation, jit-compiled on the nnx split (graphdef static): diffusers' arguments
+    -> the velocity [B, C, H, W]. What :meth:`Transformer.__call__` runs; benchmarks lower it directly."""
     model = nnx.merge(graphdef, state)
     return model(hidden_states, encoder_hidden_states, pooled_projections, timestep)
 
 
 @functools.partial(jax.jit, static_argnums=(0,))
-def _flux_forward(graphdef, state, hidden_states, encoder_hidden_states, pooled_projections, timestep, rope,
-                  guidance):
+def flux_forward(graphdef, state, hidden_states, encoder_hidden_states, pooled_projections, timestep, rope,
+                 guidance):
+    """One dense FLUX transformer evaluation, jit-compiled on the nnx split: packed latents [B, N, C·4], T5
+    embeddings, pooled CLIP, timestep / 1000, ``rope`` (cos, sin) from :func:`flux_rope`, guidance [B] or None ->
+    the velocity, the latents' shape."""
     model = nnx.merge(graphdef, state)
     return model(hidden_states, encoder_hidden_states, pooled_projections, timestep, rope, guidance)
 
@@ -87,7 +92,7 @@ class Transformer:
                 raise TypeError(f"`{name}` is required")
         timestep = jnp.asarray(timestep, jnp.float32).reshape(-1)
         if isinstance(self.config, SD3Config):
-            out = _sd3_forward(self.graphdef, self.state, jnp.asarray(hidden_states), jnp.asarray(encoder_hidden_states),
+            out = sd3_forward(self.graphdef, self.state, jnp.asarray(hidden_states), jnp.asarray(encoder_hidden_states),
                                jnp.asarray(pooled_projections), timestep)
         else:
             rope = flux_rope(self.config, txt_ids, img_ids)
@@ -97,7 +102,7 @@ class Transformer:
                 raise ValueError("this FLUX model has a guidance embedding (FLUX.1-dev): pass `guidance`")
             if not self.config.guidance_embeds and guidance is not None:
                 raise ValueError("this FLUX model has no guidance embedding (FLUX.1-schnell): `guidance` must be None")
-            out = _flux_forward(self.graphdef, self.state, jnp.asarray(hidden_states),
+            out = flux_forward(self.graphdef, self.state, jnp.asarray(hidden_states),
                                 jnp.asarray(encoder_hidden_states), jnp.asarray(pooled_projections), timestep, rope,
                                 guidance)
         return Transformer2DModelOutput(out) if return_dict else out
@@ -182,4 +187,5 @@ def config_of(path: str | os.PathLike) -> TransformerConfig:
 
 
 __all__ = ["Transformer", "Transformer2DModelOutput", "load_transformer", "random_transformer", "config_of",
+           "sd3_forward", "flux_forward", "flux_rope",
            "CheckpointError", "AttentionRuntime"]

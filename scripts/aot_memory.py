@@ -97,7 +97,7 @@ def main() -> None:
     ap.add_argument("--variants", default="dense,plan")
     ap.add_argument("--meshes", default="none",
                     help="';'-separated meshes to compile on (dfa2 --mesh syntax, e.g. 'none;heads=4;seq=4'): the "
-                         "sharded sampler (dfa2_jax.sharding.shard_denoise) on that many H100s of one host; "
+                         "sharded sampler (dfa2_jax.parallel.sharded.shard_denoise) on that many H100s of one host; "
                          "figures are per device")
     ap.add_argument("--dump", default=None, help="folder for each compiled module's HLO text")
     args = ap.parse_args()
@@ -114,10 +114,10 @@ def main() -> None:
     from converters.transformer import abstract_model
     from dfa2_jax import runtime
     from dfa2_jax.models import attention
-    from dfa2_jax import sharding as dfa2_sharding
+    from dfa2_jax.parallel import sharded as sharding as dfa2_sharding
     from dfa2_jax.pipeline import flux_image_ids
-    from dfa2_jax.sample import _scan_core_jit, plan_inputs, split_plan_inputs
-    from dfa2_jax.sharding import make_mesh, parse_mesh
+    from dfa2_jax.sample import scan_sampler, plan_inputs, split_plan_inputs
+    from dfa2_jax.parallel.sharded import make_mesh, parse_mesh
     from dfa2_jax.scheduler import FlowMatchEulerConfig, calculate_shift, set_timesteps
     from dfa2_jax.transformer import flux_rope
 
@@ -208,7 +208,7 @@ def main() -> None:
         graph, state, lat, cnd, t, sg, plan_in = sargs
         arrays, attn = split_plan_inputs(plan_in)
         caches = tree_bytes(attn) // mesh.size
-        compiled, times = compile_traced(lambda: _scan_core_jit.trace(graph, state, lat, cnd, t, sg, arrays, attn,
+        compiled, times = compile_traced(lambda: scan_sampler.trace(graph, state, lat, cnd, t, sg, arrays, attn,
                                                                       **skw), mesh)
         return caches, compiled, times
 
@@ -219,7 +219,7 @@ def main() -> None:
                 spec, plan_in = plan_inputs(graphdef, params, latents, cond, ts, p, family=family, do_cfg=do_cfg)
                 arrays, state = on_gpu(split_plan_inputs(plan_in))
                 caches = tree_bytes(state)
-                compiled, times = compile_traced(lambda: _scan_core_jit.trace(
+                compiled, times = compile_traced(lambda: scan_sampler.trace(
                     graphdef, on_gpu(params), on_gpu(latents), on_gpu(cond), on_gpu(ts), on_gpu(sig), arrays, state,
                     family=family, do_cfg=do_cfg, report=False, spec=spec))
             else:

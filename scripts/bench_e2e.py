@@ -24,10 +24,10 @@ Variants per case:
     figure is median iteration × steps ("step×N"). The table says which.
 (b) ours dense: ``dfa2_jax.sample.denoise`` without a plan (one jitted ``lax.scan``, cuDNN flash attention).
 (c) ours with three plans removing ~43%, ~56% and ~68% of the attention FLOPs (kept 0.57 / 0.44 / 0.32,
-    counted in the arrow kernel's 128×64 tiles by ``dfa2_jax.flops.plan_stats``); on a GPU the compressed
+    counted in the arrow kernel's 128×64 tiles by ``dfa2_jax.plan.flops.plan_stats``); on a GPU the compressed
     heads run through the Pallas arrow kernel (``DFA2_ARROW_IMPL`` overrides). The plan arrays and the initial
     head caches are built once (``dfa2_jax.sample.plan_inputs``, its host time reported as "setup") and the
-    compiled sampler (``_scan_denoise_jit``, what ``denoise`` calls) is timed; ``denoise`` itself redoes that
+    compiled sampler (``run_sampler``, what ``denoise`` calls) is timed; ``denoise`` itself redoes that
     setup (an ``eval_shape`` trace of the model) on every call.
 (d) ours with every attention replaced by a cheap stand-in (q + k + v, element-wise: keeps every projection,
     norm and RoPE live so XLA cannot drop them) — the non-attention time of (b). Attention share of (b):
@@ -88,7 +88,7 @@ if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
 
 METHODS = ("full", "arrow:8", "arrow:16", "arrow:32", "cache")  # in order of decreasing kept work
-BLOCKS = (128, 64)  # the arrow kernel's tiles (dfa2_jax.flops.DEFAULT_BLOCKS)
+BLOCKS = (128, 64)  # the arrow kernel's tiles (dfa2_jax.plan.flops.DEFAULT_BLOCKS)
 REMOVED = (0.43, 0.56, 0.68)  # attention FLOPs removed by the three plans
 CACHE_PEAK = 0.6  # the largest share of cached heads at one step (the last steps, λ ≥ 1)
 LAMBDA_MAX = 2.0
@@ -177,7 +177,7 @@ def build_plan(model_info: dict, steps: int, n_img: int, removed: float, *, seed
     shapes: 3 steps, a handful of tiles) raises, or with ``strict=False`` gives the plan at λ = LAMBDA_MAX."""
     import numpy as np
 
-    from dfa2_jax.flops import kept_fraction, layer_text_len, layer_weights, plan_stats
+    from dfa2_jax.plan.flops import kept_fraction, layer_text_len, layer_weights, plan_stats
     from dfa2_jax.plan import Plan
 
     target = 1.0 - removed
@@ -267,7 +267,7 @@ def _no_attention_sampler():
     import jax
     from flax import nnx
 
-    from dfa2_jax.sample import _velocity
+    from dfa2_jax.sample import velocity
     from dfa2_jax.scheduler import euler_step
 
     @functools.partial(jax.jit, static_argnums=(0,), static_argnames=("family", "do_cfg"), donate_argnums=(2,))
@@ -276,7 +276,7 @@ def _no_attention_sampler():
         model = nnx.merge(graphdef, state)
 
         def step(x, xs):
-            v = _velocity(model, x, xs["t"], cond, family=family, do_cfg=do_cfg, runtime=_StandInAttention())
+            v = velocity(model, x, xs["t"], cond, family=family, do_cfg=do_cfg, runtime=_StandInAttention())
             return euler_step(x, v, xs["sigma"], xs["sigma_next"]), None
 
         x, _ = jax.lax.scan(step, latents, {"t": timesteps, "sigma": sigmas[:-1], "sigma_next": sigmas[1:]})
@@ -294,7 +294,7 @@ def run_jax(name: str, case: Case, args, clock: Clock) -> None:
     from dfa2_jax.pipeline import flux_image_ids
     from dfa2_jax.plan import model_info_for
     from dfa2_jax.runtime import RuntimeSpec, arrow_impl
-    from dfa2_jax.sample import PlanArrays, _scan_denoise_jit, denoise, plan_inputs, split_plan_inputs
+    from dfa2_jax.sample import PlanArrays, run_sampler, denoise, plan_inputs, split_plan_inputs
     from dfa2_jax.scheduler import FlowMatchEulerConfig, calculate_shift, set_timesteps
     from dfa2_jax.transformer import flux_rope
 
@@ -413,7 +413,7 @@ def run_jax(name: str, case: Case, args, clock: Clock) -> None:
             def fn(z, spec=spec, arrays=arrays, tmpl=tmpl):
                 fresh_state = jax.tree.map(lambda t: jax.device_put(jnp.zeros(t[0], t[1]), t[2]), tmpl,
                                            is_leaf=lambda t: isinstance(t, tuple))
-                return _scan_denoise_jit(tr.graphdef, tr.state, z, cond, ts, sig, {**arrays, "state": fresh_state},
+                return run_sampler(tr.graphdef, tr.state, z, cond, ts, sig, {**arrays, "state": fresh_state},
                                          family=family, do_cfg=do_cfg, report=False, spec=spec)
         else:
             def fn(z):

@@ -31,7 +31,7 @@ def main():
     import jax.numpy as jnp
     from bench_scale import flux_case, tree_bytes
 
-    from dfa2_jax.sample import _scan_core_jit, plan_inputs, split_plan_inputs
+    from dfa2_jax.sample import scan_sampler, plan_inputs, split_plan_inputs
 
     case = flux_case(args, 1)
     tr, dtype, ts, sig, plan, kept = case.tr, case.dtype, case.ts, case.sig, case.plan, case.kept
@@ -45,7 +45,7 @@ def main():
         arrays, state = split_plan_inputs(plan_in)
         caches = tree_bytes(state)
         t0 = time.perf_counter()
-        compiled = _scan_core_jit.lower(tr.graphdef, tr.state, lat0, cond, ts, sig, arrays, state, family="flux",
+        compiled = scan_sampler.lower(tr.graphdef, tr.state, lat0, cond, ts, sig, arrays, state, family="flux",
                                         do_cfg=False, report=False, spec=spec).compile()
         compile_s = time.perf_counter() - t0
         m = compiled.memory_analysis()

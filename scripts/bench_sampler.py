@@ -30,9 +30,9 @@ def main():
 
     import dfa2_jax
     from dfa2_jax.pipeline import flux_image_ids
-    from dfa2_jax.sample import _scan_core_jit
+    from dfa2_jax.sample import scan_sampler
     from dfa2_jax.scheduler import FlowMatchEulerConfig, calculate_shift, set_timesteps
-    from dfa2_jax.transformer import _flux_forward, flux_rope
+    from dfa2_jax.transformer import flux_forward, flux_rope
 
     cfg = dfa2_jax.FluxConfig.dev()
     tr = dfa2_jax.random_transformer(cfg, dtype="bfloat16")
@@ -52,7 +52,7 @@ def main():
     step_args = (tr.graphdef, tr.state, lat(0), cond["prompt_embeds"], cond["pooled_projections"],
                  jnp.full((1,), 0.5, jnp.float32), cond["rope"], cond["guidance"])
     t0 = time.perf_counter()
-    step = _flux_forward.lower(*step_args).compile()
+    step = flux_forward.lower(*step_args).compile()
     step_compile = time.perf_counter() - t0
     for _ in range(3):
         jax.block_until_ready(step(*step_args[1:]))
@@ -67,7 +67,7 @@ def main():
 
     kw = dict(family="flux", do_cfg=False, report=False, spec=None)
     t0 = time.perf_counter()
-    scan = _scan_core_jit.lower(tr.graphdef, tr.state, lat(0), cond, ts, sig, None, None, **kw).compile()
+    scan = scan_sampler.lower(tr.graphdef, tr.state, lat(0), cond, ts, sig, None, None, **kw).compile()
     scan_compile = time.perf_counter() - t0
     jax.block_until_ready(scan(tr.state, lat(0), cond, ts, sig, None, None))
     rt = []

@@ -9,7 +9,7 @@ Rows, per attention variant (``--attn dense,plan``):
 
 - ``none``: :func:`dfa2_jax.sample.denoise` with no mesh at all — the single-device path as it was before the
   sharding code (what ``dfa2 generate --mesh none`` runs, and ``--mesh auto`` on one GPU);
-- ``data`` / ``heads`` / ``seq`` × n for n in 1, 2, 4, 8 present: :func:`dfa2_jax.sharding.shard_denoise` on a
+- ``data`` / ``heads`` / ``seq`` × n for n in 1, 2, 4, 8 present: :func:`dfa2_jax.parallel.sharded.shard_denoise` on a
   1-D mesh. data: batch n (one image per device); heads: batch 1, the 24 heads split n ways (Megatron); seq:
   batch 1, tokens split n ways outside attention and heads inside (Ulysses) (n = 1 is the same computation for
   every axis and is run once, as ``mesh1``).
@@ -125,7 +125,7 @@ def main():
     import numpy as np
 
     from dfa2_jax.sample import denoise
-    from dfa2_jax.sharding import make_mesh, shard_denoise
+    from dfa2_jax.parallel.sharded import make_mesh, shard_denoise
 
     devices = jax.devices()
     counts = [n for n in (1, 2, 4, 8) if n <= len(devices)]

@@ -59,7 +59,7 @@ def run_jax(model: str, resolutions: list[int], iters: int) -> list[dict]:
 
     sys.path.insert(0, ROOT)
     import dfa2_jax
-    from dfa2_jax.transformer import _flux_forward, _sd3_forward, flux_rope
+    from dfa2_jax.transformer import flux_forward, sd3_forward, flux_rope
 
     cfg = dfa2_jax.FluxConfig.dev() if model == "flux-dev" else dfa2_jax.SD3Config.medium()
     t0 = time.perf_counter()
@@ -73,10 +73,10 @@ def run_jax(model: str, resolutions: list[int], iters: int) -> list[dict]:
             bf = lambda a: jnp.asarray(a, jnp.bfloat16)  # noqa: E731
             if model == "flux-dev":
                 rope = flux_rope(cfg, x["txt_ids"], x["img_ids"])
-                return (_flux_forward, (tr.graphdef, tr.state, bf(x["hidden_states"]), bf(x["encoder_hidden_states"]),
+                return (flux_forward, (tr.graphdef, tr.state, bf(x["hidden_states"]), bf(x["encoder_hidden_states"]),
                                         bf(x["pooled_projections"]), jnp.asarray(x["timestep"]), rope,
                                         jnp.asarray(x["guidance"])))
-            return (_sd3_forward, (tr.graphdef, tr.state, bf(x["hidden_states"]), bf(x["encoder_hidden_states"]),
+            return (sd3_forward, (tr.graphdef, tr.state, bf(x["hidden_states"]), bf(x["encoder_hidden_states"]),
                                    bf(x["pooled_projections"]), jnp.asarray(x["timestep"])))
 
         fn, args = args_for(0)

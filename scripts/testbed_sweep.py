@@ -53,7 +53,7 @@ def method_map(plan, path: str, title: str) -> tuple[int, int]:
     below). Layers are separated by a white gap."""
     from PIL import Image, ImageDraw, ImageFont
 
-    from dfa2_jax.plan_cli import method_colours
+    from dfa2_jax.plan.report import method_colours
 
     a = np.asarray(plan.assignment)  # [T, L, H]
     steps, layers, heads = a.shape
@@ -131,7 +131,7 @@ def main(argv=None) -> int:
 
     from dfa2_jax.calibrate.calibrate import calibrate
     from dfa2_jax.evaluate import initial_noise, psnr, ssim, write_json_atomic
-    from dfa2_jax.flops import plan_stats
+    from dfa2_jax.plan.flops import plan_stats
     from dfa2_jax.testbed import classifier, load_testbed, world
 
     t_all = time.perf_counter()

@@ -1,4 +1,4 @@
-"""Each parallel mode of dfa2_jax.sharding.shard_denoise equals the single-device sampler (arrow + cache plan).
+"""Each parallel mode of dfa2_jax.parallel.sharded.shard_denoise equals the single-device sampler (arrow + cache plan).
 
 Run in a subprocess with XLA_FLAGS=--xla_force_host_platform_device_count=4 (tests/test_sharding.py);
 prints ``OK <mode> <max rel err>`` per mode, exits non-zero on the first mismatch.
@@ -19,9 +19,9 @@ import numpy as np  # noqa: E402
 
 jax.config.update("jax_default_matmul_precision", "highest")
 
-from dfa2_jax import methods as M  # noqa: E402
+from dfa2_jax.plan import methods as M  # noqa: E402
 from dfa2_jax.sample import PlanArrays, denoise  # noqa: E402
-from dfa2_jax.sharding import make_mesh, shard_denoise  # noqa: E402
+from dfa2_jax.parallel.sharded import make_mesh, shard_denoise  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the repo root: tests.*
 from tests.tiny_setups import flux_setup, sd3_setup  # noqa: E402
@@ -71,8 +71,8 @@ def calibration_check() -> int:
     import tempfile
 
     from dfa2_jax.calibrate.calibrate import calibrate
-    from dfa2_jax.demo import tiny_pipelines
-    from dfa2_jax.sharding import resolve_mesh
+    from dfa2_jax.tiny import tiny_pipelines
+    from dfa2_jax.parallel.sharded import resolve_mesh
 
     assert resolve_mesh("auto", batch=4, heads=4, family="flux", do_cfg=False).shape == {"data": 4}
     assert resolve_mesh("auto", batch=3, heads=4, family="flux", do_cfg=False) is None
@@ -100,7 +100,7 @@ KERNEL_MODES = {"flux": [("heads=4", False), ("data=2,heads=2", False), ("seq=4"
 
 def per_device_check() -> None:
     """Attention under a context mesh sees each device's own batch rows and heads (no gathered operands)."""
-    from dfa2_jax.models.attention import per_device, per_device_tables
+    from dfa2_jax.parallel.mesh import per_device, per_device_tables
 
     q = jnp.arange(4 * 3 * 8 * 2, dtype=jnp.float32).reshape(4, 3, 8, 2)
     hw = jnp.arange(8, dtype=jnp.int32)
@@ -147,8 +147,8 @@ def collectives_check() -> None:
     with all-reduces and needs no all-to-all; data needs neither."""
     from flax import nnx
 
-    from dfa2_jax.sample import _velocity
-    from dfa2_jax.sharding import place_inputs
+    from dfa2_jax.sample import velocity
+    from dfa2_jax.parallel.sharded import place_inputs
 
     tr, cond, latents, t, s, kw, n_img = _flux()
     layers = len(tr.attention_layer_names())
@@ -157,7 +157,7 @@ def collectives_check() -> None:
         placed = place_inputs(mesh, tr.state, latents, cond, family="flux", do_cfg=False, fsdp=False, num_heads=4)
 
         def step(state, x, cond):
-            return _velocity(nnx.merge(tr.graphdef, state), x, jnp.asarray(t[0]), cond, family="flux", do_cfg=False)
+            return velocity(nnx.merge(tr.graphdef, state), x, jnp.asarray(t[0]), cond, family="flux", do_cfg=False)
 
         with jax.set_mesh(mesh):
             hlo = jax.jit(step).lower(placed.state, placed.latents, placed.cond).compile().as_text()
@@ -193,12 +193,8 @@ def main() -> int:
                 return 1
             print(f"OK {mode} {err:.3e} sharding={str(out.sharding.spec).replace(' ', '')}", flush=True)
         for mesh_spec, fsdp in KERNEL_MODES.get(name, []):  # the kernel's cached heads and bands, per device
-            os.environ["DFA2_ARROW_IMPL"] = "interpret"
-            try:
-                out = shard_denoise(make_mesh(mesh_spec), tr.graphdef, tr.state, jnp.array(latents), cond, t, s,
-                                    plan=plan, fsdp=fsdp, **kw)
-            finally:
-                del os.environ["DFA2_ARROW_IMPL"]
+            out = shard_denoise(make_mesh(mesh_spec), tr.graphdef, tr.state, jnp.array(latents), cond, t, s,
+                                plan=plan, fsdp=fsdp, attention_impl="interpret", **kw)
             err = float(np.max(np.abs(np.asarray(out) - ref)) / scale)
             if not np.isfinite(err) or err > TOL:
                 print(f"FAIL {name} {mesh_spec} kernel {err:.3e}", flush=True)

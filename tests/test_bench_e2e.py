@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from dfa2_jax import FluxConfig, SD3Config
-from dfa2_jax.flops import plan_stats
+from dfa2_jax.plan.flops import plan_stats
 from dfa2_jax.plan import model_info_for
 from dfa2_jax.runtime import RuntimeSpec
 

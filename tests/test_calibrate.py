@@ -5,9 +5,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from dfa2_jax import flops
+from dfa2_jax.plan import flops
 from dfa2_jax.calibrate.calibrate import CalibrationError, calibrate
-from dfa2_jax.demo import tiny_pipelines
+from dfa2_jax.tiny import tiny_pipelines
 
 PROMPTS = ["a red circle at the top left", "a blue square in the centre"]
 
@@ -136,16 +136,14 @@ def test_bad_inputs(pipes, kwargs, match):
         calibrate(pipes["flux"], prompts, **kw)
 
 
-def test_kernel_candidates_give_the_same_plan(tmp_path, monkeypatch):
+def test_kernel_candidates_give_the_same_plan(tmp_path):
     """The arrow candidates through the Pallas kernel (interpret mode here; the GPU default) give the plan
     the banded jnp form gives: planted local/global heads, so the RSEs are far from the decision bounds."""
     pipe = tiny_pipelines(str(tmp_path), seed=3)["flux"]
     _planted_flux(pipe, local_heads={1})
     kw = dict(resolution=(4, 128), steps=3, delta=0.4, candidates="arrow:2,arrow:4", savings="exact",
               progress=False, max_sequence_length=8)
-    monkeypatch.setenv("DFA2_ARROW_IMPL", "reference")
-    ref = calibrate(pipe, PROMPTS, **kw)
-    monkeypatch.setenv("DFA2_ARROW_IMPL", "interpret")
-    ker = calibrate(pipe, PROMPTS, **kw)
+    ref = calibrate(pipe, PROMPTS, attention_impl="xla", **kw)
+    ker = calibrate(pipe, PROMPTS, attention_impl="interpret", **kw)
     np.testing.assert_array_equal(ker.plan.assignment, ref.plan.assignment)
     assert (ref.plan.assignment[1:, :, 1] == 2).all()  # the planted head is arrow:4 either way

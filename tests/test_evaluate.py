@@ -166,7 +166,7 @@ def test_metrics_status(tmp_path, monkeypatch):
 # ============================================================================================ evaluate
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
-    from dfa2_jax.demo import tiny_pipelines
+    from dfa2_jax.tiny import tiny_pipelines
 
     return tiny_pipelines(str(tmp_path_factory.mktemp("tiny")), seed=0)
 
@@ -281,11 +281,11 @@ def test_evaluate_rejects_bad_input_before_running(tiny):
 
 # ============================================================================================ CLI
 def _cli(argv):
-    from dfa2_jax.eval_cli import add_eval_parser
+    from dfa2_jax.cli.eval import add_parser
 
     p = argparse.ArgumentParser(prog="dfa2")
     sub = p.add_subparsers(dest="command", required=True)
-    add_eval_parser(sub)
+    add_parser(sub)
     args = p.parse_args(argv)
     return args.fn(args)
 

@@ -7,9 +7,10 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from dfa2_jax.flops import (arrow_pairs, arrow_tiles, attention_flops, kept_fraction, kept_table, plan_stats,
+from dfa2_jax.plan.flops import (arrow_pairs, arrow_tiles, attention_flops, kept_fraction, kept_table, plan_stats,
                             total_tiles)
-from dfa2_jax.methods import arrow_mask, brute_force_mask
+from tests.oracles import brute_force_mask
+from pallas_kernels import arrow_mask
 from dfa2_jax.models.configs import SD3Config
 from dfa2_jax.plan import Plan, model_info_for
 

@@ -16,8 +16,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from dfa2_jax.models.configs import FluxConfig, SD3Config
-from dfa2_jax.official import (LEGACY_MAGIC, OfficialFormatError, export_official, import_official, import_v1,
-                               k_for_half_window, load_torch_file, save_torch_file)
+from converters.torch_pickle import LEGACY_MAGIC, TorchFileError, load_torch_file, save_torch_file
+from dfa2_jax.plan.official import OfficialFormatError, export_official, import_official, import_v1, k_for_half_window
 from dfa2_jax.plan import Plan, PlanError, model_info_for
 
 N_IMG = 256  # 256 px, VAE 8, patch 2: arrow:8 -> 16, arrow:16 -> 8, arrow:32 -> 4
@@ -176,7 +176,7 @@ def test_malicious_pickle_refused_and_not_run(tmp_path, kind):
         path.write_bytes(_evil_zip(payload))
     else:
         path.write_bytes(_evil_zip(pickle.dumps({"layer": {1: [1, 2, _System(cmd)]}}, protocol=2)))
-    with pytest.raises(OfficialFormatError, match=r"evil_head_option_0.2.json: refusing to load: the pickle asks for "
+    with pytest.raises(TorchFileError, match=r"evil_head_option_0.2.json: refusing to load: the pickle asks for "
                                                   r"(posix\.system|__builtin__\.eval), which could run code"):
         load_torch_file(path)
     with pytest.raises(OfficialFormatError, match="refusing to load"):
@@ -187,18 +187,18 @@ def test_malicious_pickle_refused_and_not_run(tmp_path, kind):
 def test_unreadable_files(tmp_path):
     p = tmp_path / "x.json"
     p.write_text('{"not": "a torch file"}')
-    with pytest.raises(OfficialFormatError, match="not a torch.save file"):
+    with pytest.raises(TorchFileError, match="not a torch.save file"):
         load_torch_file(p)
     p.write_bytes(b"PK\x03\x04garbage")
-    with pytest.raises(OfficialFormatError, match="x.json: not a readable torch.save file"):
+    with pytest.raises(TorchFileError, match="x.json: not a readable torch.save file"):
         load_torch_file(p)
     good = tmp_path / "good.json"
     save_torch_file({"a": np.arange(4, dtype=np.int32)}, good)
     data = good.read_bytes()
     p.write_bytes(data[: len(data) // 2])
-    with pytest.raises(OfficialFormatError, match="x.json"):
+    with pytest.raises(TorchFileError, match="x.json"):
         load_torch_file(p)
-    with pytest.raises(OfficialFormatError, match="no such file"):
+    with pytest.raises(TorchFileError, match="no such file"):
         load_torch_file(tmp_path / "missing.json")
 
 

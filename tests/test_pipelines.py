@@ -97,7 +97,8 @@ def test_prompt_embeddings_equal_diffusers(pipes, ours, name):
 def test_scan_equals_python_loop(ours, name):
     import jax.numpy as jnp
 
-    from dfa2_jax.sample import denoise, denoise_loop
+    from dfa2_jax.sample import denoise
+    from tests.oracles import denoise_loop
 
     p = ours[name]
     captured = {}
@@ -200,7 +201,7 @@ def test_tiny_random_demo_calibrates_generates_and_evaluates(tmp_path):
 
     from PIL import Image
 
-    from dfa2_jax.demo import run_demo
+    from dfa2_jax.cli.demo import run_demo
     from dfa2_jax.plan import Plan
 
     paths = run_demo(str(tmp_path), model="tiny-random", steps=3, size=32)

@@ -9,7 +9,7 @@ import os
 import numpy as np
 import pytest
 
-from dfa2_jax.methods import ARROW, CACHE, CFG_SHARE, FULL, WARS
+from dfa2_jax.plan.methods import ARROW, CACHE, CFG_SHARE, FULL, WARS
 from dfa2_jax.models.configs import FluxConfig, SD3Config
 from dfa2_jax.plan import Plan, PlanError, image_tokens, model_info_for
 

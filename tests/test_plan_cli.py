@@ -11,9 +11,10 @@ import pytest
 import torch
 from PIL import Image
 
-from dfa2_jax.official import import_official
+from dfa2_jax.plan.official import import_official
 from dfa2_jax.plan import Plan, PlanError
-from dfa2_jax.plan_cli import add_plan_parser, heatmap_size, model_dir_info, parse_resolution, short_layer
+from dfa2_jax.cli.plan import add_parser, model_dir_info, parse_resolution
+from dfa2_jax.plan.report import heatmap_size, short_layer
 
 SD3_TINY = dict(sample_size=32, patch_size=2, in_channels=4, num_layers=3, attention_head_dim=8,
                 num_attention_heads=4, caption_projection_dim=32, joint_attention_dim=32, pooled_projection_dim=64,
@@ -23,7 +24,7 @@ SD3_TINY = dict(sample_size=32, patch_size=2, in_channels=4, num_layers=3, atten
 def run(argv: list[str]) -> int:
     p = argparse.ArgumentParser(prog="dfa2")
     sub = p.add_subparsers(dest="command", required=True)
-    add_plan_parser(sub)
+    add_parser(sub)
     args = p.parse_args(argv)
     return args.fn(args)
 

@@ -11,10 +11,12 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from dfa2_jax import methods as M
-from dfa2_jax.models.attention import dense_attention
+from dfa2_jax.plan import methods as M
+from dfa2_jax.models.attention import arrow_attention_banded, dense_attention
 from dfa2_jax.runtime import RuntimeSpec
-from dfa2_jax.sample import PlanArrays, _velocity, denoise, denoise_loop
+from dfa2_jax.sample import PlanArrays, denoise, velocity
+from tests.oracles import brute_force_mask, denoise_loop, masked_attention
+from pallas_kernels import arrow_attention_reference, arrow_mask
 from dfa2_jax.scheduler import euler_step
 
 from tests.tiny_setups import flux_setup, sd3_setup
@@ -25,8 +27,8 @@ STEPS = 4
 @given(s_img=st.integers(1, 40), text=st.integers(0, 9), text_first=st.booleans(), hw=st.integers(-1, 45))
 @settings(max_examples=150, deadline=None)
 def test_arrow_mask_equals_official_formula(s_img, text, text_first, hw):
-    mask = np.asarray(M.arrow_mask(s_img + text, text, text_first, hw))
-    np.testing.assert_array_equal(mask, M.brute_force_mask(s_img + text, text, text_first, hw))
+    mask = np.asarray(arrow_mask(s_img + text, text, text_first, hw))
+    np.testing.assert_array_equal(mask, brute_force_mask(s_img + text, text, text_first, hw))
 
 
 @given(k=st.integers(1, 64), n_img=st.integers(1, 70000))
@@ -94,7 +96,7 @@ class RefRuntime:
             code, w = int(self.codes[layer, h]), int(self.hw[layer, h])
 
             def band(width):
-                return M.masked_attention(qh, kh, vh, M.arrow_mask(s, layout.text_len, layout.text_first,
+                return masked_attention(qh, kh, vh, arrow_mask(s, layout.text_len, layout.text_first,
                                                                     np.array([width])))
 
             full = dense_attention(qh, kh, vh)
@@ -112,8 +114,8 @@ class RefRuntime:
                 if code == M.CFG_SHARE:
                     oc = dense_attention(cond_q, cond_k, cond_v)
                 else:
-                    oc = M.masked_attention(cond_q, cond_k, cond_v,
-                                            M.arrow_mask(s, layout.text_len, layout.text_first, np.array([w])))
+                    oc = masked_attention(cond_q, cond_k, cond_v,
+                                            arrow_mask(s, layout.text_len, layout.text_first, np.array([w])))
                 o = jnp.concatenate([oc, oc], axis=0)
             outs.append(o)
             rw = int(self.resid_w[layer, h])
@@ -135,7 +137,7 @@ def _reference(tr, cond, latents, t, s, plan, family, do_cfg):
     x = latents
     for i in range(len(t)):
         rt = RefRuntime(plan.codes[i], plan.half_windows[i], plan.resid_windows, store, do_cfg)
-        x = euler_step(x, _velocity(model, x, t[i], cond, family=family, do_cfg=do_cfg, runtime=rt), s[i], s[i + 1])
+        x = euler_step(x, velocity(model, x, t[i], cond, family=family, do_cfg=do_cfg, runtime=rt), s[i], s[i + 1])
     return np.asarray(x)
 
 
@@ -212,24 +214,22 @@ def test_plan_state_only_for_layers_that_read_it():
 def test_banded_arrow_equals_masked_reference(n_img, text, text_first, hw, block, seed):
     rng = np.random.default_rng(seed)
     q, k, v = (jnp.asarray(rng.standard_normal((2, n_img + text, 3, 8)), jnp.float32) for _ in range(3))
-    ref = M.arrow_attention_reference(q, k, v, jnp.full((3,), hw), text_len=text, text_first=text_first)
-    out = M.arrow_attention_banded(q, k, v, hw, text_len=text, text_first=text_first, block=block)
+    ref = arrow_attention_reference(q, k, v, jnp.full((3,), hw), text_len=text, text_first=text_first)
+    out = arrow_attention_banded(q, k, v, hw, text_len=text, text_first=text_first, block=block)
     np.testing.assert_allclose(np.asarray(out), np.asarray(ref), rtol=2e-5, atol=2e-5)
 
 
-def test_runtime_through_the_pallas_kernel_in_interpret_mode(monkeypatch):
+def test_runtime_through_the_pallas_kernel_in_interpret_mode():
     """The same plan (arrow, cache, wars, an AST layer) through the Pallas kernel (interpret mode) and the jnp
     reference give the same latents."""
     tr, cond, latents, t, s, kw, (n_img, _) = _flux()
     plan = _random_plan(tr, np.random.default_rng(11), [M.FULL, M.ARROW, M.CACHE, M.WARS], n_img=n_img, ast_layer=2)
     ref = denoise(tr.graphdef, tr.state, jnp.array(latents), cond, t, s, plan=plan, **kw)
-    monkeypatch.setenv("DFA2_ARROW_IMPL", "interpret")
-    assert RuntimeSpec.from_codes(plan.codes, cfg=False).impl == "interpret"
-    out = denoise(tr.graphdef, tr.state, jnp.array(latents), cond, t, s, plan=plan, **kw)
+    assert RuntimeSpec.from_codes(plan.codes, cfg=False, impl="interpret").impl == "interpret"
+    out = denoise(tr.graphdef, tr.state, jnp.array(latents), cond, t, s, plan=plan, attention_impl="interpret", **kw)
     np.testing.assert_allclose(np.asarray(out), np.asarray(ref), rtol=2e-5, atol=2e-5)
-    monkeypatch.setenv("DFA2_ARROW_IMPL", "cuda")
-    with pytest.raises(ValueError, match="DFA2_ARROW_IMPL"):
-        RuntimeSpec.from_codes(plan.codes, cfg=False)
+    with pytest.raises(ValueError, match="attention implementation 'cuda'"):
+        RuntimeSpec.from_codes(plan.codes, cfg=False, impl="cuda")
 
 
 def test_plan_state_is_donated_and_updated_in_place():
@@ -237,7 +237,7 @@ def test_plan_state_is_donated_and_updated_in_place():
     them in place: the compiled sampler's aliased bytes cover every cache (no second copy in temp)."""
     import dfa2_jax
     from dfa2_jax.pipeline import flux_image_ids
-    from dfa2_jax.sample import PlanArrays, _scan_core_jit, plan_inputs
+    from dfa2_jax.sample import PlanArrays, scan_sampler, plan_inputs
     from dfa2_jax.scheduler import FlowMatchEulerConfig, set_timesteps
     from dfa2_jax.transformer import flux_rope
 
@@ -256,7 +256,7 @@ def test_plan_state_is_donated_and_updated_in_place():
     arrays = {k: v for k, v in plan_in.items() if k != "state"}
     cache_bytes = sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(plan_in["state"]))
     assert cache_bytes > 0
-    compiled = _scan_core_jit.lower(tr.graphdef, tr.state, lat, cond, jnp.asarray(ts), jnp.asarray(sig), arrays,
+    compiled = scan_sampler.lower(tr.graphdef, tr.state, lat, cond, jnp.asarray(ts), jnp.asarray(sig), arrays,
                                     plan_in["state"], family="flux", do_cfg=False, report=False,
                                     spec=spec).compile()
     mem = compiled.memory_analysis()
@@ -291,22 +291,23 @@ def test_concat_in_ties_each_weight_slice_to_its_input():
 def test_runtime_computes_kernel_schedules_once_per_step(monkeypatch):
     """The kernel's launch schedules of every layer are computed once per step and kind of call (here: without
     and with a cache), each layer gets its own row, and a skippable layer's lax.cond branch makes none."""
-    import pallas_kernels.arrow_attention as A
+    from dfa2_jax import runtime as R
     from dfa2_jax.models.attention import TokenLayout
     from dfa2_jax.runtime import PlanRuntime
 
     calls, seen = [], []
 
-    def fake_schedules(q, half_windows, *, text_len, text_first, has_cache, interpret=False, config=None):
+    def fake_schedules(q, half_windows, *, text_len, text_first, has_cache, implementation=None, interpret=False,
+                       config=None):
         calls.append((half_windows.shape, has_cache, interpret))
         return jnp.arange(half_windows.shape[0])[:, None] + 100 * has_cache  # row l: [l + 100·cache]
 
-    def recording_attention(q, k, v, hw, *, schedule=None, **kw):
+    def recording_attention(q, k, v, hw, *, schedule=None, implementation=None, interpret=False, **kw):
         seen.append(None if schedule is None else int(schedule[0]))
-        return A.arrow_attention_reference(q, k, v, hw, **kw)
+        return arrow_attention_reference(q, k, v, hw, **kw)
 
-    monkeypatch.setattr(A, "arrow_schedules", fake_schedules)
-    monkeypatch.setattr(A, "arrow_attention", recording_attention)
+    monkeypatch.setattr(R, "arrow_schedules", fake_schedules)
+    monkeypatch.setattr(R, "arrow_attention", recording_attention)
     codes = np.array([[[M.ARROW, M.FULL], [M.CACHE, M.ARROW], [M.CACHE, M.CACHE]]], np.int32)  # 1 step, 3 layers
     spec = RuntimeSpec.from_codes(codes, cfg=False, impl="interpret")
     assert spec.skip_layers == (False, False, True)

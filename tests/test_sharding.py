@@ -1,4 +1,4 @@
-"""dfa2_jax.sharding: mesh parsing / validation in process; every parallel mode against the single-device
+"""dfa2_jax.parallel.sharded: mesh parsing / validation in process; every parallel mode against the single-device
 sampler in a subprocess with 4 forced host devices (this process already initialised jax with one)."""
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ import pytest
 from jax.sharding import AbstractMesh
 from jax.sharding import PartitionSpec as P
 
-from dfa2_jax.sharding import make_mesh, param_spec, parse_mesh, validate
+from dfa2_jax.parallel.sharded import make_mesh, param_spec, parse_mesh, validate
 
 
 def test_parse_mesh():
@@ -115,7 +115,7 @@ def test_calibration_on_a_mesh_gives_the_same_plan():
 
 
 def test_resolve_mesh_single_device():
-    from dfa2_jax.sharding import resolve_mesh
+    from dfa2_jax.parallel.sharded import resolve_mesh
 
     one = len(jax.local_devices()) == 1
     if one:  # "auto" on one device: no mesh

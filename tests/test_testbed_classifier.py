@@ -155,7 +155,7 @@ def test_no_torch_needed():
 # ============================================================================================ dfa2 eval
 @pytest.fixture(scope="module")
 def flux(tmp_path_factory):
-    from dfa2_jax.demo import tiny_pipelines
+    from dfa2_jax.tiny import tiny_pipelines
 
     return tiny_pipelines(str(tmp_path_factory.mktemp("tiny")), seed=0)["flux"]
 

@@ -88,7 +88,7 @@ def test_four_step_samples_follow_their_captions(testbed):
 
 def test_short_calibration_compresses_some_heads(testbed):
     from dfa2_jax.calibrate.calibrate import calibrate
-    from dfa2_jax.demo import TESTBED_CANDIDATES
+    from dfa2_jax.cli.demo import TESTBED_CANDIDATES
     from dfa2_jax.plan import model_info_for
     from dfa2_jax.testbed import world
 
@@ -221,7 +221,7 @@ def test_flux_four_step_samples_follow_their_captions(flux_testbed):
 
 def test_flux_short_calibration_compresses_some_heads(flux_testbed):
     from dfa2_jax.calibrate.calibrate import calibrate
-    from dfa2_jax.demo import TESTBED_CANDIDATES
+    from dfa2_jax.cli.demo import TESTBED_CANDIDATES
     from dfa2_jax.testbed import world
 
     pipe, st = flux_testbed

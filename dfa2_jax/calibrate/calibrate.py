@@ -1,6 +1,6 @@
 """``calibrate``: prompts -> a plan, through the progressive pass and CP-SAT (``dfa2 calibrate``).
 
-Savings per (layer, candidate) come from the exact attention-FLOP accounting of :mod:`dfa2_jax.flops` for the
+Savings per (layer, candidate) come from the exact attention-FLOP accounting of :mod:`dfa2_jax.plan.flops` for the
 actual token layout: visited tiles of the kernel's block size (``savings="tiles"``, default, what the Pallas
 kernel runs), exact mask pairs (``"exact"``), or a measured latency table ``{method: latency / full}``.
 
@@ -24,10 +24,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from dfa2_jax import flops
+from dfa2_jax.plan import flops
 from dfa2_jax.atomic import atomic_open
-from dfa2_jax import methods as M
+from dfa2_jax.plan import methods as M
 from dfa2_jax.calibrate.progressive import initial_state, run_step
+from dfa2_jax.runtime import check_attention_impl
 from dfa2_jax.calibrate.solver import solve
 from dfa2_jax.plan import Plan, model_info_for
 
@@ -143,7 +144,8 @@ def calibrate(pipe, prompts: Sequence[str], *, resolution, steps: int, delta: fl
               batch: int | None = None, savings="tiles", blocks=flops.DEFAULT_BLOCKS,
               checkpoint: str | None = None, resume: bool = False, progress: bool = True,
               stop_after: int | None = None, time_limit_s: float = 10.0,
-              max_sequence_length: int | None = None, mesh=None, fsdp: bool = False) -> CalibrationResult:
+              max_sequence_length: int | None = None, mesh=None, fsdp: bool = False,
+              attention_impl: str = "auto") -> CalibrationResult:
     """Calibrate a plan for ``pipe`` (an SD3Pipeline / FluxPipeline) on ``prompts``.
 
     ``resolution``: int or (height, width) in pixels. ``batch``: the most prompts run together; the progressive
@@ -151,10 +153,13 @@ def calibrate(pipe, prompts: Sequence[str], *, resolution, steps: int, delta: fl
     least the number of prompts (a guard against out-of-memory surprises). ``checkpoint``: the ``.npz`` progress
     file (written after every step); ``resume``: continue from it. ``stop_after``: stop after that many steps
     (leaving the checkpoint; for tests and time-boxed runs) — the returned plan is then None. ``mesh``: run the
-    pass on a device mesh (a Mesh, "data=2,heads=4", "auto" or None; :func:`dfa2_jax.sharding.resolve_mesh`):
+    pass on a device mesh (a Mesh, "data=2,heads=4", "auto" or None; :func:`dfa2_jax.parallel.sharded.resolve_mesh`):
     prompts over ``data`` (and SD3's CFG halves over ``cfg``), heads over ``heads``; ``fsdp``: params sharded
-    over ``data``. The host still answers every (step, layer) once.
+    over ``data``. The host still answers every (step, layer) once. ``attention_impl``: how the arrow candidates
+    are computed (:func:`dfa2_jax.runtime.check_attention_impl`; "auto": the Pallas kernel on a GPU, the banded
+    jnp form elsewhere).
     """
+    attention_impl = check_attention_impl(attention_impl)
     t_start = time.perf_counter()
     prompts = list(prompts)
     if not prompts or any(not isinstance(p, str) for p in prompts):
@@ -202,7 +207,7 @@ def calibrate(pipe, prompts: Sequence[str], *, resolution, steps: int, delta: fl
 
     params, cond = tr.state, prep.cond
     if mesh is not None:
-        from dfa2_jax.sharding import place_carry, place_inputs, resolve_mesh
+        from dfa2_jax.parallel.sharded import place_carry, place_inputs, resolve_mesh
 
         try:
             mesh = resolve_mesh(mesh, batch=int(x.shape[0]), heads=heads, family=tr.family, do_cfg=prep.do_cfg)
@@ -243,7 +248,7 @@ def calibrate(pipe, prompts: Sequence[str], *, resolution, steps: int, delta: fl
                 x, state = run_step(choose, tr.graphdef, params, x, cond, jnp.asarray(prep.timesteps[t]),
                                     jnp.asarray(prep.sigmas[t]), jnp.asarray(prep.sigmas[t + 1]), state,
                                     jnp.int32(t), family=tr.family, do_cfg=prep.do_cfg, candidates=cands,
-                                    n_img=prep.n_img)
+                                    n_img=prep.n_img, impl=attention_impl)
                 if checkpoint:
                     _save_ckpt(checkpoint, x, state, {"version": CKPT_VERSION, "key": key, "next_step": t + 1,
                                                       "assignment": assignment.tolist(),

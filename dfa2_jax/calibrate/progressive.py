@@ -25,10 +25,10 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from dfa2_jax import methods as M
-from dfa2_jax.models.attention import TokenLayout, dense_attention
-from dfa2_jax.runtime import arrow_heads, arrow_impl
-from dfa2_jax.sample import _velocity, zero_state
+from dfa2_jax.plan import methods as M
+from dfa2_jax.models.attention import TokenLayout, arrow_attention_banded, dense_attention
+from dfa2_jax.runtime import arrow_heads, check_attention_impl, uses_kernel
+from dfa2_jax.sample import velocity, zero_state
 from dfa2_jax.scheduler import euler_step
 
 # The host side of the in-jit solver call: the active calibration session (set by ``run_step``).
@@ -63,9 +63,9 @@ class CalibrationRuntime:
         # the kernel the banded jnp form (O(S·(T + block + 2w)) memory, no S² mask).
         n_img = q.shape[1] - layout.text_len
         w = M.Method(M.ARROW, kk).half_window(n_img)
-        if self.impl != "reference":
+        if uses_kernel(self.impl, q):
             return arrow_heads(q, k, v, jnp.full((q.shape[2],), w, jnp.int32), layout, None, self.impl)
-        return M.arrow_attention_banded(q, k, v, w, text_len=layout.text_len, text_first=layout.text_first)
+        return arrow_attention_banded(q, k, v, w, text_len=layout.text_len, text_first=layout.text_first)
 
     def _shared(self, o):
         half = o.shape[0] // 2
@@ -138,18 +138,18 @@ def initial_state(graphdef, params, latents, cond, candidates, *, family: str, d
 @functools.partial(jax.jit, static_argnums=(0,),
                    static_argnames=("family", "do_cfg", "candidates", "n_img", "impl"))
 def calibration_step(graphdef, params, x, cond, t, sigma, sigma_next, state, step, *, family: str, do_cfg: bool,
-                     candidates: tuple[M.Method, ...], n_img: int, impl: str = "reference"):
+                     candidates: tuple[M.Method, ...], n_img: int, impl: str = "auto"):
     """One denoising step of the calibration pass -> (latents, new state). One compile serves every step:
     step 0 differs only in the host's answers (every head full). ``impl``: how the arrow candidates are
-    computed (:func:`dfa2_jax.runtime.arrow_impl`)."""
+    computed (:func:`dfa2_jax.runtime.check_attention_impl`)."""
     rt = CalibrationRuntime(candidates, n_img, do_cfg, state, step, impl)
-    v = _velocity(nnx.merge(graphdef, params), x, t, cond, family=family, do_cfg=do_cfg, runtime=rt)
+    v = velocity(nnx.merge(graphdef, params), x, t, cond, family=family, do_cfg=do_cfg, runtime=rt)
     return euler_step(x, v, sigma, sigma_next), rt.new_state
 
 
 def run_step(choose: Callable[[int, int, np.ndarray], np.ndarray], *args, **kwargs):
     """``calibration_step`` with ``choose(step, layer, rse [H, M]) -> choice [H]`` answering the solver calls."""
-    kwargs["impl"] = arrow_impl(kwargs.get("impl"))
+    kwargs["impl"] = check_attention_impl(kwargs.get("impl"))
     with _session_lock:
         _active.append(choose)
         try:

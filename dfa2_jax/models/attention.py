@@ -13,13 +13,13 @@ FLUX = [text, image] (``text_first=True``). An image-only self-attention (SD3.5 
 from __future__ import annotations
 
 import dataclasses
-import math
-from collections.abc import Callable, Sequence
+import functools
 from typing import Protocol
 
 import jax
 import jax.numpy as jnp
-from jax.sharding import PartitionSpec as P
+
+from dfa2_jax.parallel.mesh import per_device
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -56,130 +56,68 @@ def _pick_implementation(q: jax.Array) -> str:
     return "xla"
 
 
-BATCH_AXES = ("cfg", "data")  # mesh axes that split the model batch, major first (dfa2_jax.sharding)
-HEAD_AXES = ("heads", "seq")  # mesh axes that split the heads inside attention
-SEQ_AXIS = "seq"  # Ulysses-style: tokens split outside attention, heads inside
-
-
-def _mesh_sizes() -> tuple[object, dict[str, int]]:
-    mesh = jax.sharding.get_abstract_mesh()
-    return mesh, ({} if mesh.empty else dict(mesh.shape))
-
-
-def _batch_axes(sizes: dict[str, int], b: int):
-    batch = tuple(a for a in BATCH_AXES if sizes.get(a, 1) > 1)
-    return None if not batch or b % math.prod(sizes[a] for a in batch) else batch
-
-
-def _split_axes(sizes: dict[str, int], b: int, h: int):
-    """The mesh axes :func:`per_device` splits [B, S, H, D] operands on: (batch axes, head axes), None where not
-    split (no such axis > 1, or it does not divide its dim)."""
-    heads = tuple(a for a in HEAD_AXES if sizes.get(a, 1) > 1)
-    if not heads or h % math.prod(sizes[a] for a in heads):
-        heads = None
-    return _batch_axes(sizes, b), heads
-
-
-def _device_rows(mesh) -> P:
-    """A leading axis with one entry per device of ``mesh``, in its order (:func:`per_device_tables`' rows)."""
-    return P(tuple(mesh.axis_names))
-
-
-def per_device(fn: Callable[..., jax.Array], bshd: Sequence[jax.Array], per_head: Sequence[jax.Array] = (),
-               per_call: Sequence[jax.Array] = ()):
-    """``fn(*bshd, *per_head, *per_call)`` -> [B, S, H, D], run on each device's own batch rows and heads under
-    the context mesh (``jax.set_mesh``; :func:`dfa2_jax.sharding.shard_denoise` sets it), else called as is.
-
-    Attention is independent per (batch row, head), so it needs no collectives: ``jax.shard_map`` splits the
-    [B, S, H, D] operands on B over the mesh's ``cfg``/``data`` axes and on H over ``heads`` and ``seq`` (where
-    the operands come in split on tokens — the ``seq`` axis — the partitioner moves them with an all-to-all),
-    and the [H] operands on the same head axes. Custom calls (the Pallas kernel, cuDNN) then see local shapes
-    instead of being gathered by the partitioner. An axis that does not divide its dim is left replicated.
-    ``per_call``: arrays made by :func:`per_device_tables` for operands of this shape ([devices, ...]); ``fn``
-    gets its device's row."""
-    mesh, sizes = _mesh_sizes()
-    batch, heads = _split_axes(sizes, bshd[0].shape[0], bshd[0].shape[2]) if sizes else (None, None)
-    if batch is None and heads is None:
-        return fn(*bshd, *per_head, *(t[0] for t in per_call))
-    n = len(bshd) + len(per_head)
-
-    def local(*args):
-        return fn(*args[:n], *(t[0] for t in args[n:]))
-
-    x, hs, dev = P(batch, None, heads, None), P(heads), _device_rows(mesh)
-    return jax.shard_map(local, mesh=mesh, in_specs=(x,) * len(bshd) + (hs,) * len(per_head) + (dev,) * len(per_call),
-                         out_specs=x, check_vma=False)(*bshd, *per_head, *per_call)
-
-
-def per_device_tables(fn: Callable[..., jax.Array | None], shape: Sequence[int], per_head: Sequence[jax.Array] = ()):
-    """What each device's :func:`per_device` call on [B, S, H, D] operands of ``shape`` needs, computed once:
-    ``fn(local_shape, *per_head)`` with the device's own [B, S, H, D] shape and its heads of the ``per_head``
-    arrays ([..., H], split on the last axis as per_device splits H) -> [devices, ...], one row per device in
-    the mesh's order (index it on later axes and pass it as ``per_call``). Without a mesh, or one that splits
-    nothing at this shape: ``fn(shape, *per_head)[None]``. None when ``fn`` returns None (decided from shapes)."""
-    mesh, sizes = _mesh_sizes()
-    batch, heads = _split_axes(sizes, shape[0], shape[2]) if sizes else (None, None)
-    local_shape = list(shape)
-    if batch is not None:
-        local_shape[0] //= math.prod(sizes[a] for a in batch)
-    if heads is not None:
-        local_shape[2] //= math.prod(sizes[a] for a in heads)
-    local_shape = tuple(local_shape)
-    if batch is None and heads is None:
-        out = fn(local_shape, *per_head)
-        return None if out is None else out[None]
-    if jax.eval_shape(lambda *a: fn(local_shape, *a), *per_head) is None:
-        return None
-    hs = [P(*([None] * (a.ndim - 1)), heads) for a in per_head]
-    return jax.shard_map(lambda *a: fn(local_shape, *a)[None], mesh=mesh, in_specs=tuple(hs),
-                         out_specs=_device_rows(mesh), check_vma=False)(*per_head)
-
-
-def token_split(x: jax.Array | None) -> jax.Array | None:
-    """``x`` [B, S, ...] constrained to be split on its tokens (dim 1) over the context mesh's ``seq`` axis
-    (and on B over the batch axes), when there is one: the Ulysses-style sequence parallel layout of the
-    residual streams. Models call it on their streams and on each attention output before its projection,
-    so everything outside attention runs on 1/n of the tokens per device. No ``seq`` axis: ``x`` as is."""
-    if x is None:
-        return x
-    _, sizes = _mesh_sizes()
-    if sizes.get(SEQ_AXIS, 1) <= 1:
-        return x
-    spec = P(_batch_axes(sizes, x.shape[0]), SEQ_AXIS, *([None] * (x.ndim - 2)))
-    return jax.lax.with_sharding_constraint(x, spec)
-
-
-def _heads_size() -> int:
-    return _mesh_sizes()[1].get("heads", 1)
-
-
-def heads_replicated(w: jax.Array) -> jax.Array:
-    """A weight ``w`` held whole on every device under the context mesh's ``heads`` axis (when there is one),
-    before :func:`head_split_rows` takes blocks of its rows. Without both constraints the FLUX single blocks'
-    ``proj_out`` row blocks were built (a concatenate + dynamic-slice per block, 45 MiB at 2048²) at the top of
-    the sampler's step and all kept alive: 2.6 GiB of temp at ``heads=2`` instead of 0.9. (The partitioner still
-    splits a sliced weight's rows in equal blocks first and exchanges the misaligned rows — two 9 MiB
-    collective-permutes per single block and step at 2048², about 1 ms of NVLink.)"""
-    if _heads_size() <= 1:
-        return w
-    return jax.lax.with_sharding_constraint(w, P(*([None] * w.ndim)))
-
-
-def head_split_rows(w: jax.Array) -> jax.Array:
-    """A block of rows of a row-split (Megatron) projection, ``w`` [K, N], constrained to be split on its rows
-    over the context mesh's ``heads`` axis when there is one and it divides K: the layout of an input split on
-    its features over ``heads``. Otherwise ``w`` as is."""
-    n = _heads_size()
-    if n <= 1 or w.shape[0] % n:
-        return w
-    return jax.lax.with_sharding_constraint(w, P("heads", *([None] * (w.ndim - 1))))
-
-
 def dense_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, implementation: str | None = None) -> jax.Array:
     """Non-causal scaled dot-product attention, q/k/v and output [B, S, H, D], scale 1/sqrt(D); per device
     under a context mesh (:func:`per_device`)."""
     impl = implementation or _pick_implementation(q)
     return per_device(lambda q, k, v: jax.nn.dot_product_attention(q, k, v, implementation=impl), (q, k, v))
+
+
+def arrow_attention_banded(q: jax.Array, k: jax.Array, v: jax.Array, half_window: int, *, text_len: int,
+                           text_first: bool, block: int = 256) -> jax.Array:
+    """Arrow attention with one static half-window for every head, in O(S·(T + block + 2w)) memory and work
+    instead of O(S²): the same function as :func:`pallas_kernels.arrow_attention_reference` (tests compare them). Calibration uses it to
+    probe one method on every head of a layer at once.
+
+    Text query rows attend to every key (dense attention). Image query rows attend to the text keys and to
+    the image keys of their band; the band is computed per block of ``block`` queries against the
+    ``block + 2w`` image keys around it, and the two parts are merged with a shared max (log-sum-exp).
+    q, k, v: [B, S, H, D] -> [B, S, H, D].
+    """
+    b, s, h, d = q.shape
+    n = s - text_len
+    w = int(half_window)
+    if w < 0:
+        return dense_attention(q, k, v)
+    if text_first:
+        qt, qi = q[:, :text_len], q[:, text_len:]
+        kt, ki, vt, vi = k[:, :text_len], k[:, text_len:], v[:, :text_len], v[:, text_len:]
+    else:
+        qi, qt = q[:, :n], q[:, n:]
+        ki, kt, vi, vt = k[:, :n], k[:, n:], v[:, :n], v[:, n:]
+    scale = d ** -0.5
+    bq = min(block, n)
+    nb = -(-n // bq)
+    span = bq + 2 * w
+    pad_q = nb * bq - n
+    qi_b = jnp.pad(qi, ((0, 0), (0, pad_q), (0, 0), (0, 0))).reshape(b, nb, bq, h, d)
+    kpad = jnp.pad(ki, ((0, 0), (w, w + pad_q), (0, 0), (0, 0)))
+    vpad = jnp.pad(vi, ((0, 0), (w, w + pad_q), (0, 0), (0, 0)))
+    idx = (jnp.arange(nb) * bq)[:, None] + jnp.arange(span)[None, :]  # [nb, span] into the padded keys
+    kb, vb = kpad[:, idx], vpad[:, idx]  # [B, nb, span, H, D]
+    f32 = jnp.float32
+    lb = jnp.einsum("bnqhd,bnkhd->bnhqk", qi_b, kb, preferred_element_type=f32) * scale  # [B, nb, H, bq, span]
+    qpos = (jnp.arange(nb) * bq)[:, None] + jnp.arange(bq)[None, :]  # [nb, bq] image index of the query
+    kpos = (jnp.arange(nb) * bq)[:, None] + jnp.arange(span)[None, :] - w  # [nb, span] image index of the key
+    ok = (jnp.abs(qpos[:, :, None] - kpos[:, None, :]) <= w) & (kpos[:, None, :] >= 0) & (kpos[:, None, :] < n)
+    lb = jnp.where(ok[None, :, None], lb, -jnp.inf)
+    parts_m = [jnp.max(lb, axis=-1)]
+    if text_len:
+        lt = jnp.einsum("bnqhd,bkhd->bnhqk", qi_b, kt, preferred_element_type=f32) * scale  # [B, nb, H, bq, T]
+        parts_m.append(jnp.max(lt, axis=-1))
+    m = functools.reduce(jnp.maximum, parts_m)[..., None]  # every image row sees itself: finite
+    pb = jnp.exp(lb - m)
+    num = jnp.einsum("bnhqk,bnkhd->bnqhd", pb.astype(v.dtype), vb, preferred_element_type=f32)
+    den = jnp.sum(pb, axis=-1)
+    if text_len:
+        pt = jnp.exp(lt - m)
+        num = num + jnp.einsum("bnhqk,bkhd->bnqhd", pt.astype(v.dtype), vt, preferred_element_type=f32)
+        den = den + jnp.sum(pt, axis=-1)
+    oi = (num / jnp.transpose(den, (0, 1, 3, 2))[..., None]).reshape(b, nb * bq, h, d)[:, :n].astype(q.dtype)
+    if not text_len:
+        return oi
+    ot = dense_attention(qt, k, v)
+    return jnp.concatenate([ot, oi] if text_first else [oi, ot], axis=1)
 
 
 def joint_attention(

@@ -11,7 +11,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from dfa2_jax.models.attention import AttentionRuntime, token_split
+from dfa2_jax.models.attention import AttentionRuntime
+from dfa2_jax.parallel.mesh import token_split
 from dfa2_jax.models.configs import FluxConfig
 from dfa2_jax.models.layers import (AdaLayerNormContinuous, AdaLayerNormZero, Attention,
                                     CombinedTimestepTextProjEmbeddings, FeedForward, Linear, layer_norm,

@@ -16,8 +16,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from dfa2_jax.models.attention import (AttentionRuntime, TokenLayout, head_split_rows, heads_replicated, joint_attention,
-                                      token_split)
+from dfa2_jax.models.attention import AttentionRuntime, TokenLayout, joint_attention
+from dfa2_jax.parallel.mesh import head_split_rows, heads_replicated, token_split
 
 
 class Linear(nnx.Module):

@@ -9,88 +9,26 @@ captions are generated dense and compressed from the same noise and compared (PS
 attention FLOPs kept).
 
 ``model="tiny-random"``: the older demo on tiny SD3-style and FLUX-style pipelines built in code (random weights
-from a fixed seed, tokenizers made offline; :func:`tiny_pipelines`). Its pictures are noise-like textures: it
+from a fixed seed, tokenizers made offline; :func:`dfa2_jax.tiny.tiny_pipelines`). Its pictures are noise-like textures: it
 shows the machinery of both families, not quality.
 """
 
 from __future__ import annotations
 
+import argparse
 import os
 import tempfile
 import time
 
-from flax import nnx
+from dfa2_jax.cli.common import add_attention_impl_arg
+from dfa2_jax.tiny import tiny_pipelines
 
-from dfa2_jax.models.clip import CLIPTextConfig, CLIPTextModel
-from dfa2_jax.models.configs import FluxConfig, SD3Config
-from dfa2_jax.models.t5 import T5Config, T5EncoderModel
-from dfa2_jax.models.vae import AutoencoderKLDecoder, VAEConfig
-from dfa2_jax.pipeline import Encoder, FluxPipeline, SD3Pipeline, VAEDecoder
-from dfa2_jax.scheduler import FlowMatchEulerConfig
-from dfa2_jax.tiny_tokenizers import make_clip_tokenizer, make_t5_tokenizer
-from dfa2_jax.transformer import random_transformer
-
-T5_VOCAB = 1103
 DEMO_PROMPTS = ("a small red circle at the top left and a blue square in the centre",
                 "a green triangle on a grey background")
 
 
-def _split(module) -> tuple:
-    return nnx.split(module)
-
-
-def _clip(tok, hidden: int, projection: bool, seed: int) -> Encoder:
-    cfg = CLIPTextConfig(vocab_size=1000, hidden_size=hidden, intermediate_size=2 * hidden, projection_dim=hidden,
-                         num_hidden_layers=2, num_attention_heads=4, max_position_embeddings=77, hidden_act="gelu",
-                         eos_token_id=tok.eos_token_id, bos_token_id=tok.bos_token_id, pad_token_id=tok.eos_token_id)
-    graphdef, state = _split(CLIPTextModel(cfg, with_projection=projection, rngs=nnx.Rngs(seed)))
-    return Encoder("clip", cfg, graphdef, state)
-
-
-def _t5(d_model: int, seed: int) -> Encoder:
-    cfg = T5Config(vocab_size=T5_VOCAB, d_model=d_model, d_kv=8, d_ff=2 * d_model, num_layers=2, num_heads=4,
-                   relative_attention_num_buckets=8, feed_forward_proj="gated-gelu")
-    graphdef, state = _split(T5EncoderModel(cfg, rngs=nnx.Rngs(seed)))
-    return Encoder("t5", cfg, graphdef, state)
-
-
-def _vae(shift: float, seed: int) -> VAEDecoder:
-    cfg = VAEConfig(in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 2,
-                    up_block_types=("UpDecoderBlock2D",) * 2, block_out_channels=(16, 32), layers_per_block=1,
-                    latent_channels=4, norm_num_groups=8, scaling_factor=1.5, shift_factor=shift,
-                    use_quant_conv=False, use_post_quant_conv=False)
-    graphdef, state = _split(AutoencoderKLDecoder(cfg, rngs=nnx.Rngs(seed)))
-    return VAEDecoder(cfg, graphdef, state)
-
-
-def tiny_pipelines(workdir: str, seed: int = 0) -> dict[str, SD3Pipeline | FluxPipeline]:
-    """{"sd3": SD3Pipeline, "flux": FluxPipeline} with tiny random components (float32)."""
-    from converters.text_encoders import load_tokenizer
-
-    make_clip_tokenizer(os.path.join(workdir, "tokenizer"))
-    make_t5_tokenizer(os.path.join(workdir, "tokenizer_t5"), T5_VOCAB)
-    clip_tok = load_tokenizer(os.path.join(workdir, "tokenizer"))
-    t5_tok = load_tokenizer(os.path.join(workdir, "tokenizer_t5"))
-    sd3_cfg = SD3Config(sample_size=16, patch_size=2, in_channels=4, num_layers=4, attention_head_dim=16,
-                        num_attention_heads=4, caption_projection_dim=64, joint_attention_dim=64,
-                        pooled_projection_dim=64, out_channels=4, pos_embed_max_size=32, dual_attention_layers=(0,),
-                        qk_norm="rms_norm")
-    sd3 = SD3Pipeline(random_transformer(sd3_cfg, dtype="float32", seed=seed), _vae(0.06, seed + 1),
-                      FlowMatchEulerConfig.sd3(),
-                      {"text_encoder": clip_tok, "text_encoder_2": clip_tok, "text_encoder_3": t5_tok},
-                      {"text_encoder": _clip(clip_tok, 32, True, seed + 2),
-                       "text_encoder_2": _clip(clip_tok, 32, True, seed + 3), "text_encoder_3": _t5(64, seed + 4)})
-    flux_cfg = FluxConfig(patch_size=1, in_channels=16, num_layers=2, num_single_layers=2, attention_head_dim=16,
-                          num_attention_heads=4, joint_attention_dim=32, pooled_projection_dim=32,
-                          guidance_embeds=True, axes_dims_rope=(4, 4, 8))
-    flux = FluxPipeline(random_transformer(flux_cfg, dtype="float32", seed=seed + 5), _vae(0.11, seed + 6),
-                        FlowMatchEulerConfig.flux_dev(), {"text_encoder": clip_tok, "text_encoder_2": t5_tok},
-                        {"text_encoder": _clip(clip_tok, 32, False, seed + 7), "text_encoder_2": _t5(32, seed + 8)})
-    return {"sd3": sd3, "flux": flux}
-
-
-def run_tiny_demo(out_dir: str = "demo_out", *, steps: int = 8, size: int = 64, seed: int = 0, delta: float = 0.3
-                  ) -> list[str]:
+def run_tiny_demo(out_dir: str = "demo_out", *, steps: int = 8, size: int = 64, seed: int = 0, delta: float = 0.3,
+                  attention_impl: str = "auto") -> list[str]:
     """The main job on the embedded tiny random pipelines: calibrate a plan (progressive RSE + CP-SAT), then dense and
     compressed images from the same noise, compared (PSNR / SSIM, attention FLOPs kept, times) with a grid PNG
     and a JSON report per family. Returns the files written."""
@@ -106,14 +44,15 @@ def run_tiny_demo(out_dir: str = "demo_out", *, steps: int = 8, size: int = 64, 
             t0 = time.perf_counter()
             res = calibrate(pipe, list(DEMO_PROMPTS), resolution=size, steps=steps, delta=delta,
                             candidates=candidates[name], seed=seed, savings="exact", progress=False,
-                            max_sequence_length=32)
+                            max_sequence_length=32, attention_impl=attention_impl)
             plan_path = os.path.join(out_dir, f"plan_{name}.json")
             res.plan.save(plan_path)
             s = res.summary
             print(f"{name}: calibrated in {time.perf_counter() - t0:.1f} s: attention FLOPs kept "
                   f"{s['attention_flops_kept']:.3f}, methods {s['method_counts']}, solver {s['solver_time_s']:.2f} s")
             report = evaluate(pipe, res.plan, list(DEMO_PROMPTS), seed=seed, height=size, width=size,
-                              out_dir=os.path.join(out_dir, name), max_sequence_length=32, repeat=1)
+                              out_dir=os.path.join(out_dir, name), max_sequence_length=32, repeat=1,
+                              attention_impl=attention_impl)
             m = report["mean"]
             psnr = m["psnr"] if isinstance(m["psnr"], str) else f"{m['psnr']:.1f}"
             print(f"{name}: compressed vs dense over {len(DEMO_PROMPTS)} prompts: PSNR {psnr} dB, "
@@ -153,7 +92,7 @@ def world_grid(renders, dense, compressed, labels: list[str]):
 def run_testbed_demo(out_dir: str = "demo_out", *, steps: int | None = None, seed: int = 0,
                      delta: float = TESTBED_DELTA, candidates: str = TESTBED_CANDIDATES,
                      calibration_prompts: int = 4, eval_prompts: int = 8, repeat: int = 2,
-                     log=print) -> list[str]:
+                     log=print, attention_impl: str = "auto") -> list[str]:
     """The main job on the shipped SD3-style testbed: calibrate a plan on ``calibration_prompts`` held-out world
     captions (``world.make_batch(0, n, "heldout")``), then generate ``eval_prompts`` other held-out captions
     (``world.make_batch(1, n, "heldout")``, calibration captions dropped) dense and compressed from the same noise
@@ -165,7 +104,7 @@ def run_testbed_demo(out_dir: str = "demo_out", *, steps: int | None = None, see
 
     from dfa2_jax.calibrate.calibrate import calibrate
     from dfa2_jax.evaluate import evaluate, format_table, write_json_atomic
-    from dfa2_jax.plan_cli import render_heatmap
+    from dfa2_jax.plan.report import render_heatmap
     from dfa2_jax.testbed import load_testbed, world
 
     if calibration_prompts < 1 or eval_prompts < 1:
@@ -192,7 +131,8 @@ def run_testbed_demo(out_dir: str = "demo_out", *, steps: int | None = None, see
     # so tile savings would credit arrow with nothing (only cache); the exact mask counts the pairs skipped.
     res = calibrate(pipe, cal, resolution=(settings.height, settings.width), steps=settings.num_inference_steps,
                     delta=delta, candidates=candidates, seed=seed, guidance_scale=settings.guidance_scale,
-                    savings="exact", progress=False, max_sequence_length=settings.max_sequence_length)
+                    savings="exact", progress=False, max_sequence_length=settings.max_sequence_length,
+                    attention_impl=attention_impl)
     t_cal = time.perf_counter() - t0
     plan_path = os.path.join(out_dir, "plan.json")
     res.plan.save(plan_path)
@@ -205,7 +145,8 @@ def run_testbed_demo(out_dir: str = "demo_out", *, steps: int | None = None, see
 
     report = evaluate(pipe, res.plan, ev, seed=seed, height=settings.height, width=settings.width,
                       guidance_scale=settings.guidance_scale, max_sequence_length=settings.max_sequence_length,
-                      out_dir=out_dir, repeat=repeat, model="dfa2_jax/assets/testbed_sd3 (shipped testbed)")
+                      out_dir=out_dir, repeat=repeat, model="dfa2_jax/assets/testbed_sd3 (shipped testbed)",
+                      attention_impl=attention_impl)
     pa = report["prompt_accuracy"]
     labels = [f"{i} acc {pa['dense'][i]:.2f} / {pa['compressed'][i]:.2f}" for i in range(len(ev))]
     world_path = os.path.join(out_dir, "grid_world.png")
@@ -224,17 +165,54 @@ def run_testbed_demo(out_dir: str = "demo_out", *, steps: int | None = None, see
 
 
 def run_demo(out_dir: str = "demo_out", *, model: str = "testbed", steps: int | None = None, size: int | None = None,
-             seed: int = 0, delta: float | None = None, **testbed_kw) -> list[str]:
+             seed: int = 0, delta: float | None = None, attention_impl: str = "auto", **testbed_kw) -> list[str]:
     """``dfa2 demo``: :func:`run_testbed_demo` (``model="testbed"``, default) or :func:`run_tiny_demo`
     (``model="tiny-random"``; ``steps`` default 8, ``size`` 64, ``delta`` 0.3). Returns the files written."""
     if model == "testbed":
         if size is not None and size != 64:
             raise ValueError(f"--size {size}: the testbed was trained at 64x64 only")
         return run_testbed_demo(out_dir, steps=steps, seed=seed, delta=TESTBED_DELTA if delta is None else delta,
-                                **testbed_kw)
+                                attention_impl=attention_impl, **testbed_kw)
     if model == "tiny-random":
         if testbed_kw:
             raise ValueError(f"{sorted(testbed_kw)}: options of the testbed demo, not of --model tiny-random")
         return run_tiny_demo(out_dir, steps=8 if steps is None else steps, size=64 if size is None else size,
-                             seed=seed, delta=0.3 if delta is None else delta)
+                             seed=seed, delta=0.3 if delta is None else delta, attention_impl=attention_impl)
     raise ValueError(f"--model {model!r}: expected one of {', '.join(MODELS)}")
+
+
+def run(args: argparse.Namespace) -> int:
+    t0 = time.perf_counter()
+    kw = {k: v for k, v in (("calibration_prompts", args.calibration_prompts), ("eval_prompts", args.eval_prompts),
+                            ("repeat", args.repeat)) if v is not None}
+    if kw and args.model != "testbed":
+        raise ValueError("--calibration-prompts, --eval-prompts and --repeat are options of --model testbed")
+    run_demo(args.out, model=args.model, steps=args.steps, size=args.size, seed=args.seed, delta=args.delta,
+             attention_impl=args.attention_impl, **kw)
+    print(f"demo done in {time.perf_counter() - t0:.1f} s")
+    return 0
+
+
+def add_parser(sub) -> argparse.ArgumentParser:
+    demo = sub.add_parser("demo", help="the whole loop (calibrate, dense vs compressed, compare) on the shipped "
+                                        "SD3-style testbed (CPU, < 1 min)")
+    demo.add_argument("--out", default="demo_out", help="folder for the plan, PNGs and report.json")
+    demo.add_argument("--model", default="testbed", choices=["testbed", "tiny-random"],
+                      help="testbed: the trained SD3-style testbed shipped in dfa2_jax/assets (default); "
+                           "tiny-random: tiny SD3- and FLUX-style pipelines with random weights (textures)")
+    demo.add_argument("--steps", type=int, default=None, help="sampling steps (testbed: 28; tiny-random: 8)")
+    demo.add_argument("--size", type=int, default=None,
+                      help="image height and width (testbed: 64 only; tiny-random: default 64, multiple of 16)")
+    demo.add_argument("--delta", type=float, default=None,
+                      help="calibration RSE budget δ (testbed: 0.02, about half the attention removed; tiny: 0.3)")
+    demo.add_argument("--calibration-prompts", type=int, default=None,
+                      help="testbed: held-out captions calibrated on (default 4)")
+    demo.add_argument("--eval-prompts", type=int, default=None,
+                      help="testbed: other held-out captions compared on (default 8)")
+    demo.add_argument("--repeat", type=int, default=None,
+                      help="testbed: pipeline calls of each kind (default 2: the first compiles, the second gives "
+                           "the steady time)")
+    demo.add_argument("--seed", type=int, default=0)
+    add_attention_impl_arg(demo)
+    demo.set_defaults(fn=run)
+    return demo

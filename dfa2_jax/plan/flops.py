@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from dfa2_jax.methods import ARROW, CACHE, CFG_SHARE, CFG_SHARE_ARROW, FULL, WARS, Method, parse_method
+from dfa2_jax.plan.methods import ARROW, CACHE, CFG_SHARE, CFG_SHARE_ARROW, FULL, WARS, Method, parse_method
 
 DEFAULT_BLOCKS = (128, 64)  # (block_q, block_k) of the arrow kernel (official FA2 fork: 128×64 tiles at hdim 128)
 

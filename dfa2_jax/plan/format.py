@@ -29,7 +29,7 @@ from typing import Any
 import numpy as np
 
 from dfa2_jax.atomic import write_atomic
-from dfa2_jax.methods import CACHE, CFG_CODES, FULL, WARS, Method, parse_method
+from dfa2_jax.plan.methods import CACHE, CFG_CODES, FULL, WARS, Method, parse_method
 
 FORMAT = "dfa2-plan"
 VERSION = 1

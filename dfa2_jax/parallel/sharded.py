@@ -1,7 +1,7 @@
 """The sampler on a ``jax.sharding`` mesh: data, CFG and head parallel, params replicated or FSDP-style.
 
 Arrays are placed with :class:`~jax.sharding.NamedSharding` (``jax.device_put``) and the existing jitted
-sampler (:func:`dfa2_jax.sample._scan_denoise_jit`) is called on them under ``jax.set_mesh(mesh)``; XLA
+sampler (:func:`dfa2_jax.sample.run_sampler`) is called on them under ``jax.set_mesh(mesh)``; XLA
 propagates the shardings and inserts the collectives (no hand-written ones). Attention itself — the Pallas
 kernel and cuDNN are custom calls the partitioner cannot split — runs in a ``jax.shard_map`` over the batch and
 head axes (:func:`dfa2_jax.models.attention.per_device`), so each device attends over its own rows and heads.
@@ -10,7 +10,7 @@ Mesh axes (any subset, ``parse_mesh("data=2,heads=4")``):
 
 - ``data``: latents, conditioning and the plan's carried caches split on the batch;
 - ``cfg`` (SD3 with classifier-free guidance only, size 1 or 2): the model batch [uncond; cond] split in its
-  two halves (a sharding constraint on the doubled batch inside ``_velocity``); the model batch axis is
+  two halves (a sharding constraint on the doubled batch inside ``velocity``); the model batch axis is
   sharded over ``("cfg", "data")``;
 - ``seq``: Ulysses-style sequence parallel: params replicated, the residual streams split on their tokens
   (:func:`dfa2_jax.models.attention.token_split` at every block boundary and on each attention output before
@@ -44,8 +44,8 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from dfa2_jax.models.attention import BATCH_AXES, HEAD_AXES
-from dfa2_jax.sample import PlanArrays, _scan_denoise_jit, plan_inputs
+from dfa2_jax.parallel.mesh import BATCH_AXES, HEAD_AXES
+from dfa2_jax.sample import PlanArrays, run_sampler, plan_inputs
 
 AXES = ("data", "cfg", "heads", "seq")  # the mesh's axis order (batch-like axes major)
 
@@ -282,23 +282,25 @@ def place_carry(tree, mesh: Mesh, batch_axes):
 
 def shard_denoise(mesh: Mesh, graphdef, state, latents, cond: dict[str, Any], timesteps, sigmas, *, family: str,
                   do_cfg: bool = False, plan: PlanArrays | None = None, fsdp: bool = False, report: bool = False,
-                  num_heads: int | None = None):
+                  num_heads: int | None = None, attention_impl: str = "auto"):
     """:func:`dfa2_jax.sample.denoise` on ``mesh``: places params, latents, conditioning and the plan (see the
     module docstring), then runs the same jitted sampler; returns the latents (sharded on ``data``)."""
     args, kwargs = sharded_sampler_inputs(mesh, graphdef, state, latents, cond, timesteps, sigmas, family=family,
-                                          do_cfg=do_cfg, plan=plan, fsdp=fsdp, report=report, num_heads=num_heads)
+                                          do_cfg=do_cfg, plan=plan, fsdp=fsdp, report=report, num_heads=num_heads,
+                                          attention_impl=attention_impl)
     with jax.set_mesh(mesh):  # attention runs per device under it (dfa2_jax.models.attention.per_device)
-        return _scan_denoise_jit(*args, **kwargs)
+        return run_sampler(*args, **kwargs)
 
 
 def sharded_sampler_inputs(mesh: Mesh, graphdef, state, latents, cond: dict[str, Any], timesteps, sigmas, *,
                            family: str, do_cfg: bool = False, plan: PlanArrays | None = None, fsdp: bool = False,
-                           report: bool = False, num_heads: int | None = None) -> tuple[tuple, dict]:
+                           report: bool = False, num_heads: int | None = None, attention_impl: str = "auto"
+                           ) -> tuple[tuple, dict]:
     """The placed (args, kwargs) of the jitted sampler that :func:`shard_denoise` runs under ``jax.set_mesh(mesh)``
     (also what scripts/aot_memory.py compiles for GPUs that are not attached)."""
     heads = num_heads if num_heads is not None else _num_heads(graphdef, state)
     spec, plan_in = plan_inputs(graphdef, state, jnp.asarray(latents), cond, timesteps, plan, family=family,
-                                do_cfg=do_cfg)
+                                do_cfg=do_cfg, attention_impl=attention_impl)
     pl_ = place_inputs(mesh, state, latents, cond, family=family, do_cfg=do_cfg, fsdp=fsdp, num_heads=heads)
     replicated = NamedSharding(mesh, P())
     if plan_in is not None:

@@ -2,7 +2,7 @@
 and a JSON report (:func:`dfa2_jax.evaluate.evaluate`); with testbed world captions as prompts, also the testbed
 prompt accuracy of both kinds of image.
 
-Wire into the main parser with ``add_eval_parser(subparsers)``; the subcommand sets ``fn(args) -> int`` and
+Registered by :func:`dfa2_jax.cli.build_parser` through ``add_parser(subparsers)``; the subcommand sets ``fn(args) -> int`` and
 raises ValueError subclasses (EvalError, PlanError, CheckpointError) for user errors.
 """
 
@@ -13,10 +13,12 @@ import os
 import sys
 import time
 
+from dfa2_jax.cli.common import add_attention_impl_arg
+
 DEFAULT_OUT_DIR = "eval_out"
 
 
-def _cmd_eval(args: argparse.Namespace) -> int:
+def run(args: argparse.Namespace) -> int:
     from dfa2_jax.evaluate import EvalError, evaluate, format_table, read_prompts
     from dfa2_jax.plan import Plan
 
@@ -43,14 +45,15 @@ def _cmd_eval(args: argparse.Namespace) -> int:
                       num_inference_steps=args.steps, guidance_scale=args.guidance, out_dir=args.out_dir,
                       batch_size=args.batch, repeat=args.repeat, max_sequence_length=args.max_sequence_length,
                       metrics_dir=args.metrics_dir, model=args.model, progress=args.progress,
-                      log=lambda msg: print(msg, file=sys.stderr), testbed_classifier=args.testbed_classifier)
+                      log=lambda msg: print(msg, file=sys.stderr), testbed_classifier=args.testbed_classifier,
+                      attention_impl=args.attention_impl)
     print(format_table(report))
     print(f"report: {report['report_path']}")
     print(f"grid: {os.path.join(args.out_dir, 'grid.png')}")
     return 0
 
 
-def add_eval_parser(subparsers) -> argparse.ArgumentParser:
+def add_parser(subparsers) -> argparse.ArgumentParser:
     """Register ``eval`` on the main parser's subparsers."""
     p = subparsers.add_parser("eval", help="dense vs compressed images from the same noise: PSNR, SSIM, attention "
                                            "FLOPs kept, wall time, grid PNG, JSON report")
@@ -84,8 +87,9 @@ def add_eval_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--out-dir", default=DEFAULT_OUT_DIR,
                    help=f"folder for grid.png, dense_<i>.png, compressed_<i>.png, report.json (default "
                         f"{DEFAULT_OUT_DIR})")
-    p.set_defaults(fn=_cmd_eval)
+    add_attention_impl_arg(p)
+    p.set_defaults(fn=run)
     return p
 
 
-__all__ = ["add_eval_parser"]
+__all__ = ["add_parser"]
