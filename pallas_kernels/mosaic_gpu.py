@@ -1,14 +1,15 @@
-"""Arrow attention on Hopper: the Mosaic GPU variant of :mod:`pallas_kernels.arrow_attention`.
+"""Arrow attention on Hopper: the Mosaic GPU backend of :func:`pallas_kernels.arrow_attention`.
 
-Same signature, semantics and visit schedule as the Triton kernel (see that module's docstring); what differs is
-how the tiles run. The kernel is persistent (one CTA per SM, each taking every n-th tile of the longest-first
-launch order); a tile is 2 × ``block_q`` query rows of one (batch, head), and each CTA runs three warpgroups,
-FlashAttention-3 style:
+Same arguments, semantics (:mod:`pallas_kernels.reference`) and visit schedule (:mod:`pallas_kernels.common`) as
+the Triton kernel (:mod:`pallas_kernels.triton`); what differs is how the tiles run. The kernel is persistent
+(one CTA per SM, each taking every n-th tile of the longest-first launch order); a tile is 2 × ``block_q`` query
+rows of one (batch, head), and each CTA runs three warpgroups, FlashAttention-3 style:
 
 * a memory warpgroup streams each tile's Q (double-buffered) and key/value blocks with TMA into a ring of
   ``max_concurrent_steps`` shared-memory slots, running ahead across tile boundaries; the block sequence (text
-  blocks, then the head's band) comes from a per-program table computed in the wrapper (:func:`pallas_kernels.arrow_attention.visit_ranges`, vectorised over programs), so blocks
-  outside the band are never loaded;
+  blocks, then the head's band) comes from a per-program table computed in the wrapper
+  (:func:`pallas_kernels.common.visit_ranges`, vectorised over programs), so blocks outside the band are never
+  loaded;
 * two compute warpgroups (``block_q`` rows each) run QKᵀ and PV as asynchronous wgmma from shared memory, with a
   schedule barrier that lets one warpgroup's softmax overlap the other's matmuls;
 * only edge blocks (band edges, text/image boundary, padding) are masked element-wise; interior band blocks and
@@ -18,7 +19,7 @@ FlashAttention-3 style:
 
 Inputs must be bfloat16 or float16 with head_dim a multiple of 64 (wgmma operand tiles); the sequence is padded
 to a multiple of 2 × ``block_q`` and ``block_kv``. :func:`supported` says whether a call can take this path; the
-dispatcher in :func:`pallas_kernels.arrow_attention.arrow_attention` falls back to the Triton kernel otherwise.
+dispatcher (:func:`pallas_kernels.resolve_implementation`) picks the Triton kernel otherwise.
 """
 
 from __future__ import annotations
@@ -33,15 +34,18 @@ import numpy as np
 from jax import lax
 from jax.experimental import pallas as pl
 
+from ._jax_compat import interpret_gpu_params
+from .common import launch_order, pad_cache, text_blocks, validate, visit_ranges
+
 _LOG2E = math.log2(math.e)
-_MASK_VALUE = -0.7 * float(np.finfo(np.float32).max)  # finite: see arrow_attention._MASK_VALUE
+_MASK_VALUE = -0.7 * float(np.finfo(np.float32).max)  # finite: see pallas_kernels.triton._MASK_VALUE
 _COMPUTE_WGS = 2
 _MASK_KINDS = ("clean", "band", "general")  # per range of the program table: which mask its blocks need
 _MGPU_DTYPES = (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
-class MgpuConfig:
+class MosaicGpuConfig:
     """block_q: query rows per compute warpgroup (a tile holds two); block_kv: keys per streamed block;
     max_concurrent_steps: shared-memory ring slots for K and V (≥ 2); num_ctas: persistent CTAs (0: one per
     SM), each taking every num_ctas-th tile of the launch order."""
@@ -55,21 +59,22 @@ class MgpuConfig:
         for name in ("block_q", "block_kv"):
             b = getattr(self, name)
             if not (isinstance(b, int) and b >= 64 and b % 64 == 0 and b & (b - 1) == 0):
-                raise ValueError(f"MgpuConfig.{name}={b!r} must be a power of two and a multiple of 64 (wgmma tiles)")
+                raise ValueError(f"MosaicGpuConfig.{name}={b!r} must be a power of two and a multiple of 64 "
+                                 "(wgmma tiles)")
         if not (isinstance(self.max_concurrent_steps, int) and self.max_concurrent_steps >= 2):
-            raise ValueError(f"MgpuConfig.max_concurrent_steps={self.max_concurrent_steps!r} must be an int >= 2")
+            raise ValueError(f"MosaicGpuConfig.max_concurrent_steps={self.max_concurrent_steps!r} must be an int >= 2")
         if not (isinstance(self.num_ctas, int) and self.num_ctas >= 0):
-            raise ValueError(f"MgpuConfig.num_ctas={self.num_ctas!r} must be an int >= 0 (0: one per SM)")
+            raise ValueError(f"MosaicGpuConfig.num_ctas={self.num_ctas!r} must be an int >= 0 (0: one per SM)")
 
     @property
     def tile_q(self) -> int:
         return _COMPUTE_WGS * self.block_q
 
 
-def heuristic_config(head_dim: int) -> MgpuConfig:
+def heuristic_config(head_dim: int) -> MosaicGpuConfig:
     """128-key blocks and a 2-slot ring at head_dim 128 (the ring of 256-key blocks does not fit in 227 KB of
     shared memory); 3 slots at head_dim 64."""
-    return MgpuConfig(block_q=64, block_kv=128, max_concurrent_steps=2 if head_dim > 64 else 3)
+    return MosaicGpuConfig(block_q=64, block_kv=128, max_concurrent_steps=2 if head_dim > 64 else 3)
 
 
 def supported(q, *, interpret: bool = False) -> bool:
@@ -92,7 +97,7 @@ def supported(q, *, interpret: bool = False) -> bool:
     return any(name in dev.device_kind for name in ("H100", "H200", "H800", "H20", "GH200"))
 
 
-def _kernel(table_ref, q_ref, k_ref, v_ref, *refs, cfg: MgpuConfig, head_dim: int, seq_len: int,
+def _kernel(table_ref, q_ref, k_ref, v_ref, *refs, cfg: MosaicGpuConfig, head_dim: int, seq_len: int,
             text_len: int, text_first: bool, scale: float, has_cache: bool, num_ranges: int, masked: tuple[str, ...],
             n_prog: int, n_cta: int, interpret: bool):
     """One persistent CTA: rows cta, cta + n_cta, … of the table (:func:`program_table`), each a 2·block_q-row
@@ -323,17 +328,7 @@ def _kernel(table_ref, q_ref, k_ref, v_ref, *refs, cfg: MgpuConfig, head_dim: in
                 plgpu.barrier_wait(qo_free.at[c * 2 + lax.rem(n_tiles, 2)])
 
 
-def _interpret_params():
-    """GPU interpret mode (CPU simulation of shared memory, warpgroups, barriers and TMA). Its parameters class
-    is not exported by ``jax.experimental.pallas.mosaic_gpu`` in jax 0.10–0.11."""
-    try:
-        from jax._src.pallas.mosaic_gpu.interpret.params import InterpretGPUParams
-    except ImportError as e:  # pragma: no cover - a jax without GPU interpret mode
-        raise NotImplementedError(f"this jax ({jax.__version__}) has no Mosaic GPU interpret mode") from e
-    return InterpretGPUParams()
-
-
-def _scratch(cfg: MgpuConfig, head_dim: int, dtype):
+def _scratch(cfg: MosaicGpuConfig, head_dim: int, dtype):
     import jax.experimental.pallas.mosaic_gpu as plgpu
 
     transforms = (plgpu.TilingTransform((8, 128 // jnp.dtype(dtype).itemsize)), plgpu.SwizzleTransform(128))
@@ -348,7 +343,7 @@ def _scratch(cfg: MgpuConfig, head_dim: int, dtype):
     return smem, loaded, released, plgpu.Barrier(num_arrivals=_COMPUTE_WGS)
 
 
-def num_ctas(n_prog: int, config: MgpuConfig) -> int:
+def num_ctas(n_prog: int, config: MosaicGpuConfig) -> int:
     """Persistent CTAs: ``config.num_ctas`` if set, else one per SM of the device (132 if unknown)."""
     n = config.num_ctas
     if not n:
@@ -367,13 +362,11 @@ def program_table(half_window, *, batch: int, seq_len: int, s_pad: int, text_len
     head by head), and the static mask kind of each range ("clean", "general", "band"). Persistent CTA c runs
     rows c, c + n_cta, … (round-robin). Computed with jnp from the runtime half-windows (a few thousand rows:
     negligible next to the kernel)."""
-    from pallas_kernels.arrow_attention import _program, _text_blocks, visit_ranges
-
     h = half_window.shape[0]
     n_qt = s_pad // tile_q
-    tq0, tq1 = _text_blocks(seq_len, text_len, text_first, tile_q)
+    tq0, tq1 = text_blocks(seq_len, text_len, text_first, tile_q)
     prog = jnp.arange(batch * h * n_qt, dtype=jnp.int32)
-    bh, qt = _program(prog, batch * h, n_qt, tq0, tq1)
+    bh, qt = launch_order(prog, batch * h, n_qt, tq0, tq1)
     hd = lax.rem(bh, h)
     w = half_window.astype(jnp.int32)[hd]
     ranges, cached = visit_ranges(w, qt * tile_q, s_pad=s_pad, seq_len=seq_len, text_len=text_len,
@@ -393,7 +386,7 @@ def program_table(half_window, *, batch: int, seq_len: int, s_pad: int, text_len
     return table, kinds
 
 
-def _table_args(shape, config: MgpuConfig, *, text_len: int, text_first: bool, has_cache: bool) -> dict:
+def table_args(shape, config: MosaicGpuConfig, *, text_len: int, text_first: bool, has_cache: bool) -> dict:
     """:func:`program_table`'s static arguments for q of ``shape`` [B, S, H, D]."""
     bsz, s = shape[0], shape[1]
     unit = math.lcm(config.tile_q, config.block_kv)
@@ -401,7 +394,8 @@ def _table_args(shape, config: MgpuConfig, *, text_len: int, text_first: bool, h
                 has_cache=has_cache, tile_q=config.tile_q, block_kv=config.block_kv)
 
 
-def schedules(q, half_windows, *, text_len: int, text_first: bool, has_cache: bool, config: MgpuConfig | None = None):
+def schedules(q, half_windows, *, text_len: int, text_first: bool, has_cache: bool,
+              config: MosaicGpuConfig | None = None):
     """The program tables of many calls at once: half_windows int32 [L, H] (one row per call on q's shape) ->
     int32 [L, programs, columns], row l to pass as ``schedule=`` to the call with ``half_windows[l]``.
 
@@ -409,18 +403,18 @@ def schedules(q, half_windows, *, text_len: int, text_first: bool, has_cache: bo
     per-call tables (an argsort and a few gathers each) were 57 separate sets of small XLA kernels, about half
     of the plan sampler's compile time."""
     config = config or heuristic_config(q.shape[-1])
-    kw = _table_args(q.shape, config, text_len=int(text_len), text_first=bool(text_first), has_cache=has_cache)
+    kw = table_args(q.shape, config, text_len=int(text_len), text_first=bool(text_first), has_cache=has_cache)
     return jax.vmap(lambda w: program_table(w, **kw)[0])(jnp.asarray(half_windows, jnp.int32))
 
 
 @functools.partial(jax.jit, static_argnames=("text_len", "text_first", "sm_scale", "interpret", "config"))
 def _mgpu_call(q, k, v, half_window, cache, schedule, *, text_len, text_first, sm_scale, interpret,
-               config: MgpuConfig):
+               config: MosaicGpuConfig):
     import jax.experimental.pallas.mosaic_gpu as plgpu
 
     bsz, s, h, d = q.shape
     has_cache = cache is not None
-    kw = _table_args(q.shape, config, text_len=text_len, text_first=text_first, has_cache=has_cache)
+    kw = table_args(q.shape, config, text_len=text_len, text_first=text_first, has_cache=has_cache)
     s_pad = kw["s_pad"]
     pad = ((0, 0), (0, s_pad - s), (0, 0), (0, 0))
     q, k, v = (jnp.pad(x, pad) if s_pad != s else x for x in (q, k, v))
@@ -439,7 +433,7 @@ def _mgpu_call(q, k, v, half_window, cache, schedule, *, text_len, text_first, s
         expected = jax.eval_shape(table_of, half_window)
         masked = kinds[0]
         if schedule.shape != expected.shape or schedule.dtype != expected.dtype:
-            raise ValueError(f"arrow_attention_mgpu: schedule must be int32 {expected.shape} for this call (see "
+            raise ValueError(f"arrow_attention_mosaic_gpu: schedule must be int32 {expected.shape} for this call (see "
                              f"schedules()), got {schedule.dtype} {schedule.shape}")
         table = schedule
     args = [table, q, k, v]
@@ -449,8 +443,6 @@ def _mgpu_call(q, k, v, half_window, cache, schedule, *, text_len, text_first, s
         # updated without a second buffer or a copy into the carry.
         cache = cache.astype(q.dtype)
         if s_pad != s:  # the padded copy must not run before this call's q exists (see pad_cache)
-            from pallas_kernels.arrow_attention import pad_cache
-
             cache = pad_cache(cache, q, pad)
         args.append(jax.new_ref(cache, memory_space=plgpu.GMEM))
     body = functools.partial(_kernel, n_prog=n_prog, n_cta=n_cta, cfg=config, head_dim=d, seq_len=s,
@@ -469,27 +461,26 @@ def _mgpu_call(q, k, v, half_window, cache, schedule, *, text_len, text_first, s
         out_type=() if has_cache else (jax.ShapeDtypeStruct((bsz, s_pad, h, d), q.dtype),),
         mesh=mesh,
         compiler_params=plgpu.CompilerParams(approx_math=True),
-        interpret=_interpret_params() if interpret else False,
+        interpret=interpret_gpu_params() if interpret else False,
         name="arrow_attention_mgpu",
     )(*args)
     out = jax.freeze(args[-1]) if has_cache else out[0]
     return out[:, :s] if s_pad != s else out
 
 
-def arrow_attention_mgpu(q, k, v, half_window, *, text_len: int, text_first: bool, cache=None, sm_scale=None,
-                         interpret: bool = False, config: MgpuConfig | None = None, schedule=None):
-    """:func:`pallas_kernels.arrow_attention.arrow_attention` on the Mosaic GPU backend (Hopper); same signature
-    and semantics; bf16/f16 inputs with head_dim a multiple of 64 (:func:`supported`). ``schedule``: this call's
-    program table precomputed by :func:`schedules` (it must come from the same ``half_window``)."""
-    from pallas_kernels.arrow_attention import _validate
-
-    _validate(q, k, v, half_window, text_len, cache, kernel=True)
+def arrow_attention_mosaic_gpu(q, k, v, half_window, *, text_len: int, text_first: bool, cache=None, sm_scale=None,
+                               interpret: bool = False, config: MosaicGpuConfig | None = None, schedule=None):
+    """:func:`pallas_kernels.arrow_attention` on the Mosaic GPU backend (Hopper); same arguments and semantics;
+    bf16/f16 inputs with head_dim a multiple of 64 (:func:`supported`). ``schedule``: this call's program table
+    precomputed by :func:`schedules` (it must come from the same ``half_window``)."""
+    validate(q, k, v, half_window, text_len, cache, kernel=True)
     if not supported(q, interpret=True):
-        raise ValueError(f"arrow_attention_mgpu: needs bfloat16/float16 inputs with head_dim a multiple of 64 "
+        raise ValueError(f"arrow_attention_mosaic_gpu: needs bfloat16/float16 inputs with head_dim a multiple of 64 "
                          f"(<= 256), got {q.dtype} with head_dim {q.shape[-1]}")
     config = config or heuristic_config(q.shape[-1])
-    if not isinstance(config, MgpuConfig):
-        raise ValueError(f"arrow_attention_mgpu: config must be an MgpuConfig, got {type(config).__name__}")
+    if not isinstance(config, MosaicGpuConfig):
+        raise ValueError(f"arrow_attention_mosaic_gpu: config must be a MosaicGpuConfig, got "
+                         f"{type(config).__name__}")
     d = q.shape[-1]
     sm_scale = float(d ** -0.5 if sm_scale is None else sm_scale)
     return _mgpu_call(q, k, v, half_window, cache, schedule, text_len=int(text_len), text_first=bool(text_first),

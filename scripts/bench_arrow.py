@@ -9,7 +9,7 @@ of each, one head at a time so the S×S reference fits), then time dense cuDNN
 all arrow:8 / :16 / :32 and a mixed plan (25% cached heads, the rest arrow / full, fixed seed). Each figure is
 the median of ``--iters`` timed calls after warm-up, each call on fresh random inputs (drawn outside the
 timed region). Columns: ms; effective TFLOP/s = dense FLOPs (4·B·H·S²·D) / time; TFLOP/s on the kept tiles;
-speedup vs the dense baseline; kept fraction of (block_q × block_k) tiles (dfa2_jax.flops.arrow_tiles /
+speedup vs the dense baseline; kept fraction of (block_q × block_k) tiles (dfa2_jax.plan.flops.arrow_tiles /
 total_tiles, cached heads 0); the ideal speedup 1/kept.
 """
 
@@ -27,10 +27,11 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
-from dfa2_jax.flops import arrow_tiles, total_tiles  # noqa: E402
-from pallas_kernels.arrow_attention import (ArrowConfig, arrow_attention, arrow_attention_reference,  # noqa: E402
-                                            autotune, heuristic_config, tuned_config)
-from pallas_kernels.arrow_attention_mgpu import MgpuConfig  # noqa: E402
+from dfa2_jax.plan.flops import arrow_tiles, total_tiles  # noqa: E402
+from pallas_kernels import (MosaicGpuConfig, TritonConfig, arrow_attention,  # noqa: E402
+                            arrow_attention_reference, autotune)
+from pallas_kernels.triton import heuristic_config  # noqa: E402
+from pallas_kernels.tuning import tuned_config  # noqa: E402
 
 TOL = {jnp.dtype(jnp.bfloat16): 2e-2, jnp.dtype(jnp.float16): 4e-3, jnp.dtype(jnp.float32): 1e-5}
 # name, B, text_len, n_img, H, D, text_first
@@ -39,7 +40,7 @@ SMALL_SHAPES = [("FLUX-small", 1, 24, 200, 4, 32, True), ("SD3-small", 1, 21, 16
 
 
 def half_window(n_img: int, k: int) -> int:
-    """arrow:k half-width (dfa2_jax.methods.Method.half_window)."""
+    """arrow:k half-width (dfa2_jax.plan.methods.Method.half_window)."""
     return n_img // (2 * k)
 
 
@@ -69,14 +70,14 @@ def random_inputs(key, b, s, h, d, dtype):
     return tuple(jax.random.normal(x, (b, s, h, d), jnp.float32).astype(dtype) for x in ks)
 
 
-def check(q, k, v, cache, hw, *, text_len, text_first, interpret, config, max_heads):
+def check(q, k, v, cache, hw, *, text_len, text_first, interpret, implementation, config, max_heads):
     """Max |kernel − reference| on up to ``max_heads`` heads (one of each distinct window first), one head
     at a time; raises if above the dtype tolerance."""
     hw_np = np.asarray(hw)
     first = [int(np.flatnonzero(hw_np == w)[0]) for w in hw_np]  # one head of each window first, then the rest
     heads = list(dict.fromkeys(first + list(range(len(hw_np)))))[:max_heads]
     out = arrow_attention(q, k, v, hw, text_len=text_len, text_first=text_first, cache=cache,
-                          interpret=interpret, config=config)
+                          implementation=implementation, interpret=interpret, config=config)
     worst = 0.0
     for i in heads:
         sl = slice(i, i + 1)
@@ -168,8 +169,9 @@ def main(argv=None):
     p.add_argument("--mgpu", action="store_true", help="also time jax's Mosaic GPU FlashAttention-3 example "
                    "(jax.experimental.pallas.ops.gpu.attention_mgpu, dense) as a Hopper reference point")
     p.add_argument("--shapes", default=None, help="comma-separated subset of the shape names")
-    p.add_argument("--backends", default="triton", help="comma-separated: triton (the Pallas-Triton kernel), "
-                   "mosaic (the Mosaic GPU kernel, Hopper; in interpret mode on CPU)")
+    p.add_argument("--backends", default="triton", help="comma-separated implementations (arrow_attention's "
+                   "implementation= argument): triton (the Pallas-Triton kernel), mosaic_gpu (the Mosaic GPU "
+                   "kernel, Hopper; in interpret mode on CPU; 'mosaic' is accepted as an alias)")
     p.add_argument("--mosaic-configs", default="64/128/2", help="Mosaic GPU configs to time, comma-separated "
                    "block_q/block_kv/max_concurrent_steps; 'heuristic' = the per-head-dim default")
     args = p.parse_args(argv)
@@ -187,7 +189,7 @@ def main(argv=None):
     rows = []
     for name, b, t, n, h, d, text_first in shapes:
         s = t + n
-        config = ArrowConfig(16, 16, 4, 1) if args.small else heuristic_config(s, d, dtype)
+        config = TritonConfig(16, 16, 4, 1) if args.small else heuristic_config(s, d, dtype)
         blocks = (128, 64)  # the plan's kept fraction is counted on the default tiles, whatever the tuning
         dense_flops = 4 * b * h * s * s * d
         modes = {"full": np.full(h, -1, np.int32)}
@@ -198,7 +200,7 @@ def main(argv=None):
             q, k, v, cache = random_inputs(jax.random.PRNGKey(7), b, s, h, d, dtype)
             config = autotune(q, k, v, jnp.asarray(modes["mixed"]), text_len=t, text_first=text_first, cache=cache,
                               force=True, interpret=args.interpret, log=lambda m: print("  " + m, flush=True),
-                              candidates=[ArrowConfig(16, 16, 4, 1), ArrowConfig(32, 16, 4, 1)] if args.small
+                              candidates=[TritonConfig(16, 16, 4, 1), TritonConfig(32, 16, 4, 1)] if args.small
                               else None)
         elif not args.small:
             config = tuned_config((b, s, h, d), dtype, t, text_first) or config
@@ -210,23 +212,23 @@ def main(argv=None):
             return random_inputs(jax.random.PRNGKey(seed), b, s, h, d, dtype)
 
         q, k, v, cache = make_inputs(12345)
-        kernels = {}  # row-name prefix -> config (its type picks the backend)
+        kernels = {}  # row-name prefix -> (implementation, config)
         for backend in args.backends.split(","):
             if backend == "triton":
-                kernels[""] = config
-            elif backend == "mosaic":
+                kernels[""] = ("triton", config)
+            elif backend in ("mosaic_gpu", "mosaic"):
                 for spec in args.mosaic_configs.split(","):
-                    mcfg = (MgpuConfig(block_q=64, block_kv=64 if args.small else 128, max_concurrent_steps=2)
-                            if spec == "heuristic" else MgpuConfig(*map(int, spec.split("/"))))
-                    kernels[f"M{mcfg.block_q}/{mcfg.block_kv}/{mcfg.max_concurrent_steps} "] = mcfg
+                    mcfg = (MosaicGpuConfig(block_q=64, block_kv=64 if args.small else 128, max_concurrent_steps=2)
+                            if spec == "heuristic" else MosaicGpuConfig(*map(int, spec.split("/"))))
+                    kernels[f"M{mcfg.block_q}/{mcfg.block_kv}/{mcfg.max_concurrent_steps} "] = ("mosaic_gpu", mcfg)
             else:
-                raise SystemExit(f"--backends: unknown backend {backend!r} (triton, mosaic)")
+                raise SystemExit(f"--backends: unknown backend {backend!r} (triton, mosaic_gpu; alias mosaic)")
         failed = set()
-        for prefix, cfg in kernels.items():
+        for prefix, (impl, cfg) in kernels.items():
             for mode, w in modes.items():  # correctness first
                 try:
                     err, heads = check(q, k, v, cache, jnp.asarray(w), text_len=t, text_first=text_first,
-                                       interpret=args.interpret, config=cfg,
+                                       interpret=args.interpret, implementation=impl, config=cfg,
                                        max_heads=h if args.small else args.check_heads)
                 except Exception as e:  # noqa: BLE001 - report and go on to the other modes and the baselines
                     failed.add(prefix + mode)
@@ -237,13 +239,14 @@ def main(argv=None):
         dense = jax.jit(lambda q, k, v, c: jax.nn.dot_product_attention(q, k, v, implementation=dense_impl))
         t_dense = time_fn(dense, make_inputs, iters, warmup)
         rows.append((name, f"dense {dense_impl}", t_dense, dense_flops, 1.0))
-        for prefix, cfg in kernels.items():
+        for prefix, (impl, cfg) in kernels.items():
             for mode, w in modes.items():
                 if prefix + mode in failed:
                     continue
                 hw = jnp.asarray(w)
-                fn = jax.jit(lambda q, k, v, c, hw=hw, cfg=cfg: arrow_attention(
-                    q, k, v, hw, text_len=t, text_first=text_first, cache=c, interpret=args.interpret, config=cfg))
+                fn = jax.jit(lambda q, k, v, c, hw=hw, impl=impl, cfg=cfg: arrow_attention(
+                    q, k, v, hw, text_len=t, text_first=text_first, cache=c, implementation=impl,
+                    interpret=args.interpret, config=cfg))
                 rows.append((name, prefix + mode, time_fn(fn, make_inputs, iters, warmup), dense_flops,
                              kept_fraction(w, n, t, text_first, blocks)))
         if args.mgpu:

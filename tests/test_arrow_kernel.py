@@ -17,10 +17,10 @@ import numpy as np
 import pytest
 from hypothesis import HealthCheck, given, settings
 
-from pallas_kernels.arrow_attention import (ArrowConfig, arrow_attention, arrow_attention_reference,
-                                            heuristic_config)
+from pallas_kernels import TritonConfig, arrow_attention, arrow_attention_reference
+from pallas_kernels.triton import heuristic_config
 
-TINY = ArrowConfig(block_q=16, block_k=16, num_warps=4, num_stages=1)
+TINY = TritonConfig(block_q=16, block_k=16, num_warps=4, num_stages=1)
 ATOL = {jnp.float32: 1e-5, jnp.bfloat16: 2e-2, jnp.float16: 4e-3}  # max |kernel − reference|
 RTOL = {jnp.float32: 1e-5, jnp.bfloat16: 2e-2, jnp.float16: 4e-3}
 SETTINGS = dict(deadline=None, derandomize=True, suppress_health_check=[HealthCheck.too_slow])
@@ -71,7 +71,7 @@ def test_mixed_heads_fixed(text_first):
     """Every head kind in one launch, S not a multiple of either tile, text spanning several blocks."""
     q, k, v, cache = _inputs(1, 2, 77, 5, 16, jnp.float32)
     out = _check(q, k, v, cache, [-1, 0, 1, 9, 200], 21, text_first, jnp.float32,
-                 config=ArrowConfig(block_q=32, block_k=16))
+                 config=TritonConfig(block_q=32, block_k=16))
     np.testing.assert_array_equal(np.asarray(out[:, :, 1]), np.asarray(cache[:, :, 1]))  # cached head copied
 
 
@@ -114,7 +114,7 @@ def test_out_of_band_blocks_are_never_loaded(text_first):
     kp = k.at[:, kb * bk:(kb + 1) * bk].set(jnp.nan)
     vp = v.at[:, kb * bk:(kb + 1) * bk].set(jnp.nan)
     out = np.asarray(arrow_attention(q, kp, vp, hw, text_len=t, text_first=text_first, interpret=True,
-                                     config=ArrowConfig(block_q=bq, block_k=bk)))
+                                     config=TritonConfig(block_q=bq, block_k=bk)))
     ref = np.asarray(arrow_attention_reference(q, k, v, hw, text_len=t, text_first=text_first))
     skipped = 0
     for qb in range(s // bq):
@@ -128,9 +128,9 @@ def test_out_of_band_blocks_are_never_loaded(text_first):
 
 
 def test_heuristic_config():
-    assert heuristic_config(16896, 128, jnp.bfloat16) == ArrowConfig(128, 64, 8, 3)
+    assert heuristic_config(16896, 128, jnp.bfloat16) == TritonConfig(128, 64, 8, 3)
     assert heuristic_config(4429, 64, jnp.bfloat16).block_q == 128
-    assert heuristic_config(20, 16, jnp.float32) == ArrowConfig(32, 32, 4, 3)
+    assert heuristic_config(20, 16, jnp.float32) == TritonConfig(32, 32, 4, 3)
 
 
 def test_validation_errors():
@@ -158,7 +158,7 @@ def test_validation_errors():
         qi = q.astype(jnp.int32)
         arrow_attention(qi, qi, qi, hw, **kw)
     with pytest.raises(ValueError, match="power of two"):
-        ArrowConfig(block_q=48)
+        TritonConfig(block_q=48)
 
 
 @pytest.mark.parametrize("text_first,text_len", [(True, 21), (False, 21), (True, 32), (False, 0)])
@@ -168,23 +168,23 @@ def test_interior_blocks_unmasked(text_first, text_len):
     q, k, v, cache = _inputs(3, 1, 150, 6, 16, jnp.float32)
     _check(q, k, v, cache, [15, 16, 17, 31, 47, 64], text_len, text_first, jnp.float32)
     _check(q, k, v, None, [15, 32, -1, 100, 1, 33], text_len, text_first, jnp.float32,
-           config=ArrowConfig(block_q=32, block_k=16))
+           config=TritonConfig(block_q=32, block_k=16))
 
 
 def test_autotune_caches_choice(tmp_path, monkeypatch):
-    from pallas_kernels import arrow_attention as A
+    from pallas_kernels import tuning as A
 
     monkeypatch.setenv("DFA2_ARROW_TUNE_CACHE", str(tmp_path / "tune.json"))
     q, k, v, cache = _inputs(4, 1, 40, 2, 16, jnp.float32)
     hw = jnp.asarray([3, -1], jnp.int32)
     kw = dict(text_len=5, text_first=True)
     assert A.tuned_config(q.shape, q.dtype, **kw) is None
-    cands = (ArrowConfig(16, 16, 4, 1), ArrowConfig(32, 16, 4, 1))
+    cands = (TritonConfig(16, 16, 4, 1), TritonConfig(32, 16, 4, 1))
     logs = []
     best = A.autotune(q, k, v, hw, candidates=cands, iters=1, interpret=True, log=logs.append, **kw)
     assert best in cands and len(logs) == 2
     entry = json.loads((tmp_path / "tune.json").read_text())[A.tune_key(q.shape, q.dtype, **kw)]
-    assert ArrowConfig(entry["block_q"], entry["block_k"], entry["num_warps"], entry["num_stages"]) == best
+    assert TritonConfig(entry["block_q"], entry["block_k"], entry["num_warps"], entry["num_stages"]) == best
     assert A.tuned_config(q.shape, q.dtype, **kw) == best
     assert A.tuned_config(q.shape, q.dtype, text_len=6, text_first=True) is None  # other layout: no entry
     logs.clear()  # a second call is answered from the cache, nothing is timed
@@ -198,12 +198,13 @@ def test_autotune_caches_choice(tmp_path, monkeypatch):
 def test_lowers_to_triton(text_first, use_cache):
     """The kernel lowers to Triton IR for an NVIDIA GPU (cross-platform lowering, no GPU needed): catches
     constructs the Triton lowering rejects (interpret mode accepts everything) for every autotuner config."""
-    from pallas_kernels.arrow_attention import TUNE_CANDIDATES, _arrow_call
+    from pallas_kernels.triton import arrow_call
+    from pallas_kernels.tuning import TUNE_CANDIDATES
 
     q = jax.ShapeDtypeStruct((1, 300, 3, 64), jnp.bfloat16)
     hw = jax.ShapeDtypeStruct((3,), jnp.int32)
     for cfg in TUNE_CANDIDATES:
-        f = functools.partial(_arrow_call, text_len=40, text_first=text_first, sm_scale=0.125, interpret=False,
+        f = functools.partial(arrow_call, text_len=40, text_first=text_first, sm_scale=0.125, interpret=False,
                               config=cfg)
         with _abstract_gpu():
             text = jax.jit(f).trace(q, q, q, hw, q if use_cache else None).lower(
@@ -226,7 +227,7 @@ def _abstract_gpu():
 
 def test_shipped_tuning_is_used(tmp_path, monkeypatch):
     """Results shipped with the package (measured on an H100) answer when the user's cache has no entry."""
-    from pallas_kernels import arrow_attention as A
+    from pallas_kernels import tuning as A
 
     monkeypatch.setenv("DFA2_ARROW_TUNE_CACHE", str(tmp_path / "none.json"))
     shipped = json.loads(A.SHIPPED_TUNING.read_text())
@@ -238,7 +239,7 @@ def test_shipped_tuning_is_used(tmp_path, monkeypatch):
     monkeypatch.setattr(A.jax, "devices", lambda: [type("Dev", (), {"device_kind": kind})()])
     cfg = A.tuned_config((b, s, h, d), jnp.dtype(dtype), text_len, text_first)
     e = shipped[key]
-    assert cfg == ArrowConfig(e["block_q"], e["block_k"], e["num_warps"], e["num_stages"])
+    assert cfg == TritonConfig(e["block_q"], e["block_k"], e["num_warps"], e["num_stages"])
     monkeypatch.setattr(A.jax, "devices", lambda: [type("Dev", (), {"device_kind": "Other GPU"})()])
     assert A.tuned_config((b, s, h, d), jnp.dtype(dtype), text_len, text_first) is None
 
@@ -248,12 +249,12 @@ def test_shipped_tuning_is_used(tmp_path, monkeypatch):
        bh=st.integers(1, 5))
 def test_launch_order_is_a_permutation_text_blocks_first(s, frac, text_first, bq, bh):
     """The 1-D launch order visits every (batch·head, query block) once, the text-row query blocks first."""
-    from pallas_kernels.arrow_attention import _program, _text_blocks
+    from pallas_kernels.common import launch_order, text_blocks
 
     text_len = min(int(frac * s), s - 1)
     n_qb = -(-s // bq)
-    tq0, tq1 = _text_blocks(s, text_len, text_first, bq)
-    b, q = (np.asarray(x) for x in _program(jnp.arange(bh * n_qb), bh, n_qb, tq0, tq1))
+    tq0, tq1 = text_blocks(s, text_len, text_first, bq)
+    b, q = (np.asarray(x) for x in launch_order(jnp.arange(bh * n_qb), bh, n_qb, tq0, tq1))
     assert sorted(zip(b.tolist(), q.tolist())) == [(i, j) for i in range(bh) for j in range(n_qb)]
     n_first = bh * (tq1 - tq0)
     assert ((q[:n_first] >= tq0) & (q[:n_first] < tq1)).all()
@@ -266,7 +267,7 @@ def test_launch_order_is_a_permutation_text_blocks_first(s, frac, text_first, bq
 def test_pad_cache_waits_for_q():
     """The cache's padded copy is tied to q (an optimization barrier), so that XLA's GPU scheduler cannot pad every
     layer's carried cache at the top of a sampler step (SD3 1024² with CFG: 24 padded copies alive at once)."""
-    from pallas_kernels.arrow_attention import pad_cache
+    from pallas_kernels.common import pad_cache
 
     cache, q = jnp.ones((1, 5, 2, 4)), jnp.zeros((1, 8, 2, 4))
     no_pad = ((0, 0),) * 4
@@ -278,3 +279,87 @@ def test_pad_cache_waits_for_q():
     barrier = next(e for e in jaxpr.eqns if e.primitive.name == "optimization_barrier")
     assert list(barrier.invars) == list(jaxpr.invars)  # (cache, q) together
     assert any(barrier.outvars[0] in e.invars for e in jaxpr.eqns if e is not barrier)  # the pad reads its output
+
+
+# -- the op's dispatch: every implementation by argument --------------------------------------------------
+
+
+def _max_err(out, ref):
+    return float(np.max(np.abs(np.asarray(out, np.float32) - np.asarray(ref, np.float32))))
+
+
+@pytest.mark.parametrize("text_first", [True, False])
+def test_xla_implementation_is_the_reference(text_first):
+    """implementation="xla" runs the jnp reference on the CPU (no kernel, no interpret mode)."""
+    from pallas_kernels import arrow_attention as op  # the package attribute is the op itself
+
+    assert callable(op) and op is arrow_attention
+    q, k, v, cache = _inputs(6, 2, 45, 3, 16, jnp.float32)
+    hw = jnp.asarray([-1, 0, 4], jnp.int32)
+    kw = dict(text_len=9, text_first=text_first, cache=cache)
+    out = op(q, k, v, hw, implementation="xla", **kw)
+    np.testing.assert_array_equal(np.asarray(out), np.asarray(arrow_attention_reference(q, k, v, hw, **kw)))
+    # auto on a machine without a GPU is the reference too; config and schedule are ignored by "xla"
+    if jax.default_backend() == "cpu":
+        np.testing.assert_array_equal(np.asarray(op(q, k, v, hw, **kw)), np.asarray(out))
+    np.testing.assert_array_equal(np.asarray(op(q, k, v, hw, implementation="xla", config=TINY, **kw)),
+                                  np.asarray(out))
+
+
+def test_triton_implementation_by_argument():
+    """implementation="triton" with interpret=True (no config: the heuristic) equals the reference."""
+    q, k, v, cache = _inputs(8, 1, 70, 2, 16, jnp.float32)
+    hw = jnp.asarray([5, 0], jnp.int32)
+    kw = dict(text_len=10, text_first=False, cache=cache)
+    out = arrow_attention(q, k, v, hw, implementation="triton", interpret=True, **kw)
+    assert _max_err(out, arrow_attention_reference(q, k, v, hw, **kw)) <= ATOL[jnp.float32]
+
+
+def test_resolve_implementation():
+    from pallas_kernels import IMPLEMENTATIONS, MosaicGpuConfig, resolve_implementation
+
+    assert IMPLEMENTATIONS == ("auto", "mosaic_gpu", "triton", "xla")
+    q = jax.ShapeDtypeStruct((1, 256, 2, 64), jnp.bfloat16)
+    assert resolve_implementation(q, config=TritonConfig()) == "triton"
+    assert resolve_implementation(q, "auto", config=MosaicGpuConfig()) == "mosaic_gpu"
+    for name in ("mosaic_gpu", "triton", "xla"):
+        assert resolve_implementation(q, name) == name
+    with pytest.raises(ValueError, match=r"implementation='cuda'.*'auto', 'mosaic_gpu', 'triton', 'xla'"):
+        resolve_implementation(q, "cuda")
+    with pytest.raises(ValueError, match="implementation='mosaic' is not one of"):
+        resolve_implementation(q, "mosaic")
+    with pytest.raises(ValueError, match="implementation='triton' takes a TritonConfig"):
+        resolve_implementation(q, "triton", config=MosaicGpuConfig())
+    with pytest.raises(ValueError, match="implementation='mosaic_gpu' takes a MosaicGpuConfig"):
+        resolve_implementation(q, "mosaic_gpu", config=TritonConfig())
+    with pytest.raises(ValueError, match="TritonConfig .Triton. or MosaicGpuConfig"):
+        resolve_implementation(q, config={"block_q": 64})
+    with pytest.raises(ValueError, match="implementation='cuda'"):
+        x = jnp.zeros((1, 20, 2, 16), jnp.float32)
+        arrow_attention(x, x, x, jnp.asarray([1, -1], jnp.int32), text_len=4, text_first=True, implementation="cuda")
+    if jax.default_backend() == "cpu":
+        assert resolve_implementation(q) == "xla"  # no GPU: the jnp reference
+        assert resolve_implementation(q, interpret=True) == "triton"  # interpret mode: the Triton kernel
+        assert resolve_implementation(q, None, interpret=True) == "triton"
+
+
+def test_package_imports_nothing_from_the_app():
+    """pallas_kernels stands alone: no import of dfa2_jax or converters, and no private name imported across its
+    modules."""
+    import ast
+    from pathlib import Path
+
+    import pallas_kernels
+
+    for path in Path(pallas_kernels.__file__).parent.glob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Import):
+                mods = [a.name for a in node.names]
+            elif isinstance(node, ast.ImportFrom):
+                mods = [node.module or ""]
+                if node.level:  # relative: within the package
+                    names = [a.name for a in node.names]
+                    assert not any(n.startswith("_") for n in names), f"{path.name}: private import {names}"
+            else:
+                continue
+            assert not any(m.split(".")[0] in ("dfa2_jax", "converters") for m in mods), f"{path.name}: {mods}"
