@@ -1,6 +1,6 @@
 """The compression methods of a plan: names and the codes the runtime works with.
 
-Method names (shared/DESIGN.md): ``full``; ``arrow:k`` (1-D band of half-width N_img//(2k) over the
+Method names (docs/PLAN_FORMAT.md): ``full``; ``arrow:k`` (1-D band of half-width N_img//(2k) over the
 flattened image tokens, text rows and columns kept: the mask is :func:`pallas_kernels.arrow_mask`); ``cache`` (the head's attention output, before the output
 projection, from the previous step); ``wars:k`` (V1 window attention + the residual full − window stored at
 the head's last full step); ``cfg_share`` and ``cfg_share+arrow:k`` (SD3 only: the conditional half's output,
@@ -42,7 +42,8 @@ class Method:
 
 def parse_method(name: str) -> Method:
     """``"arrow:8"`` -> Method(ARROW, 8). Raises ValueError naming the method for anything else."""
-    m = _NAME.match(name.strip()) if isinstance(name, str) else None
+    name = name.strip() if isinstance(name, str) else name
+    m = _NAME.match(name) if isinstance(name, str) else None
     if m is None:
         raise ValueError(f"unknown method {name!r}: expected full, cache, cfg_share, arrow:K, wars:K or "
                          "cfg_share+arrow:K with an integer K >= 1")
