@@ -184,8 +184,8 @@ def test_ast_layer_skip_equals_caching_every_head(name, monkeypatch):
 
     orig = RuntimeSpec.from_codes
 
-    def no_skip(codes, *, cfg):
-        sp = orig(codes, cfg=cfg)
+    def no_skip(codes, *, cfg, impl=None):
+        sp = orig(codes, cfg=cfg, impl=impl)
         return dataclasses.replace(sp, skip_layers=tuple(False for _ in sp.skip_layers))
 
     monkeypatch.setattr(S.RuntimeSpec, "from_codes", staticmethod(no_skip))
