@@ -125,7 +125,7 @@ def save_file(tensors: Mapping[str, np.ndarray], path: str | os.PathLike,
     offset = 0
     arrays = []
     for key in sorted(tensors):
-        a = np.ascontiguousarray(tensors[key])
+        a = np.asarray(tensors[key], order="C")  # ascontiguousarray would make a 0-d tensor 1-d
         if a.dtype not in _NAMES:
             raise TypeError(f"tensor {key!r}: dtype {a.dtype} cannot be stored in safetensors")
         if a.dtype.byteorder == ">":

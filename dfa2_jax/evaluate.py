@@ -15,8 +15,17 @@ channel_axis=-1)`` computes it: K1 = 0.01, K2 = 0.03, a separable Gaussian windo
 (radius int(3.5·1.5 + 0.5) = 5, 11 taps, weights normalised to sum 1), population (co)variances, the SSIM map
 averaged over the region at least 5 pixels from every border (skimage's ``crop(S, pad)``), then over channels.
 Because the cropped region never reads a padded pixel, no border mode is needed: the filter is a "valid"
-correlation. LPIPS and CLIP score are *not implemented*: the report records them as null with the reason (no
-local weights, or weights present but scoring not implemented); nothing is ever downloaded.
+correlation.
+
+LPIPS and CLIP score (:func:`image_metrics`) use weights from a local metrics folder (``metrics_dir``, default
+``$DFA2_METRICS_DIR``); nothing is ever downloaded. LPIPS v0.1 (:mod:`dfa2_jax.metrics.lpips`, net ``lpips_net``,
+default alex) compares each dense image with its compressed one; its files are
+``<metrics_dir>/lpips/alexnet-owt-7be5be79.pth`` (or ``vgg16-397923af.pth``) and
+``<metrics_dir>/lpips/v0.1/alex.pth`` (or ``vgg.pth``). The CLIP score (:mod:`dfa2_jax.metrics.clip_score`,
+100·max(cos, 0)) scores each dense and each compressed image with its prompt, with the first transformers
+``CLIPModel`` folder of :data:`CLIP_FOLDERS` under ``metrics_dir`` (config.json, model.safetensors, tokenizer
+files, optionally preprocessor_config.json). A metric whose files are missing is null, and ``lpips_skipped`` /
+``clip_score_skipped`` names the missing file or folder by its full path.
 
 Prompt accuracy (the procedural testbed, :mod:`dfa2_jax.testbed`): when every prompt is a testbed world caption
 (``dfa2_jax.testbed.world.parse_caption`` accepts it), the shipped testbed classifier reads each dense and
@@ -52,9 +61,11 @@ SSIM_SIGMA = 1.5
 SSIM_TRUNCATE = 3.5
 KERNEL_BLOCKS = (128, 64)  # the arrow kernel's (block_q, block_k): dfa2_jax.plan.flops.DEFAULT_BLOCKS
 LABEL_H = 14  # px of the label band above every row of grid.png
-METRICS_ENV = "DFA2_METRICS_DIR"
-LPIPS_FILES = ("lpips_alex.safetensors", "lpips_vgg.safetensors", "lpips_squeeze.safetensors")
-CLIP_FOLDERS = ("clip-vit-base-patch16", "clip-vit-base-patch32", "clip-vit-large-patch14")
+METRICS_ENV = "DFA2_METRICS_DIR"  # the metrics folder when no metrics_dir is given (a path setting)
+LPIPS_NET = "alex"  # the lpips package's default net; files: dfa2_jax.metrics.lpips.lpips_files(metrics_dir, net)
+# CLIP score model folders under metrics_dir (openai/clip-vit-* snapshots), the first one present is used;
+# ViT-L/14 first: torchmetrics' CLIPScore default
+CLIP_FOLDERS = ("clip-vit-large-patch14", "clip-vit-base-patch16", "clip-vit-base-patch32")
 
 
 class EvalError(ValueError):
@@ -186,22 +197,78 @@ def initial_noise(pipe, height: int, width: int, seed: int) -> np.ndarray:
     return pack_latents(np.asarray(noise))
 
 
-def metrics_status(metrics_dir: str | os.PathLike | None = None) -> dict[str, Any]:
-    """LPIPS / CLIP score entries for the report: always null (scoring is not implemented), with the reason:
-    no folder given, no local weights in it, or weights present but not implemented. Never downloads."""
+def metrics_status(metrics_dir: str | os.PathLike | None = None, lpips_net: str = LPIPS_NET) -> dict[str, Any]:
+    """Which weight-based metrics can run, from files only (nothing is loaded or downloaded):
+    ``{"metrics_dir", "lpips_files": [backbone, heads] | None, "lpips_skipped": reason | None, "clip_folder":
+    folder | None, "clip_score_skipped": reason | None}``. A reason names the missing file or folder by its full
+    path. ``metrics_dir`` defaults to ``$DFA2_METRICS_DIR``."""
+    from dfa2_jax.metrics.clip_score import missing_clip_file
+    from dfa2_jax.metrics.lpips import lpips_files
+
     folder = os.fspath(metrics_dir) if metrics_dir is not None else os.environ.get(METRICS_ENV) or None
-    out: dict[str, Any] = {"metrics_dir": folder, "lpips": None, "clip_score": None}
+    out: dict[str, Any] = {"metrics_dir": folder, "lpips_files": None, "lpips_skipped": None, "clip_folder": None,
+                           "clip_score_skipped": None}
     if folder is None:
-        why = f"no --metrics-dir or ${METRICS_ENV} given; never downloaded"
-        out["lpips_skipped"] = out["clip_score_skipped"] = why
+        out["lpips_skipped"] = out["clip_score_skipped"] = (f"no --metrics-dir or ${METRICS_ENV} given; never "
+                                                            "downloaded")
         return out
-    lp = next((os.path.join(folder, n) for n in LPIPS_FILES if os.path.isfile(os.path.join(folder, n))), None)
-    cl = next((os.path.join(folder, n) for n in CLIP_FOLDERS if os.path.isdir(os.path.join(folder, n))), None)
-    out["lpips_skipped"] = (f"no local weights at {folder} (looked for {', '.join(LPIPS_FILES)}); never downloaded"
-                            if lp is None else f"weights found at {lp}, but LPIPS scoring is not implemented")
-    out["clip_score_skipped"] = (f"no local weights at {folder} (looked for {', '.join(CLIP_FOLDERS)}/); never "
-                                 "downloaded" if cl is None else
-                                 f"weights found at {cl}, but CLIP scoring is not implemented")
+    files = list(lpips_files(folder, lpips_net))
+    missing = [f for f in files if not os.path.isfile(f)]
+    if missing:
+        out["lpips_skipped"] = (f"missing {' and '.join(missing)} (LPIPS-{lpips_net}: torchvision's backbone "
+                                "checkpoint and the lpips v0.1 head file, see dfa2_jax.metrics.lpips); never "
+                                "downloaded")
+    else:
+        out["lpips_files"] = files
+    clip = next((os.path.join(folder, n) for n in CLIP_FOLDERS if os.path.isdir(os.path.join(folder, n))), None)
+    if clip is None:
+        others = ", ".join(CLIP_FOLDERS[1:])
+        out["clip_score_skipped"] = (f"missing {os.path.join(folder, CLIP_FOLDERS[0])} (or {others} there): a "
+                                     "transformers CLIPModel folder; never downloaded")
+    elif (lack := missing_clip_file(clip)) is not None:
+        out["clip_score_skipped"] = f"missing {lack} (the CLIP score folder {clip}); never downloaded"
+    else:
+        out["clip_folder"] = clip
+    return out
+
+
+def image_metrics(prompts: Sequence[str], images: dict[str, Sequence],
+                  metrics_dir: str | os.PathLike | None = None, lpips_net: str = LPIPS_NET) -> dict[str, Any]:
+    """The report's ``lpips`` and ``clip_score`` entries (with ``metrics_dir``) for ``images`` = {"dense": [...],
+    "compressed": [...]} (PIL or uint8 arrays): LPIPS of each dense image against its compressed one, per image and
+    mean; the CLIP score of each image with its prompt, per image and mean for each kind. A metric that cannot run
+    is null with ``<key>_skipped`` saying why (missing files by full path, a weights file that does not load,
+    images too small for the net)."""
+    st = metrics_status(metrics_dir, lpips_net)
+    out: dict[str, Any] = {"metrics_dir": st["metrics_dir"], "lpips": None, "clip_score": None}
+    if st["lpips_files"] is None:
+        out["lpips_skipped"] = st["lpips_skipped"]
+    else:
+        from dfa2_jax.metrics import lpips
+
+        try:
+            cfg, graphdef, state = lpips.load_lpips(*st["lpips_files"], net=lpips_net)
+            per = lpips.lpips_images(cfg, graphdef, state, images["dense"], images["compressed"])
+            out["lpips"] = {"what": f"LPIPS v0.1 ({lpips_net}) of each compressed image against its dense one "
+                                    "(0: identical; lower is closer)",
+                            "net": lpips_net, "weights": st["lpips_files"], "per_image": [float(v) for v in per],
+                            "mean": float(np.mean(per))}
+        except (ValueError, OSError) as e:  # a bad weights file (the message names it), images too small
+            out["lpips_skipped"] = f"LPIPS: {e}"
+    if st["clip_folder"] is None:
+        out["clip_score_skipped"] = st["clip_score_skipped"]
+    else:
+        from dfa2_jax.metrics import clip_score
+
+        try:
+            scorer = clip_score.load_clip_scorer(st["clip_folder"])
+            per = {kind: clip_score.clip_scores(scorer, ims, prompts) for kind, ims in images.items()}
+            out["clip_score"] = {"what": "CLIP score 100·max(cos(image embedding, prompt embedding), 0) of each "
+                                         "image with its prompt (higher: closer to the prompt)",
+                                 "model": st["clip_folder"], **{k: [float(v) for v in p] for k, p in per.items()},
+                                 "mean": {k: float(np.mean(p)) for k, p in per.items()}}
+        except (ValueError, OSError) as e:
+            out["clip_score_skipped"] = f"CLIP score: {e}"
     return out
 
 
@@ -309,7 +376,8 @@ def evaluate(pipe, plan, prompts: Sequence[str], *, seed: int = 0, height: int |
              max_sequence_length: int | None = None, metrics_dir: str | os.PathLike | None = None,
              model: str | None = None, progress: bool = False,
              log: Callable[[str], None] | None = None,
-             testbed_classifier: str | os.PathLike | None = None, attention_impl: str = "auto") -> dict[str, Any]:
+             testbed_classifier: str | os.PathLike | None = None, attention_impl: str = "auto",
+             lpips_net: str = LPIPS_NET) -> dict[str, Any]:
     """Dense and compressed (``plan``: a :class:`dfa2_jax.plan.Plan` or a plan file) images of ``prompts`` from
     the same noise (prompt i: seed + i), compared per image (PSNR, SSIM) and on average, with the plan's
     attention FLOPs kept at the actual token counts and the wall time of both.
@@ -320,7 +388,8 @@ def evaluate(pipe, plan, prompts: Sequence[str], *, seed: int = 0, height: int |
     steady time. ``out_dir``: also write ``dense_<i>.png``, ``compressed_<i>.png``, ``grid.png`` and
     ``report.json`` (atomically). ``model``: a name or path for the report. ``log``: called with progress lines.
     ``testbed_classifier``: weights for the testbed prompt accuracy (default: the shipped file; used only when
-    every prompt is a testbed world caption).
+    every prompt is a testbed world caption). ``metrics_dir`` (default ``$DFA2_METRICS_DIR``) and ``lpips_net``
+    ("alex" or "vgg"): LPIPS and CLIP score weights (:func:`image_metrics`).
 
     Returns the report (as written to report.json, with float inf for PSNR of identical images) plus
     ``"images": {"dense": [PIL], "compressed": [PIL]}`` and, with ``out_dir``, ``"report_path"``.
@@ -350,6 +419,11 @@ def evaluate(pipe, plan, prompts: Sequence[str], *, seed: int = 0, height: int |
         plan_path = os.fspath(plan)
         plan = Plan.load(plan_path)
     steps = plan.steps if num_inference_steps is None else int(num_inference_steps)
+    from dfa2_jax.defaults import pipeline_defaults  # None: the model's defaults, as the pipeline would take them
+
+    gd = pipeline_defaults(pipe)
+    guidance_scale = gd.guidance_scale if guidance_scale is None else guidance_scale
+    max_sequence_length = gd.max_sequence_length if max_sequence_length is None else max_sequence_length
     dh, dw = default_resolution(pipe, plan)
     height, width = int(height or dh), int(width or dw)
     if height <= 0 or width <= 0:
@@ -440,7 +514,7 @@ def evaluate(pipe, plan, prompts: Sequence[str], *, seed: int = 0, height: int |
                     "speedup_steady": (td["steady_s"] / tc["steady_s"]
                                        if td["steady_s"] is not None and tc["steady_s"] else None),
                     "repeats_identical": identical_repeats if repeat > 1 else None},
-        **metrics_status(metrics_dir),
+        **image_metrics(prompts, images, metrics_dir, lpips_net),
         **testbed_prompt_accuracy(prompts, images, testbed_classifier),
         "versions": _versions(),
     }
@@ -494,6 +568,12 @@ def format_table(report: dict[str, Any]) -> str:
 
     lines.append(f"time: dense {tm(t['dense'])}; compressed {tm(t['compressed'])}"
                  + (f"; speedup {t['speedup_steady']:.2f}x" if t["speedup_steady"] else ""))
+    lp, cs = report.get("lpips"), report.get("clip_score")
+    if lp is not None:
+        lines.append(f"lpips ({lp['net']}, compressed vs dense): mean {lp['mean']:.4f}")
+    if cs is not None:
+        lines.append(f"clip score ({os.path.basename(cs['model'])}): dense {cs['mean']['dense']:.2f}, "
+                     f"compressed {cs['mean']['compressed']:.2f}")
     for key in ("lpips", "clip_score"):
         if report.get(key) is None:
             lines.append(f"{key}: skipped ({report.get(key + '_skipped')})")
@@ -503,5 +583,6 @@ def format_table(report: dict[str, Any]) -> str:
 
 
 __all__ = ["EvalError", "psnr", "ssim", "gaussian_taps", "read_prompts", "evaluate", "format_table", "make_grid",
-           "initial_noise", "metrics_status", "default_resolution", "image_token_count", "text_token_count",
-           "write_json_atomic", "testbed_prompt_accuracy", "LABEL_H", "KERNEL_BLOCKS"]
+           "initial_noise", "metrics_status", "image_metrics", "default_resolution", "image_token_count",
+           "text_token_count", "write_json_atomic", "testbed_prompt_accuracy", "LABEL_H", "KERNEL_BLOCKS",
+           "CLIP_FOLDERS", "LPIPS_NET", "METRICS_ENV"]

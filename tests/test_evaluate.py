@@ -11,8 +11,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from dfa2_jax.evaluate import (LABEL_H, EvalError, evaluate, format_table, gaussian_taps, initial_noise, make_grid,
-                               metrics_status, psnr, read_prompts, ssim)
+from dfa2_jax.evaluate import (CLIP_FOLDERS, LABEL_H, EvalError, evaluate, format_table, gaussian_taps,
+                               image_metrics, initial_noise, make_grid, metrics_status, psnr, read_prompts, ssim)
 from dfa2_jax.plan import Plan, PlanError, model_info_for
 
 H = W = 32
@@ -147,20 +147,73 @@ def test_make_grid_size():
     assert tuple(px[LABEL_H + 5, 5]) == (255, 0, 0) and tuple(px[LABEL_H + 5, 25]) == (0, 0, 255)
 
 
+def write_random_lpips(metrics_dir, net: str = "alex", seed: int = 0) -> tuple[str, str]:
+    """Random LPIPS weights of ``net`` under the metrics folder layout (dfa2_jax.metrics.lpips), written with our
+    torch-free torch.save writer: the backbone (``features.*`` + a ``classifier`` stand-in) and the heads."""
+    from flax import nnx
+
+    from converters import common
+    from converters.torch_pickle import save_torch_file
+    from dfa2_jax.metrics.lpips import LPIPS, LPIPSConfig, lpips_files
+
+    rng = np.random.default_rng(seed)
+    abstract = nnx.eval_shape(lambda: LPIPS(LPIPSConfig.for_net(net), rngs=nnx.Rngs(0)))
+    backbone, heads = {"classifier.1.bias": np.zeros(4, np.float32)}, {}
+    for path, leaf in nnx.to_flat_state(nnx.state(abstract)):
+        key = common.leaf_key(path)
+        a = rng.normal(0, 0.05, common.torch_shape(str(path[-1]), leaf.shape)).astype(np.float32)
+        if key.startswith("lin"):
+            heads[key] = np.abs(a) * 20
+        else:
+            backbone[key] = a
+    files = lpips_files(metrics_dir, net)
+    (metrics_dir / "lpips" / "v0.1").mkdir(parents=True, exist_ok=True)
+    save_torch_file(backbone, files[0])
+    save_torch_file(heads, files[1])
+    return files
+
+
 def test_metrics_status(tmp_path, monkeypatch):
     monkeypatch.delenv("DFA2_METRICS_DIR", raising=False)
     s = metrics_status()
-    assert s["lpips"] is None and s["clip_score"] is None and "never downloaded" in s["lpips_skipped"]
+    assert s["lpips_files"] is None and s["clip_folder"] is None and "never downloaded" in s["lpips_skipped"]
+    assert s["metrics_dir"] is None and "$DFA2_METRICS_DIR" in s["clip_score_skipped"]
     monkeypatch.setenv("DFA2_METRICS_DIR", str(tmp_path))
     s = metrics_status()
+    alex, heads = tmp_path / "lpips" / "alexnet-owt-7be5be79.pth", tmp_path / "lpips" / "v0.1" / "alex.pth"
     assert s["metrics_dir"] == str(tmp_path)
-    assert s["lpips_skipped"].startswith(f"no local weights at {tmp_path}") and "never downloaded" in \
-        s["clip_score_skipped"]
-    (tmp_path / "lpips_alex.safetensors").write_bytes(b"")
-    (tmp_path / "clip-vit-base-patch16").mkdir()
+    assert s["lpips_skipped"].startswith(f"missing {alex} and {heads} (LPIPS-alex")
+    assert s["clip_score_skipped"].startswith(f"missing {tmp_path / CLIP_FOLDERS[0]} (or ")
+
+    write_random_lpips(tmp_path)
+    heads.unlink()
     s = metrics_status(tmp_path)
-    assert s["lpips"] is None and "not implemented" in s["lpips_skipped"]
-    assert s["clip_score"] is None and "not implemented" in s["clip_score_skipped"]
+    assert s["lpips_files"] is None and s["lpips_skipped"].startswith(f"missing {heads} (")
+    write_random_lpips(tmp_path)
+    s = metrics_status(tmp_path)
+    assert s["lpips_files"] == [str(alex), str(heads)] and s["lpips_skipped"] is None
+    assert metrics_status(tmp_path, lpips_net="vgg")["lpips_skipped"].startswith(
+        f"missing {tmp_path / 'lpips' / 'vgg16-397923af.pth'} and {tmp_path / 'lpips' / 'v0.1' / 'vgg.pth'}")
+
+    clip = tmp_path / "clip-vit-base-patch32"  # any folder of CLIP_FOLDERS; it lacks every file
+    clip.mkdir()
+    s = metrics_status(tmp_path)
+    assert s["clip_folder"] is None and s["clip_score_skipped"].startswith(f"missing {clip / 'config.json'} (")
+    (clip / "config.json").write_text("{}")
+    assert metrics_status(tmp_path)["clip_score_skipped"].startswith(f"missing {clip / 'model.safetensors'} (")
+    (clip / "model.safetensors").write_bytes(b"")
+    assert metrics_status(tmp_path)["clip_score_skipped"].startswith(f"missing {clip / 'vocab.json'} (")
+    (clip / "tokenizer.json").write_text("{}")
+    assert metrics_status(tmp_path)["clip_folder"] == str(clip)
+
+    # files that are there but do not load: skipped with the loader's message, which names the file
+    r = image_metrics(["x"], {"dense": [np.zeros((32, 32, 3), np.uint8)], "compressed": [np.zeros((32, 32, 3),
+                                                                                              np.uint8)]}, tmp_path)
+    assert r["lpips"]["per_image"] == [pytest.approx(0.0, abs=1e-9)]  # identical images
+    assert r["clip_score"] is None and r["clip_score_skipped"].startswith("CLIP score: ") and \
+        str(clip) in r["clip_score_skipped"]
+    small = {"dense": [np.zeros((30, 30, 3), np.uint8)], "compressed": [np.zeros((30, 30, 3), np.uint8)]}
+    assert "at least 31x31" in image_metrics(["x"], small, tmp_path)["lpips_skipped"]
 
 
 # ============================================================================================ evaluate
@@ -232,8 +285,9 @@ def test_evaluate_compressed_plan(tiny, tmp_path):
         assert key in rep, key
     assert rep["model"]["name"] == "tiny-sd3" and rep["plan"]["path"] == str(plan_path)
     assert rep["prompts"] == PROMPTS and rep["resolution"] == [H, W] and rep["steps"] == STEPS
-    assert rep["lpips"] is None and rep["lpips_skipped"].startswith(f"no local weights at {metrics}")
-    assert rep["clip_score"] is None and "never downloaded" in rep["clip_score_skipped"]
+    assert rep["lpips"] is None and rep["lpips_skipped"].startswith(f"missing {metrics / 'lpips'}")
+    assert rep["clip_score"] is None and rep["clip_score_skipped"].startswith(f"missing {metrics / CLIP_FOLDERS[0]}")
+    assert rep["metrics_dir"] == str(metrics)
     assert set(rep["versions"]) >= {"jax", "dfa2_jax"}
     assert rep["per_image"][1]["ssim"] == pytest.approx(r["per_image"][1]["ssim"])
     assert not list(out.glob(".*.tmp"))
@@ -250,6 +304,36 @@ def test_evaluate_compressed_plan(tiny, tmp_path):
         assert psnr(d, c) == pytest.approx(r["per_image"][i]["psnr"])
     text = format_table(r)
     assert "mean" in text and "FLOPs kept" in text and "lpips: skipped" in text
+
+
+def test_evaluate_reports_lpips_and_clip_score(tiny, tmp_path):
+    pytest.importorskip("torch")  # the tiny CLIP folder is a transformers CLIPModel.save_pretrained
+    from dfa2_jax.metrics import clip_score, lpips
+    from tests.test_clip_score import make_tiny_clip_folder
+
+    pipe = tiny["sd3"]
+    metrics = tmp_path / "metrics"
+    backbone, heads = write_random_lpips(metrics)
+    make_tiny_clip_folder(metrics / "clip-vit-base-patch16", image_size=24)  # resized 32 -> 24, no crop
+    plan = random_plan(pipe, STEPS, ["full", "arrow:4", "cache"])
+    r = evaluate(pipe, plan, PROMPTS, seed=0, height=H, width=W, out_dir=tmp_path / "out", metrics_dir=metrics,
+                 repeat=1, batch_size=1)
+    rep = _strict_json(r["report_path"])
+    assert "lpips_skipped" not in rep and "clip_score_skipped" not in rep
+    lp, cs = rep["lpips"], rep["clip_score"]
+    want = lpips.lpips_images(*lpips.load_lpips(backbone, heads), r["images"]["dense"], r["images"]["compressed"])
+    assert lp["net"] == "alex" and lp["weights"] == [backbone, heads]
+    assert lp["per_image"] == pytest.approx(want.tolist(), abs=1e-6) and lp["mean"] == pytest.approx(want.mean())
+    assert all(v > 0 for v in lp["per_image"])  # the compressed images differ from the dense ones
+    scorer = clip_score.load_clip_scorer(metrics / "clip-vit-base-patch16")
+    assert cs["model"] == str(metrics / "clip-vit-base-patch16")
+    for kind in ("dense", "compressed"):
+        want = clip_score.clip_scores(scorer, r["images"][kind], PROMPTS)
+        assert cs[kind] == pytest.approx(want.tolist(), abs=1e-4)
+        assert cs["mean"][kind] == pytest.approx(float(np.mean(want)), abs=1e-4)
+    text = format_table(r)
+    assert "lpips (alex, compressed vs dense): mean" in text and "clip score (clip-vit-base-patch16)" in text
+    assert "lpips: skipped" not in text and "clip_score: skipped" not in text
 
 
 def test_evaluate_flux_same_noise(tiny):
