@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
@@ -56,14 +57,17 @@ def test_config_errors_name_the_field():
 
 
 def test_attention_layer_names():
-    assert dfa2_jax.random_transformer(dfa2_jax.SD3Config.v35_medium(num_layers=3, dual_attention_layers=(0,)),
-                                       dtype="float32").attention_layer_names() == [
+    """Full-width configs, built abstractly (shapes only: nothing is allocated) to read the module's names."""
+    from converters.transformer import abstract_model
+
+    sd35 = abstract_model(dfa2_jax.SD3Config.v35_medium(num_layers=3, dual_attention_layers=(0,)), jnp.float32)
+    assert sd35.attention_layer_names() == [
         "transformer_blocks.0.attn", "transformer_blocks.0.attn2", "transformer_blocks.1.attn",
         "transformer_blocks.2.attn"]
-    names = dfa2_jax.random_transformer(dfa2_jax.FluxConfig.dev(num_layers=2, num_single_layers=1,
-                                                                num_attention_heads=2),
-                                        dtype="bfloat16").attention_layer_names()
-    assert names == ["transformer_blocks.0.attn", "transformer_blocks.1.attn", "single_transformer_blocks.0.attn"]
+    flux = abstract_model(dfa2_jax.FluxConfig.dev(num_layers=2, num_single_layers=1, num_attention_heads=2),
+                          jnp.bfloat16)
+    assert flux.attention_layer_names() == ["transformer_blocks.0.attn", "transformer_blocks.1.attn",
+                                            "single_transformer_blocks.0.attn"]
 
 
 def test_random_transformer_is_deterministic_and_finite():
