@@ -1,6 +1,7 @@
 """Checkpoint -> Flax params for the SD3 / FLUX transformers.
 
-Sources (``resolve_checkpoint``):
+Sources (``resolve_checkpoint``; a Hugging Face repo id ``org/name[@revision]`` is first resolved to its snapshot in
+the local hub cache, ``converters.hf_cache``):
 - a diffusers pipeline root (``model_index.json`` + ``transformer/``) or its ``transformer/`` folder, with
   ``config.json`` and ``diffusion_pytorch_model.safetensors`` or sharded ``*.safetensors.index.json``;
 - an original single file (BFL ``flux1-dev.safetensors`` layout, SAI SD3/SD3.5 layout) or a diffusers-named
@@ -29,6 +30,7 @@ from flax import nnx
 
 from converters import single_file
 from converters.common import fill_state, from_leaf, leaf_key, parse_dtype
+from converters.hf_cache import resolve_model_path
 from converters.safetensors_io import CheckpointError, ShardedCheckpoint
 from dfa2_jax.models.configs import (ConfigError, FluxConfig, SD3Config, TransformerConfig, config_from_dict,
                                      config_from_json)
@@ -73,7 +75,9 @@ _INFER_KWARGS = {"attention_head_dim": "head_dim", "axes_dims_rope": "axes_dims_
 
 
 def resolve_checkpoint(path: str | os.PathLike, config_overrides: dict | None = None) -> ResolvedCheckpoint:
-    """Find the transformer weights and config under ``path`` (see the module docstring).
+    """Find the transformer weights and config under ``path`` (see the module docstring): a folder, a file, or a
+    Hugging Face repo id ``org/name[@revision]`` in the local hub cache
+    (:func:`converters.hf_cache.resolve_model_path`).
 
     ``config_overrides`` (single files only): diffusers config keys that replace the ones inferred from the
     tensor shapes, for what the weights do not record, e.g. ``{"axes_dims_rope": [4, 4, 8]}`` for a FLUX
@@ -81,7 +85,7 @@ def resolve_checkpoint(path: str | os.PathLike, config_overrides: dict | None = 
     ``attention_head_dim``, ``axes_dims_rope`` and ``sample_size`` are used during inference (so the head
     count follows from them); every key is then written over the inferred dict before the config is built.
     """
-    path = os.fspath(path)
+    path = resolve_model_path(path)
     if not os.path.exists(path):
         raise CheckpointError(f"{path}: no such file or folder")
     if os.path.isfile(path):

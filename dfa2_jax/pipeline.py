@@ -58,7 +58,7 @@ class Prepared:
     cond: dict[str, Any]  # the sampler's conditioning (see dfa2_jax.sample.denoise)
     timesteps: np.ndarray
     sigmas: np.ndarray
-    do_cfg: bool
+    do_cfg: bool  # the model batch is [uncond; cond]: SD3's CFG or FLUX's true CFG
     n_img: int  # image tokens of the joint sequence
     text_len: int  # text tokens of the joint sequence
     size: tuple[int, int]  # (height, width) in pixels
@@ -171,7 +171,7 @@ class _Pipeline:
             return jax.block_until_ready(out)
 
     def __call__(self, prompt: str | list[str], negative_prompt: str | list[str] | None = None, *,
-                 height: int | None = None, width: int | None = None, num_inference_steps: int = 28,
+                 height: int | None = None, width: int | None = None, num_inference_steps: int | None = None,
                  guidance_scale: float | None = None, seed: int = 0, latents=None,
                  max_sequence_length: int | None = None, output_type: str = "pil", progress: bool = False,
                  plan=None, mesh=None, fsdp: bool = False, attention_impl: str = "auto") -> PipelineOutput:
@@ -180,12 +180,24 @@ class _Pipeline:
         sampler on a device mesh (:mod:`dfa2_jax.parallel.sharded`; a Mesh, "data=2,heads=4", "auto" = every local device
         on the data axis when the batch divides over them, or None = one device), ``fsdp``: params sharded over
         its data axis. ``attention_impl``: how a plan's compressed heads run ("auto", "xla", "triton",
-        "mosaic_gpu", "interpret"; :func:`dfa2_jax.runtime.check_attention_impl`)."""
+        "mosaic_gpu", "interpret"; :func:`dfa2_jax.runtime.check_attention_impl`). Arguments left None (size,
+        steps, guidance, T5 length) take the model folder's defaults (:func:`dfa2_jax.defaults.pipeline_defaults`:
+        its ``dfa2_defaults.json``, else the family's)."""
+        from dfa2_jax.defaults import pipeline_defaults
+
         check_attention_impl(attention_impl)
+        if num_inference_steps is None:
+            num_inference_steps = pipeline_defaults(self).num_inference_steps
         kw = {} if max_sequence_length is None else {"max_sequence_length": max_sequence_length}
         prep = self.prepare(prompt, negative_prompt, height=height, width=width,
                             num_inference_steps=num_inference_steps, guidance_scale=guidance_scale, seed=seed,
                             latents=latents, **kw)
+        return self._generate(prep, num_inference_steps, output_type=output_type, progress=progress, plan=plan,
+                              mesh=mesh, fsdp=fsdp, attention_impl=attention_impl)
+
+    def _generate(self, prep: Prepared, num_inference_steps: int, *, output_type: str, progress: bool, plan, mesh,
+                  fsdp: bool, attention_impl: str) -> PipelineOutput:
+        """The denoising loop and decoding of a prepared generation (what ``__call__`` runs after ``prepare``)."""
         arrays = self.plan_arrays(plan, prep.n_img, num_inference_steps, prep.do_cfg)
         final = self._run(prep.latents, prep.cond, prep.timesteps, prep.sigmas, prep.do_cfg, progress, arrays,
                           mesh=mesh, fsdp=fsdp, attention_impl=attention_impl)
@@ -219,16 +231,28 @@ class SD3Pipeline(_Pipeline):
         return jnp.concatenate([clip, t5.astype(clip.dtype)], axis=-2), jnp.concatenate([pooled1, pooled2], axis=-1)
 
     def prepare(self, prompt: str | list[str], negative_prompt: str | list[str] | None = None, *,
-                height: int | None = None, width: int | None = None, num_inference_steps: int = 28,
+                height: int | None = None, width: int | None = None, num_inference_steps: int | None = None,
                 guidance_scale: float | None = None, seed: int = 0, latents=None,
-                max_sequence_length: int = 256) -> Prepared:
-        """Everything before the denoising loop: encoded prompts, initial latents, schedule."""
+                max_sequence_length: int | None = None) -> Prepared:
+        """Everything before the denoising loop: encoded prompts, initial latents, schedule. Arguments left None
+        take the model folder's defaults (:func:`dfa2_jax.defaults.pipeline_defaults`)."""
+        from dfa2_jax.defaults import pipeline_defaults
+
         cfg: SD3Config = self.transformer.config
+        d = pipeline_defaults(self)
         prompts = [prompt] if isinstance(prompt, str) else list(prompt)
-        height = height or cfg.sample_size * self.vae_scale_factor
-        width = width or cfg.sample_size * self.vae_scale_factor
+        height = d.height if height is None else height
+        width = d.width if width is None else width
+        num_inference_steps = d.num_inference_steps if num_inference_steps is None else num_inference_steps
+        max_sequence_length = d.max_sequence_length if max_sequence_length is None else max_sequence_length
+        if height < 1 or width < 1 or num_inference_steps < 1:
+            raise ValueError(f"height={height}, width={width} and num_inference_steps={num_inference_steps} must be "
+                             ">= 1")
         self._check_size(height, width)
-        g = self.default_guidance if guidance_scale is None else float(guidance_scale)
+        g = (self.default_guidance if d.guidance_scale is None else d.guidance_scale) if guidance_scale is None \
+            else float(guidance_scale)
+        if not g >= 0:  # diffusers: > 1 turns CFG on; a negative scale is a mistake, not "off"
+            raise ValueError(f"guidance_scale={g} must be >= 0 (> 1 turns classifier-free guidance on)")
         do_cfg = g > 1.0
         embeds, pooled = self.encode_prompt(prompts, max_sequence_length)
         if do_cfg:
@@ -243,8 +267,9 @@ class SD3Pipeline(_Pipeline):
             latents = jax.random.normal(jax.random.key(seed), shape, jnp.float32)
         latents = jnp.asarray(latents)
         if latents.shape != shape:
-            raise ValueError(f"latents have shape {tuple(latents.shape)}; expected {shape} ([B, C, H/8, W/8] for "
-                             f"{height}x{width})")
+            f = self.vae_scale_factor
+            raise ValueError(f"latents have shape {tuple(latents.shape)}; expected {shape} ([B, C, H/{f}, W/{f}] for "
+                             f"{height}x{width}, VAE scale factor {f})")
         latents = latents.astype(self.dtype)
         mu = None
         if self.scheduler.use_dynamic_shifting:  # SD3 pipeline: mu from the patch-grid sequence length
@@ -285,7 +310,8 @@ def flux_image_ids(h: int, w: int) -> np.ndarray:
 
 
 class FluxPipeline(_Pipeline):
-    """diffusers ``FluxPipeline``: CLIP-L pooled + T5 sequence, guidance embedding (dev) or none (schnell)."""
+    """diffusers ``FluxPipeline``: CLIP-L pooled + T5 sequence, guidance embedding (dev) or none (schnell), true
+    CFG with a negative prompt and ``true_cfg_scale`` > 1."""
 
     family = "flux"
 
@@ -294,23 +320,68 @@ class FluxPipeline(_Pipeline):
         t5 = self._t5("text_encoder_2", prompts, max_sequence_length)
         return t5, pooled
 
+    def __call__(self, prompt: str | list[str], negative_prompt: str | list[str] | None = None, *,
+                 true_cfg_scale: float = 1.0, height: int | None = None, width: int | None = None,
+                 num_inference_steps: int | None = None, guidance_scale: float | None = None, seed: int = 0,
+                 latents=None, max_sequence_length: int | None = None, output_type: str = "pil", progress: bool = False,
+                 plan=None, mesh=None, fsdp: bool = False, attention_impl: str = "auto") -> PipelineOutput:
+        """Text to image as diffusers' ``FluxPipeline``; ``negative_prompt`` with ``true_cfg_scale`` > 1 turns on
+        true classifier-free guidance (see :meth:`prepare`). Everything else as :meth:`_Pipeline.__call__`."""
+        from dfa2_jax.defaults import pipeline_defaults
+
+        check_attention_impl(attention_impl)
+        if num_inference_steps is None:
+            num_inference_steps = pipeline_defaults(self).num_inference_steps
+        kw = {} if max_sequence_length is None else {"max_sequence_length": max_sequence_length}
+        prep = self.prepare(prompt, negative_prompt, true_cfg_scale=true_cfg_scale, height=height, width=width,
+                            num_inference_steps=num_inference_steps, guidance_scale=guidance_scale, seed=seed,
+                            latents=latents, **kw)
+        return self._generate(prep, num_inference_steps, output_type=output_type, progress=progress, plan=plan,
+                              mesh=mesh, fsdp=fsdp, attention_impl=attention_impl)
+
     def prepare(self, prompt: str | list[str], negative_prompt: str | list[str] | None = None, *,
-                height: int | None = None, width: int | None = None, num_inference_steps: int = 28,
-                guidance_scale: float | None = None, seed: int = 0, latents=None,
-                max_sequence_length: int = 512) -> Prepared:
-        """Everything before the denoising loop: encoded prompts, initial (packed) latents, schedule."""
+                true_cfg_scale: float = 1.0, height: int | None = None, width: int | None = None,
+                num_inference_steps: int | None = None, guidance_scale: float | None = None, seed: int = 0,
+                latents=None, max_sequence_length: int | None = None) -> Prepared:
+        """Everything before the denoising loop: encoded prompts, initial (packed) latents, schedule.
+
+        True CFG as diffusers' ``FluxPipeline``: on when ``true_cfg_scale`` > 1 and a ``negative_prompt`` is given
+        (one string for every prompt, or one per prompt); then v = v_neg + true_cfg_scale·(v_pos − v_neg), the
+        guidance embedding (FLUX.1-dev) applied to both. diffusers runs the negative prompt as a second
+        transformer pass; we run the doubled batch [negative; positive] in one pass, as SD3's CFG
+        (``Prepared.do_cfg`` is then True, so ``cfg_share`` plan methods apply). Arguments left None take the
+        model folder's defaults (:func:`dfa2_jax.defaults.pipeline_defaults`)."""
+        from dfa2_jax.defaults import pipeline_defaults
+
         cfg: FluxConfig = self.transformer.config
-        if negative_prompt is not None:
-            raise ValueError("FluxPipeline: negative prompts need true CFG (true_cfg_scale), which is not "
-                             "implemented; FLUX.1 uses its guidance embedding instead")
+        d = pipeline_defaults(self)
+        true_cfg_scale = float(true_cfg_scale)
+        if not np.isfinite(true_cfg_scale):
+            raise ValueError(f"true_cfg_scale={true_cfg_scale} must be a finite number")
         if guidance_scale is not None and not cfg.guidance_embeds:
             raise ValueError("this FLUX model has no guidance embedding (FLUX.1-schnell): do not pass a guidance "
                              "scale")
         prompts = [prompt] if isinstance(prompt, str) else list(prompt)
-        height = height or 128 * self.vae_scale_factor
-        width = width or 128 * self.vae_scale_factor
+        do_cfg = true_cfg_scale > 1.0 and negative_prompt is not None
+        if negative_prompt is not None and not do_cfg:
+            logger.warning("negative_prompt is ignored: true CFG needs true_cfg_scale > 1 (got %s)", true_cfg_scale)
+        elif true_cfg_scale > 1.0 and not do_cfg:
+            logger.warning("true_cfg_scale=%s is ignored: true CFG needs a negative_prompt", true_cfg_scale)
+        height = d.height if height is None else height
+        width = d.width if width is None else width
+        num_inference_steps = d.num_inference_steps if num_inference_steps is None else num_inference_steps
+        max_sequence_length = d.max_sequence_length if max_sequence_length is None else max_sequence_length
+        if height < 1 or width < 1 or num_inference_steps < 1:
+            raise ValueError(f"height={height}, width={width} and num_inference_steps={num_inference_steps} must be "
+                             ">= 1")
         self._check_size(height, width)
         embeds, pooled = self.encode_prompt(prompts, max_sequence_length)
+        if do_cfg:
+            negs = [negative_prompt] * len(prompts) if isinstance(negative_prompt, str) else list(negative_prompt)
+            if len(negs) != len(prompts):
+                raise ValueError(f"{len(negs)} negative prompts for {len(prompts)} prompts")
+            n_embeds, n_pooled = self.encode_prompt(negs, max_sequence_length)
+            embeds, pooled = jnp.concatenate([n_embeds, embeds]), jnp.concatenate([n_pooled, pooled])
         h, w = height // self.vae_scale_factor, width // self.vae_scale_factor
         n = (h // 2) * (w // 2)
         shape = (len(prompts), n, cfg.in_channels)
@@ -319,8 +390,9 @@ class FluxPipeline(_Pipeline):
             latents = pack_latents(np.asarray(noise))
         latents = jnp.asarray(latents)
         if latents.shape != shape:
-            raise ValueError(f"latents have shape {tuple(latents.shape)}; expected packed {shape} ([B, N, 64] for "
-                             f"{height}x{width})")
+            f = self.vae_scale_factor
+            raise ValueError(f"latents have shape {tuple(latents.shape)}; expected packed {shape} ([B, (H/{f}/2)·"
+                             f"(W/{f}/2), {cfg.in_channels}] for {height}x{width}, VAE scale factor {f})")
         latents = latents.astype(self.dtype)
         sig = np.linspace(1.0, 1 / num_inference_steps, num_inference_steps)
         mu = calculate_shift(n, self.scheduler.base_image_seq_len, self.scheduler.max_image_seq_len,
@@ -328,12 +400,17 @@ class FluxPipeline(_Pipeline):
         timesteps, sigmas = set_timesteps(self.scheduler, num_inference_steps, sigmas=sig, mu=mu)
         txt_ids = np.zeros((embeds.shape[1], 3), np.float32)
         guidance = None
-        if cfg.guidance_embeds:
-            g = 3.5 if guidance_scale is None else float(guidance_scale)
-            guidance = jnp.full((len(prompts),), g, jnp.float32)
+        if cfg.guidance_embeds:  # per model-batch row: [negative; positive] with true CFG
+            g = (3.5 if d.guidance_scale is None else d.guidance_scale) if guidance_scale is None \
+                else float(guidance_scale)
+            if not g >= 0:
+                raise ValueError(f"guidance_scale={g} must be >= 0")
+            guidance = jnp.full((embeds.shape[0],), g, jnp.float32)
         cond = {"prompt_embeds": embeds.astype(self.dtype), "pooled_projections": pooled.astype(self.dtype),
                 "rope": flux_rope(cfg, txt_ids, flux_image_ids(h, w)), "guidance": guidance}
-        return Prepared(latents, cond, timesteps, sigmas, False, n, embeds.shape[1], (height, width))
+        if do_cfg:
+            cond["true_cfg_scale"] = jnp.asarray(true_cfg_scale, jnp.float32)
+        return Prepared(latents, cond, timesteps, sigmas, do_cfg, n, embeds.shape[1], (height, width))
 
     def to_images(self, final, prepared: Prepared) -> list:
         height, width = prepared.size
@@ -343,13 +420,15 @@ class FluxPipeline(_Pipeline):
 
 def load_pipeline(path: str | os.PathLike, *, dtype="float32", cache_dir=None) -> SD3Pipeline | FluxPipeline:
     """A diffusers pipeline folder (model_index.json, transformer/, vae/, text_encoder*/, tokenizer*/,
-    scheduler/) -> our SD3Pipeline or FluxPipeline."""
+    scheduler/), or a Hugging Face repo id ``org/name[@revision]`` already in the local hub cache
+    (:func:`converters.hf_cache.resolve_model_path`; nothing is downloaded) -> our SD3Pipeline or FluxPipeline."""
+    from converters.hf_cache import resolve_model_path
     from converters.safetensors_io import CheckpointError
     from converters.text_encoders import load_clip, load_t5, load_tokenizer
     from converters.vae import load_vae_decoder
     from dfa2_jax.transformer import load_transformer
 
-    root = os.fspath(path)
+    root = resolve_model_path(path)
     if not os.path.isdir(root):
         raise CheckpointError(f"{root}: not a pipeline folder")
     for sub in ("transformer", "vae"):

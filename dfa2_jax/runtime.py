@@ -43,7 +43,7 @@ class RuntimeSpec:
     cache_layers: tuple[bool, ...]  # some head is `cache` at some step, or the layer can be skipped
     resid_layers: tuple[bool, ...]  # some head is `wars`
     skip_layers: tuple[bool, ...]  # every head `cache` at some step: projections skipped then
-    cfg: bool  # the batch is [uncond, cond] (SD3 with classifier-free guidance)
+    cfg: bool  # the batch is [uncond, cond] (SD3's classifier-free guidance or FLUX's true CFG)
     # How compressed layers' heads run: one of ATTENTION_IMPLS (:func:`check_attention_impl`).
     impl: str = "auto"
 
@@ -53,7 +53,8 @@ class RuntimeSpec:
         if codes.ndim != 3:
             raise ValueError(f"codes must be [steps, layers, heads]; got shape {codes.shape}")
         if not cfg and np.isin(codes, M.CFG_CODES).any():
-            raise ValueError("cfg_share methods need classifier-free guidance (SD3 with guidance_scale > 1)")
+            raise ValueError("cfg_share methods need classifier-free guidance (SD3 with guidance_scale > 1, or FLUX "
+                             "true CFG: a negative_prompt with true_cfg_scale > 1)")
         skip = (codes == M.CACHE).all(axis=2).any(axis=0)
         impl = check_attention_impl(impl)
         return cls(dense_layers=tuple(bool(x) for x in (codes == M.FULL).all(axis=(0, 2))),

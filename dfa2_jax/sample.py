@@ -6,6 +6,8 @@ Params, latents and conditioning go in as arguments (nothing is closed over); th
 
 SD3: classifier-free guidance on the batch [uncond, cond] (diffusers' order), v = u + g·(c − u).
 FLUX: guidance embedding (dev) or none (schnell); the transformer receives t / 1000 as diffusers passes it.
+With true CFG (a negative prompt and true_cfg_scale > 1, diffusers' FluxPipeline) the batch is [negative,
+positive] as SD3's and v = n + s·(p − n); the guidance embedding still applies to both halves.
 """
 
 from __future__ import annotations
@@ -27,22 +29,27 @@ from dfa2_jax.scheduler import euler_step
 def velocity(model, x, t, cond: dict[str, Any], *, family: str, do_cfg: bool, runtime=None, batch_sharding=None):
     """One transformer evaluation at timestep t (diffusers' scale: 0..1000) -> velocity, x's shape.
 
-    ``batch_sharding``: a ``jax.sharding.Sharding`` for the model batch (SD3 with CFG: the doubled batch
+    ``do_cfg``: the conditioning holds [uncond; cond] on the batch (SD3's CFG with ``guidance_scale``, FLUX's true
+    CFG with ``true_cfg_scale``); the latents are doubled to match and the two halves combined.
+    ``batch_sharding``: a ``jax.sharding.Sharding`` for the model batch (with CFG: the doubled batch
     [uncond; cond], so a mesh axis can split the two halves: CFG parallel); None leaves it to GSPMD."""
+    model_in = jnp.concatenate([x, x], axis=0) if do_cfg else x
+    if batch_sharding is not None:
+        model_in = jax.lax.with_sharding_constraint(model_in, batch_sharding)
     if family == "sd3":
-        model_in = jnp.concatenate([x, x], axis=0) if do_cfg else x
-        if batch_sharding is not None:
-            model_in = jax.lax.with_sharding_constraint(model_in, batch_sharding)
         ts = jnp.broadcast_to(t, (model_in.shape[0],))
         v = model(model_in, cond["prompt_embeds"], cond["pooled_projections"], ts, runtime=runtime)
-        if do_cfg:
-            uncond, text = jnp.split(v, 2, axis=0)
-            # In the model's dtype, as diffusers does (a float32 guidance scale would promote bf16 latents).
-            v = uncond + jnp.asarray(cond["guidance_scale"], v.dtype) * (text - uncond)
-        return v
-    ts = jnp.broadcast_to(t, (x.shape[0],)).astype(x.dtype) / 1000
-    return model(x, cond["prompt_embeds"], cond["pooled_projections"], ts, cond["rope"], cond.get("guidance"),
-                 runtime=runtime)
+        scale = cond.get("guidance_scale")
+    else:
+        ts = jnp.broadcast_to(t, (model_in.shape[0],)).astype(x.dtype) / 1000
+        v = model(model_in, cond["prompt_embeds"], cond["pooled_projections"], ts, cond["rope"], cond.get("guidance"),
+                  runtime=runtime)
+        scale = cond.get("true_cfg_scale")
+    if do_cfg:
+        uncond, text = jnp.split(v, 2, axis=0)
+        # In the model's dtype, as diffusers does (a float32 guidance scale would promote bf16 latents).
+        v = uncond + jnp.asarray(scale, v.dtype) * (text - uncond)
+    return v
 
 
 # Progress reporting from inside the compiled scan: the step calls back to the host with its index; the
@@ -186,8 +193,9 @@ def denoise(graphdef, state, latents, cond: dict[str, Any], timesteps, sigmas, *
             report: bool = False, plan: PlanArrays | None = None, attention_impl: str = "auto"):
     """Run every step of the schedule; latents: SD3 [B, C, H, W], FLUX packed [B, N, C·4].
 
-    ``cond``: ``prompt_embeds``, ``pooled_projections`` (SD3 with CFG: [uncond; cond] stacked on the batch,
-    plus ``guidance_scale``), FLUX: ``rope`` (cos, sin) and ``guidance`` [B] or None. ``timesteps`` [N] and
+    ``cond``: ``prompt_embeds``, ``pooled_projections`` (with CFG: [uncond; cond] stacked on the batch, plus
+    SD3's ``guidance_scale`` or FLUX's ``true_cfg_scale``), FLUX: ``rope`` (cos, sin) and ``guidance`` [model
+    batch] or None. ``timesteps`` [N] and
     ``sigmas`` [N + 1] from :func:`dfa2_jax.scheduler.set_timesteps`. The latents buffer is donated.
     ``report``: call the :func:`progress_hook` after every step (a host callback; off for benchmarks).
     ``plan``: head-wise compression (:class:`PlanArrays` for this resolution); None is dense attention.

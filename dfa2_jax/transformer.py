@@ -23,6 +23,7 @@ import numpy as np
 from flax import nnx
 
 from converters import cache as param_cache
+from converters.hf_cache import resolve_model_path
 from converters.transformer import CheckpointError, abstract_model, load_params, parse_dtype, resolve_checkpoint
 from dfa2_jax.models.attention import AttentionRuntime
 from dfa2_jax.models.configs import FluxConfig, SD3Config, TransformerConfig
@@ -122,8 +123,10 @@ def flux_rope(config: FluxConfig, txt_ids, img_ids) -> tuple[jax.Array, jax.Arra
 
 def load_transformer(path: str | os.PathLike, *, dtype="float32", cache_dir: str | None | bool = None,
                      config_overrides: dict | None = None, verbose: bool = False) -> Transformer:
-    """Load an SD3/SD3.5/FLUX.1 transformer from a diffusers folder (pipeline root or ``transformer/``) or an
-    original single ``.safetensors`` file, cast to ``dtype`` ("float32" | "bfloat16" | "float16").
+    """Load an SD3/SD3.5/FLUX.1 transformer from a diffusers folder (pipeline root or ``transformer/``), an
+    original single ``.safetensors`` file, or a Hugging Face repo id ``org/name[@revision]`` already in the local
+    hub cache (:func:`converters.hf_cache.resolve_model_path`; nothing is downloaded), cast to ``dtype``
+    ("float32" | "bfloat16" | "float16").
 
     The converted params are kept as an orbax checkpoint under ``cache_dir`` (default ``$DFA2_CACHE_DIR`` or
     ``~/.cache/dfa2_jax``; ``False`` disables it); a second load of the same files reads that copy.
@@ -134,6 +137,7 @@ def load_transformer(path: str | os.PathLike, *, dtype="float32", cache_dir: str
     ``sample_size``. See ``converters.transformer.resolve_checkpoint``.
     """
     jdtype = parse_dtype(dtype)
+    path = resolve_model_path(path)
     resolved = resolve_checkpoint(path, config_overrides=config_overrides)
     if cache_dir is False:
         entry = None
@@ -182,7 +186,8 @@ def random_transformer(config: TransformerConfig, *, dtype="bfloat16", seed: int
 
 
 def config_of(path: str | os.PathLike) -> TransformerConfig:
-    """The transformer config of a checkpoint (diffusers config.json or inferred for single files)."""
+    """The transformer config of a checkpoint (diffusers config.json or inferred for single files); ``path`` as
+    :func:`load_transformer` takes it (a repo id included)."""
     return resolve_checkpoint(path).config
 
 

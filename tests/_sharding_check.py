@@ -41,6 +41,15 @@ def _flux():
     return tr, cond, latents, t, s, kw, n_img
 
 
+def _flux_true_cfg():
+    """FLUX with true CFG: a negative prompt's conditioning stacked before the prompt's ([neg; pos] on the batch)."""
+    tr, cond, latents, t, s, kw, n_img = _flux()
+    neg = {k: cond[k][::-1] * 0.5 for k in ("prompt_embeds", "pooled_projections")}
+    cond = {**cond, **{k: jnp.concatenate([neg[k], cond[k]]) for k in neg},
+            "guidance": jnp.concatenate([cond["guidance"], cond["guidance"]]), "true_cfg_scale": jnp.asarray(4.0)}
+    return tr, cond, latents, t, s, {**kw, "do_cfg": True}, n_img
+
+
 def _plan(tr, n_img, seed):
     """Random full / arrow / cache per step and head (step 0 full), plus one layer all-cache at step 2."""
     rng = np.random.default_rng(seed)
@@ -61,6 +70,7 @@ MODES = {
     "flux": [("data=4", False), ("heads=4", False), ("heads=2", False), ("data=2,heads=2", False),
              ("data=4", True), ("data=2,heads=2", True), ("seq=4", False), ("data=2,seq=2", False),
              ("data=2,seq=2", True)],
+    "flux_cfg": [("cfg=2,data=2", False), ("cfg=2,heads=2", False)],
     "sd3": [("data=4", False), ("heads=4", False), ("cfg=2,data=2", False), ("cfg=2,heads=2", False),
             ("data=2,heads=2", True), ("seq=4", False), ("cfg=2,seq=2", False)],
 }
@@ -172,12 +182,18 @@ def collectives_check() -> None:
 
 
 def main() -> int:
+    """``_sharding_check.py [part]``: part ``calibrate``, ``helpers`` (per-device attention and the collectives),
+    ``flux`` or ``sd3`` (the sampler's modes); none runs helpers, flux and sd3."""
     assert jax.device_count() == 4, jax.devices()
-    if len(sys.argv) > 1 and sys.argv[1] == "calibrate":
+    part = sys.argv[1] if len(sys.argv) > 1 else "all"
+    if part == "calibrate":
         return calibration_check()
-    per_device_check()
-    collectives_check()
-    for name, setup in (("flux", _flux), ("sd3", _sd3)):
+    if part in ("helpers", "all"):
+        per_device_check()
+        collectives_check()
+    for name, setup in (("flux", _flux), ("flux_cfg", _flux_true_cfg), ("sd3", _sd3)):
+        if part not in (name.split("_")[0], "all"):
+            continue
         tr, cond, latents, t, s, kw, n_img = setup()
         plan = _plan(tr, n_img, seed=3)
         ref = np.asarray(denoise(tr.graphdef, tr.state, jnp.array(latents), cond, t, s, plan=plan, **kw))

@@ -73,6 +73,37 @@ def test_pipeline_equals_diffusers(pipes, ours, name):
     assert_pipeline_output_matches(out, ref_lat, ref_img, name)
 
 
+NEGATIVE = ["blurry, low quality", "a green circle"]
+TRUE_CFG = 4.0
+
+
+@pytest.mark.parametrize("name", ["flux_dev", "flux_schnell"])
+def test_flux_true_cfg_equals_diffusers(pipes, ours, name):
+    """diffusers' FluxPipeline true CFG (negative_prompt + true_cfg_scale > 1: a second transformer pass) against
+    ours (the doubled batch [negative; positive] in one pass), the guidance embedding on for dev. Achieved (CPU,
+    float32, 4 steps): final latents max relative error dev 1.9e-6, schnell 3.7e-7; images 59 dB."""
+    pipe, _ = pipes[name]
+    latents = _initial_latents(name)
+    ref_lat, ref_img = _diffusers_run(pipe, name, latents, negative_prompt=NEGATIVE, true_cfg_scale=TRUE_CFG)
+    kw = dict(num_inference_steps=4, latents=latents, height=32, width=24, max_sequence_length=20,
+              guidance_scale=3.5 if name == "flux_dev" else None)
+    out = ours[name](PROMPTS, NEGATIVE, true_cfg_scale=TRUE_CFG, **kw)
+    assert_pipeline_output_matches(out, ref_lat, ref_img, f"{name} true CFG")
+    plain = ours[name](PROMPTS, **{**kw, "output_type": "latent"}).latents
+    assert max_rel_err(plain, ref_lat) > 1e-2  # true CFG changed the result
+    # diffusers' activation rule: a negative prompt with true_cfg_scale <= 1, or a scale without a negative
+    # prompt, is plain FLUX
+    for args, extra in (((PROMPTS, NEGATIVE), {}), ((PROMPTS,), {"true_cfg_scale": TRUE_CFG})):
+        prep = ours[name].prepare(*args, **extra, num_inference_steps=4, height=32, width=24, max_sequence_length=20)
+        assert not prep.do_cfg and prep.cond["prompt_embeds"].shape[0] == 2
+    prep = ours[name].prepare(PROMPTS, "", true_cfg_scale=TRUE_CFG, num_inference_steps=4, height=32, width=24,
+                              max_sequence_length=20)
+    assert prep.do_cfg and prep.cond["prompt_embeds"].shape[0] == 4  # one negative string for every prompt
+    with pytest.raises(ValueError, match="1 negative prompts for 2 prompts"):
+        ours[name].prepare(PROMPTS, NEGATIVE[:1], true_cfg_scale=TRUE_CFG, num_inference_steps=4, height=32,
+                           width=24, max_sequence_length=20)
+
+
 @pytest.mark.parametrize("name", ["sd3", "sd3_no_t5", "flux_dev"])
 def test_prompt_embeddings_equal_diffusers(pipes, ours, name):
     import torch
@@ -242,6 +273,31 @@ def test_pipeline_plans(ours, tmp_path, name):
     assert np.isfinite(compressed).all() and np.abs(compressed - dense).max() > 1e-5
     with pytest.raises(PlanError, match="num_inference_steps = 4"):
         p(PROMPTS, plan=plan, **{**kw, "num_inference_steps": 4})
+
+
+def test_flux_true_cfg_plans(ours, tmp_path):
+    """Plans under FLUX true CFG: the all-full plan is the dense sampler bitwise; cache/arrow and the CFG-sharing
+    methods run (the batch is [negative; positive] as SD3's); without true CFG cfg_share is an error."""
+    from dfa2_jax.calibrate.calibrate import calibrate
+    from dfa2_jax.plan import Plan, PlanError, model_info_for
+
+    p = ours["flux_dev"]
+    kw = dict(num_inference_steps=3, height=32, width=24, output_type="latent", seed=3, max_sequence_length=20)
+    cfg_kw = dict(kw, true_cfg_scale=TRUE_CFG)
+    dense = p(PROMPTS, NEGATIVE, **cfg_kw).latents
+    full = p(PROMPTS, NEGATIVE, plan=Plan.all_full(model_info_for(p.transformer.config), 3), **cfg_kw).latents
+    np.testing.assert_array_equal(full, dense)
+    plan = _plan_for(p, 3, ["full", "arrow:2", "cache", "cfg_share", "cfg_share+arrow:4"], seed=1)
+    plan.save(tmp_path / "plan.json")
+    compressed = p(PROMPTS, NEGATIVE, plan=str(tmp_path / "plan.json"), **cfg_kw).latents
+    assert np.isfinite(compressed).all() and np.abs(compressed - dense).max() > 1e-5
+    with pytest.raises(PlanError, match="CFG-sharing method needs classifier-free guidance, but FLUX has no"):
+        p(PROMPTS, plan=plan, **kw)
+    res = calibrate(p, PROMPTS, negative_prompt=NEGATIVE, true_cfg_scale=TRUE_CFG, resolution=(32, 24), steps=3,
+                    delta=0.5, candidates="arrow:2,cache,cfg_share", savings="exact", progress=False,
+                    max_sequence_length=20)
+    assert res.plan.calibration["true_cfg_scale"] == TRUE_CFG
+    assert np.isfinite(p(PROMPTS, NEGATIVE, plan=res.plan, **cfg_kw).latents).all()
 
 
 def test_cli_generate_with_plan(pipes, ours, tmp_path):

@@ -155,10 +155,12 @@ def test_cfg_methods_need_cfg(tmp_path):
     d["model"] = model_info_for(FLUX_SMALL)
     d["model"]["layers"] = d["model"]["layers"] + ["extra.attn"]
     d["model"]["num_heads"] = 4
+    flux = Plan.load(write(tmp_path, d))  # FLUX with true CFG can share: loading does not know the run
+    flux.validate(cfg=True)
     with pytest.raises(PlanError, match=r"CFG-sharing method needs classifier-free guidance, but FLUX has no"):
-        Plan.load(write(tmp_path, d))
+        flux.validate(cfg=False)
     d["assignment"][1][0][3] = 0
-    Plan.load(write(tmp_path, d))  # listed but unused: fine
+    Plan.load(write(tmp_path, d)).validate(cfg=False)  # listed but unused: fine
 
 
 def test_window_larger_than_image():

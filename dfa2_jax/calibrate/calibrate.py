@@ -54,8 +54,8 @@ def parse_candidates(names: Sequence[str] | str, *, cfg: bool) -> tuple[M.Method
         if m.code == M.FULL:
             raise CalibrationError("candidates: 'full' is always available (unchosen heads stay full); do not list it")
         if m.code in M.CFG_CODES and not cfg:
-            raise CalibrationError(f"candidates: {m.name} needs classifier-free guidance (SD3 with guidance > 1); "
-                                   "this model/pipeline has none")
+            raise CalibrationError(f"candidates: {m.name} needs classifier-free guidance (SD3 with guidance > 1, "
+                                   "FLUX with negative_prompt and true_cfg_scale > 1); this run has none")
         if m in out:
             raise CalibrationError(f"candidates: {m.name} is listed twice")
         out.append(m)
@@ -131,6 +131,12 @@ def _load_ckpt(path: str, key: str):
     return jnp.asarray(z["x"]), state, meta
 
 
+def _true_cfg(prep) -> float | None:
+    """FLUX's true-CFG scale when the calibration ran with it, else None."""
+    s = prep.cond.get("true_cfg_scale")
+    return None if s is None else float(s)
+
+
 def _effective_guidance(prep) -> float | None:
     """The guidance the calibration ran with (SD3 CFG scale / FLUX guidance embedding), None without."""
     if "guidance_scale" in prep.cond and prep.do_cfg:
@@ -145,7 +151,8 @@ def calibrate(pipe, prompts: Sequence[str], *, resolution, steps: int, delta: fl
               checkpoint: str | None = None, resume: bool = False, progress: bool = True,
               stop_after: int | None = None, time_limit_s: float = 10.0,
               max_sequence_length: int | None = None, mesh=None, fsdp: bool = False,
-              attention_impl: str = "auto") -> CalibrationResult:
+              attention_impl: str = "auto", negative_prompt: str | Sequence[str] | None = None,
+              true_cfg_scale: float | None = None) -> CalibrationResult:
     """Calibrate a plan for ``pipe`` (an SD3Pipeline / FluxPipeline) on ``prompts``.
 
     ``resolution``: int or (height, width) in pixels. ``batch``: the most prompts run together; the progressive
@@ -157,7 +164,9 @@ def calibrate(pipe, prompts: Sequence[str], *, resolution, steps: int, delta: fl
     prompts over ``data`` (and SD3's CFG halves over ``cfg``), heads over ``heads``; ``fsdp``: params sharded
     over ``data``. The host still answers every (step, layer) once. ``attention_impl``: how the arrow candidates
     are computed (:func:`dfa2_jax.runtime.check_attention_impl`; "auto": the Pallas kernel on a GPU, the banded
-    jnp form elsewhere).
+    jnp form elsewhere). ``negative_prompt`` (one string, or one per prompt): SD3's CFG negative prompt, or with
+    ``true_cfg_scale`` > 1 FLUX's true CFG (the pipelines' ``prepare``), under which ``cfg_share`` candidates
+    become valid; ``true_cfg_scale`` is FLUX's only.
     """
     attention_impl = check_attention_impl(attention_impl)
     t_start = time.perf_counter()
@@ -176,8 +185,14 @@ def calibrate(pipe, prompts: Sequence[str], *, resolution, steps: int, delta: fl
     h, w = (resolution, resolution) if isinstance(resolution, int) else tuple(resolution)
     pipe._check_size(h, w)
     extra = {} if max_sequence_length is None else {"max_sequence_length": max_sequence_length}
-    prep = pipe.prepare(prompts, height=h, width=w, num_inference_steps=steps, guidance_scale=guidance_scale,
-                        seed=seed, **extra)
+    if true_cfg_scale is not None:
+        if pipe.transformer.config.family != "flux":
+            raise CalibrationError(f"true_cfg_scale={true_cfg_scale}: FLUX only (SD3's CFG scale is guidance_scale)")
+        extra["true_cfg_scale"] = true_cfg_scale
+    if negative_prompt is not None and not isinstance(negative_prompt, str):
+        negative_prompt = list(negative_prompt)
+    prep = pipe.prepare(prompts, negative_prompt, height=h, width=w, num_inference_steps=steps,
+                        guidance_scale=guidance_scale, seed=seed, **extra)
     cands = parse_candidates(candidates, cfg=prep.do_cfg)
     tr = pipe.transformer
     layer_names = tr.attention_layer_names()
@@ -190,7 +205,10 @@ def calibrate(pipe, prompts: Sequence[str], *, resolution, steps: int, delta: fl
     key = _settings_key(model=tr.config.to_diffusers(), dtype=str(tr.dtype), prompts=prompts, size=(h, w),
                         steps=steps, delta=delta, c=c, candidates=methods, seed=seed, g=guidance_scale,
                         savings=savings if isinstance(savings, (str, dict)) else str(savings), blocks=blocks,
-                        text=prep.text_len)
+                        text=prep.text_len,
+                        # only when used, so that checkpoints of runs without them keep their key
+                        **({"negative": negative_prompt} if negative_prompt is not None else {}),
+                        **({"true_cfg": _true_cfg(prep)} if _true_cfg(prep) is not None else {}))
     assignment = np.zeros((steps, len(layer_names), heads), np.int32)
     solver_time = [0.0]
     start = 0
@@ -264,6 +282,8 @@ def calibrate(pipe, prompts: Sequence[str], *, resolution, steps: int, delta: fl
                    "savings": savings if isinstance(savings, str) else "latency-table",
                    "blocks": list(blocks) if savings == "tiles" else None, "image_tokens": prep.n_img,
                    "guidance_scale": _effective_guidance(prep)}
+    if _true_cfg(prep) is not None:
+        calibration["true_cfg_scale"] = _true_cfg(prep)
     plan = Plan(info, steps, methods, assignment, calibration)
     plan.validate(info, n_img=prep.n_img, cfg=prep.do_cfg)
     stats = flops.plan_stats(plan, prep.n_img, blocks=tuple(blocks))

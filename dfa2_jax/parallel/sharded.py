@@ -9,7 +9,7 @@ head axes (:func:`dfa2_jax.models.attention.per_device`), so each device attends
 Mesh axes (any subset, ``parse_mesh("data=2,heads=4")``):
 
 - ``data``: latents, conditioning and the plan's carried caches split on the batch;
-- ``cfg`` (SD3 with classifier-free guidance only, size 1 or 2): the model batch [uncond; cond] split in its
+- ``cfg`` (classifier-free guidance only: SD3's CFG or FLUX's true CFG; size 1 or 2): the model batch [uncond; cond] split in its
   two halves (a sharding constraint on the doubled batch inside ``velocity``); the model batch axis is
   sharded over ``("cfg", "data")``;
 - ``seq``: Ulysses-style sequence parallel: params replicated, the residual streams split on their tokens
@@ -123,9 +123,9 @@ def validate(sizes: dict[str, int], *, batch: int, heads: int, family: str, do_c
         raise ValueError(f"{heads} attention heads are not divisible by the seq axis size {seq} (inside attention "
                          "the seq axis splits the heads)")
     if cfg > 1:
-        if not (family == "sd3" and do_cfg):
-            raise ValueError(f"the cfg axis (size {cfg}) needs SD3 with classifier-free guidance "
-                             f"(family {family!r}, do_cfg={do_cfg})")
+        if not do_cfg:
+            raise ValueError(f"the cfg axis (size {cfg}) needs classifier-free guidance (SD3 with guidance_scale > 1, "
+                             f"FLUX with a negative prompt and true_cfg_scale > 1; family {family!r})")
         if cfg != 2:
             raise ValueError(f"the cfg axis splits [uncond; cond]: its size must be 1 or 2; got {cfg}")
 
@@ -253,7 +253,7 @@ def place_inputs(mesh: Mesh, state, latents, cond: dict[str, Any], *, family: st
     batch = latents.shape[0]
     validate({a: _size(mesh, a) for a in mesh.axis_names}, batch=batch, heads=num_heads, family=family,
              do_cfg=do_cfg)
-    cfg_model = family == "sd3" and do_cfg
+    cfg_model = do_cfg  # the model batch is [uncond; cond]: SD3's CFG or FLUX's true CFG
     model_batch = 2 * batch if cfg_model else batch
     model_axes = _batch_axes(mesh, model_batch=True)
     data_axes = _batch_axes(mesh, model_batch=False)

@@ -1,4 +1,4 @@
-"""The plan file (format v1, shared/DESIGN.md): which method every (step, layer, head) uses.
+"""The plan file (format v1, docs/PLAN_FORMAT.md): which method every (step, layer, head) uses.
 
 ```
 {"format": "dfa2-plan", "version": 1,
@@ -15,7 +15,8 @@ Semantic rules checked by :meth:`Plan.validate` (besides shapes and types):
   so ``cache`` at step t ≥ 1 always has step t−1's output to read; only step 0 has nothing before it;
 - ``wars:k`` reads the residual (full − window) stored at an earlier ``full`` step of the same (layer, head),
   computed there with that head's one k: all ``wars`` steps of a (layer, head) use the same k;
-- ``cfg_share`` / ``cfg_share+arrow:k`` need classifier-free guidance (SD3 with guidance; never FLUX);
+- ``cfg_share`` / ``cfg_share+arrow:k`` need classifier-free guidance (SD3 with guidance, FLUX with true CFG: a
+  negative prompt and true_cfg_scale > 1); a run without it (``validate(cfg=False)``) rejects them;
 - at a given resolution every windowed method has a non-empty band (N_img // (2k) ≥ 1).
 """
 
@@ -158,7 +159,12 @@ class Plan:
         except json.JSONDecodeError as e:
             what = "truncated" if e.pos >= len(text.rstrip()) else "not valid JSON"
             raise PlanError(f"{name}: {what} (line {e.lineno} column {e.colno}: {e.msg})") from None
-        return cls.from_dict(d, source=name)
+        except RecursionError:  # e.g. "[[[[...]]]]" deeper than the decoder's recursion limit
+            raise PlanError(f"{name}: not a plan (JSON nested deeper than Python's recursion limit)") from None
+        try:
+            return cls.from_dict(d, source=name)
+        except RecursionError:
+            raise PlanError(f"{name}: not a plan (values nested too deeply)") from None
 
     def save(self, path: str | os.PathLike) -> None:
         """Validate, then write atomically (temp file in the same folder + os.replace)."""
@@ -197,7 +203,8 @@ class Plan:
     def validate(self, model_info: dict[str, Any] | None = None, *, n_img: int | None = None,
                  cfg: bool | None = None) -> Plan:
         """Check the plan (and, when given, that it fits ``model_info``, that every used window is non-empty at
-        ``n_img`` image tokens, and that CFG methods are only used when ``cfg`` is not False). Returns self."""
+        ``n_img`` image tokens, and that CFG methods are only used when ``cfg`` is not False: None = not known
+        here, as when a plan is loaded or saved; the run checks with its own ``cfg``). Returns self."""
         self._validate_model()
         if not _is_int(self.steps) or self.steps < 1:
             raise self._err(f"steps = {self.steps!r} must be an integer >= 1")
@@ -217,12 +224,12 @@ class Plan:
                             f"head{why}")
         self._validate_wars(methods, a)
         fam = self.model["family"]
-        no_cfg = fam == "flux" or cfg is False
-        if no_cfg:
+        if cfg is False:
             for i in used:
                 if methods[i].code in CFG_CODES:
                     s, li, hi = (int(x) for x in np.argwhere(a == i)[0])
-                    why = "FLUX has no classifier-free guidance" if fam == "flux" else "the run has no CFG (cfg=False)"
+                    why = ("FLUX has no classifier-free guidance here (true CFG needs a negative prompt and "
+                           "true_cfg_scale > 1; cfg=False)" if fam == "flux" else "the run has no CFG (cfg=False)")
                     raise self._err(f"assignment[{s}][{li}][{hi}] = {i} ({self.methods[i]!r}): a CFG-sharing method "
                                     f"needs classifier-free guidance, but {why}")
         if n_img is not None:

@@ -1,6 +1,7 @@
 """Import and export of the official DiTFastAttn plan files (thu-nics/DiTFastAttnV2 and V1), without torch.
 
-Official V2 files (shared/REFERENCE.md, "Plan format"), torch.save pickles despite the ``.json`` suffix:
+Official V2 files (docs/PLAN_FORMAT.md, "The official DiTFastAttn files"), torch.save pickles despite the
+``.json`` suffix:
 - ``{model}_{res}_head_option_{delta}.json``: {layer_name: {step (int): int32 tensor [H, 2]}}, (left, right)
   half-window per head: −1 full, 0 cached, else N_img // (2k) (``dfa_processor_*_flash.py``:
   ``wt[head] = (S - n_text) // (int(ws) * 2)``, then ``repeat_interleave(2).view(-1, 2)``);
@@ -274,7 +275,8 @@ def import_v1(source, model_info: dict, *, window_k: int = 8, steps: int | None 
             names[s][li] = [m] * n_heads
     plan = _plan_from_names(names, model_info, {"source": "DiTFastAttn V1", "window_k": int(window_k)})
     plan.source = src
-    plan.validate(model_info)
+    # V1 calibrated FLUX without classifier-free guidance: its cfg_attn_share has nothing to share there
+    plan.validate(model_info, cfg=False if model_info["family"] == "flux" else None)
     return plan
 
 
