@@ -1,32 +1,39 @@
 """Compile the FLUX.1-dev sampler (``--model sd3``: SD3-medium with CFG) for an NVIDIA H100 on a machine without a
 GPU: XLA's memory analysis, the cache-sized copies left in the compiled program and the compile time, dense vs the
-bench_e2e 68% plan, on one GPU or sharded over several (``--meshes``).
+benchmark's 68% plan (:func:`dfa2_jax.benchmarking.benchmark_plan`), on one GPU or sharded over several
+(``--meshes``).
 
 This is XLA's deviceless (ahead-of-time) GPU compile: a topology built from a target description
 (``H100_TARGET``: the device facts XLA's GPU compiler reads) instead of an attached GPU, through the jax CUDA
 plugin, which must be installed for jax's exact version (Python ≥ 3.12 for jax ≥ 0.11, e.g.
 ``pip install jax-cuda13-plugin==$JAX_VERSION jax-cuda13-pjrt==$JAX_VERSION``); run with JAX_PLATFORMS=cpu.
-The plan's layers compile the real Pallas kernel (``--backend mosaic|triton``; ptxas runs here too). cuDNN's
-attention (the dense layers) needs a GPU to build its graph, so it is replaced by an opaque custom call of the
-same signature that returns a new buffer, as cuDNN's does (``stand-in``, a do-nothing FFI handler registered
-through ctypes); its workspace is not counted. The figures are the compiled program's, before any run: use
-``scripts/bench_memory.py`` on a GPU for the device peak.
+The plan's layers compile the real Pallas kernel (``--backend mosaic|triton``: ``attention_impl="mosaic_gpu"`` /
+``"triton"``, passed explicitly since "auto" resolves to the jnp reference on a host without a GPU; ptxas runs
+here too). cuDNN's attention (the dense layers) needs a GPU to build its graph, so it is replaced by an opaque
+custom call of the same signature that returns a new buffer, as cuDNN's does (``stand-in``, a do-nothing FFI
+handler registered through ctypes); its workspace is not counted. The figures are the compiled program's, before
+any run: use ``scripts/bench_memory.py`` on a GPU for the device peak.
 
-    JAX_PLATFORMS=cpu PYTHONPATH=. python3 scripts/aot_memory.py --res 2048 --steps 28
+    JAX_PLATFORMS=cpu python3 scripts/aot_memory.py --res 2048 --steps 28
+    JAX_PLATFORMS=cpu XLA_FLAGS=--xla_force_host_platform_device_count=2 \\
+        python3 scripts/aot_memory.py --smoke --meshes "none;heads=2"     # no CUDA plugin needed
+
+``--smoke`` compiles the tiny benchmark model at 128², 3 steps, for the host CPU instead of an H100 (the same
+stand-in, registered for the CPU; the plan's heads as ``--smoke-impl``, default the Triton kernel in interpret
+mode): every step but the CUDA topology, for a check of the script without the plugin.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import ctypes
+import dataclasses
 import math
 import os
 import re
 import sys
 import time
-
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 # An H100 SXM5 80 GB (XLA's GpuTargetConfigProto, text format): 132 SMs, 228 KiB shared memory per SM (227 KiB
 # per block opt-in), 50 MiB L2, 3.35 TB/s HBM3, 1.98 GHz boost clock, compute capability 9.0.
@@ -61,8 +68,8 @@ HLO_DTYPES = {"bfloat16": "bf16", "float16": "f16", "float32": "f32"}
 _handlers = []  # the ctypes callbacks must outlive the registration
 
 
-def register_stand_in() -> None:
-    """A do-nothing XLA FFI handler for the CUDA platform, registered as ``STAND_IN``. Compilation only: XLA
+def register_stand_in(platform: str = "CUDA") -> None:
+    """A do-nothing XLA FFI handler for ``platform``, registered as ``STAND_IN``. Compilation only: XLA
     queries the handler's API version at registration (the metadata extension of the call frame), which it
     answers; it is never executed."""
     import jax
@@ -83,92 +90,111 @@ def register_stand_in() -> None:
     new_capsule.restype = ctypes.py_object
     new_capsule.argtypes = (ctypes.c_void_p, ctypes.c_char_p, ctypes.c_void_p)
     jax.ffi.register_ffi_target(STAND_IN, new_capsule(ctypes.cast(cfunc, ctypes.c_void_p), None, None),
-                                platform="CUDA")
+                                platform=platform)
+
+
+BACKENDS = {"mosaic": "mosaic_gpu", "mosaic_gpu": "mosaic_gpu", "triton": "triton"}  # --backend -> attention_impl
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser()
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default="flux", choices=("flux", "sd3"),
                     help="FLUX.1-dev (batch 1) or SD3-medium (batch 1, classifier-free guidance: model batch 2)")
-    ap.add_argument("--res", type=int, default=None, help="default 2048 (FLUX) / 1024 (SD3)")
-    ap.add_argument("--steps", type=int, default=28)
+    ap.add_argument("--res", type=int, default=None, help="default 2048 (FLUX) / 1024 (SD3); --smoke: 128")
+    ap.add_argument("--steps", type=int, default=None, help="default 28; --smoke: 3")
     ap.add_argument("--layers", default=None, help="FLUX: double,single blocks (default 19,38); SD3: blocks (24)")
-    ap.add_argument("--backend", default="mosaic", choices=("mosaic", "triton"), help="the plan's arrow kernel")
+    ap.add_argument("--backend", default="mosaic", choices=sorted(BACKENDS),
+                    help="the plan's arrow kernel (attention_impl mosaic_gpu or triton)")
     ap.add_argument("--variants", default="dense,plan")
     ap.add_argument("--meshes", default="none",
                     help="';'-separated meshes to compile on (dfa2 --mesh syntax, e.g. 'none;heads=4;seq=4'): the "
                          "sharded sampler (dfa2_jax.parallel.sharded.shard_denoise) on that many H100s of one host; "
                          "figures are per device")
     ap.add_argument("--dump", default=None, help="folder for each compiled module's HLO text")
+    ap.add_argument("--smoke", action="store_true",
+                    help="the tiny model compiled for the host CPU (no CUDA plugin): a check of the script")
+    ap.add_argument("--smoke-impl", default="interpret", choices=("interpret", "xla"),
+                    help="--smoke: how the plan's heads compile on the CPU")
     args = ap.parse_args()
-    os.environ["DFA2_ARROW_IMPL"] = "pallas"
-    os.environ["DFA2_ARROW_BACKEND"] = args.backend
+    args.steps = args.steps or (3 if args.smoke else 28)
+    attention_impl = args.smoke_impl if args.smoke else BACKENDS[args.backend]
     import jax
     import jax.numpy as jnp
     import numpy as np
-    from bench_scale import plan_arrays, tree_bytes
     from flax import nnx
     from jax.experimental import topologies
 
-    import dfa2_jax
     from converters.transformer import abstract_model
     from dfa2_jax import runtime
+    from dfa2_jax.benchmarking import (benchmark_plan, flux_ids, image_tokens, model_config, schedule, text_tokens,
+                                       tree_bytes)
     from dfa2_jax.models import attention
-    from dfa2_jax.parallel import sharded as sharding as dfa2_sharding
-    from dfa2_jax.pipeline import flux_image_ids
-    from dfa2_jax.sample import scan_sampler, plan_inputs, split_plan_inputs
-    from dfa2_jax.parallel.sharded import make_mesh, parse_mesh
-    from dfa2_jax.scheduler import FlowMatchEulerConfig, calculate_shift, set_timesteps
+    from dfa2_jax.parallel.mesh import per_device
+    from dfa2_jax.parallel.sharded import make_mesh, parse_mesh, sharded_sampler_inputs
+    from dfa2_jax.sample import plan_inputs, scan_sampler, split_plan_inputs
     from dfa2_jax.transformer import flux_rope
 
-    try:
-        n_gpus = max(math.prod(parse_mesh(m).values()) if m != "none" else 1 for m in args.meshes.split(";"))
-        topo = topologies.get_topology_desc("", platform="cuda", target_config=H100_TARGET,
-                                            topology=f"1x1x{n_gpus}")
-    except Exception as e:  # noqa: BLE001 - the plugin's own message says what is missing
-        sys.exit(f"aot_memory: no deviceless CUDA topology ({e}); install the jax CUDA plugin of jax "
-                 f"{jax.__version__} (jax-cuda13-plugin and jax-cuda13-pjrt) and run with JAX_PLATFORMS=cpu")
-    register_stand_in()
+    n_gpus = max(math.prod(parse_mesh(m).values()) if m != "none" else 1 for m in args.meshes.split(";"))
+    if args.smoke:
+        devices, platform = jax.devices()[:n_gpus], "cpu"
+        if len(devices) < n_gpus:
+            sys.exit(f"aot_memory --smoke: the meshes need {n_gpus} devices; run with "
+                     f"XLA_FLAGS=--xla_force_host_platform_device_count={n_gpus}")
+        device_kind = f"the host CPU ({devices[0].device_kind})"
+        target_mesh = contextlib.nullcontext()
+    else:
+        try:
+            topo = topologies.get_topology_desc("", platform="cuda", target_config=H100_TARGET,
+                                                topology=f"1x1x{n_gpus}")
+        except Exception as e:  # noqa: BLE001 - the plugin's own message says what is missing
+            sys.exit(f"aot_memory: no deviceless CUDA topology ({e}); install the jax CUDA plugin of jax "
+                     f"{jax.__version__} (jax-cuda13-plugin and jax-cuda13-pjrt) and run with JAX_PLATFORMS=cpu "
+                     "(or --smoke: the tiny model compiled for the host CPU)")
+        devices, platform, device_kind = topo.devices, "cuda", topo.devices[0].device_kind
+        # The Triton lowering of jax >= 0.11 reads its target GPU from the abstract mesh when none is attached.
+        target_mesh = jax.sharding.use_abstract_mesh(jax.sharding.AbstractMesh(
+            (1,), ("target",), abstract_device=jax.sharding.AbstractDevice(
+                device_kind=device_kind, num_cores=None, platform="cuda")))
+    register_stand_in("cpu" if args.smoke else "CUDA")
 
     def cudnn_stand_in(q, k, v, implementation=None):  # per device under a mesh, as dense_attention's cuDNN call
         def local(q, k, v):
             return jax.ffi.ffi_call(STAND_IN, jax.ShapeDtypeStruct(q.shape, q.dtype))(q, k, v)
 
-        return attention.per_device(local, (q, k, v))
+        return per_device(local, (q, k, v))
 
+    # Both modules call dense_attention through their own global name: the models' joint attention and the plan
+    # runtime's full heads.
     attention.dense_attention = runtime.dense_attention = cudnn_stand_in
-    sharding = jax.sharding.SingleDeviceSharding(topo.devices[0])
-    # The Triton lowering of jax >= 0.11 reads its target GPU from the abstract mesh when none is attached.
-    target_mesh = jax.sharding.use_abstract_mesh(jax.sharding.AbstractMesh(
-        (1,), ("target",), abstract_device=jax.sharding.AbstractDevice(
-            device_kind=topo.devices[0].device_kind, num_cores=None, platform="cuda")))
+    sharding = jax.sharding.SingleDeviceSharding(devices[0])
 
     def on_gpu(tree):
         return jax.tree.map(lambda x: jax.ShapeDtypeStruct(np.shape(x), x.dtype, sharding=sharding), tree)
 
-    if args.model == "flux":
-        n_double, n_single = (int(x) for x in (args.layers or "19,38").split(","))
-        cfg = dfa2_jax.FluxConfig.dev(num_layers=n_double, num_single_layers=n_single)
-        text, batch, res, family, do_cfg = 512, 1, args.res or 2048, "flux", False
-        blocks = f"{n_double}+{n_single} blocks"
+    family = args.model
+    cfg = model_config(family, tiny=args.smoke)
+    if family == "flux":
+        if args.layers:
+            n_double, n_single = (int(x) for x in args.layers.split(","))
+            cfg = dataclasses.replace(cfg, num_layers=n_double, num_single_layers=n_single)
+        batch, res, do_cfg = 1, args.res or (128 if args.smoke else 2048), False
+        blocks = f"{cfg.num_layers}+{cfg.num_single_layers} blocks"
     else:
-        cfg = dfa2_jax.SD3Config.medium(**({"num_layers": int(args.layers)} if args.layers else {}))
-        text, batch, res, family, do_cfg = 333, 2, args.res or 1024, "sd3", True  # 77 CLIP + 256 T5; [uncond, cond]
+        if args.layers:
+            cfg = dataclasses.replace(cfg, num_layers=int(args.layers))
+        batch, res, do_cfg = 2, args.res or (128 if args.smoke else 1024), True  # [uncond, cond]
         blocks = f"{cfg.num_layers} blocks, CFG"
+    text = text_tokens(family, tiny=args.smoke)
     dtype = jnp.bfloat16
     graphdef, params = nnx.split(abstract_model(cfg, dtype))
     h = w = res // 8
-    n_img = (h // 2) * (w // 2)
-    steps = np.linspace(1, 1 / args.steps, args.steps)
-    if family == "flux":
-        ts, sig = set_timesteps(FlowMatchEulerConfig.flux_dev(), args.steps, sigmas=steps, mu=calculate_shift(n_img))
-    else:
-        ts, sig = set_timesteps(FlowMatchEulerConfig.sd3(), args.steps)
-    plan, kept = plan_arrays(cfg, text, args.steps, n_img, smoke=False)
+    n_img = image_tokens(res)
+    ts, sig = schedule(family, args.steps, n_img)
+    plan, kept = benchmark_plan(cfg, text_len=text, steps=args.steps, n_img=n_img, tiny=args.smoke)
     cond = {"prompt_embeds": jax.ShapeDtypeStruct((batch, text, cfg.joint_attention_dim), dtype),
             "pooled_projections": jax.ShapeDtypeStruct((batch, cfg.pooled_projection_dim), dtype)}
     if family == "flux":
-        cond.update(rope=flux_rope(cfg, np.zeros((text, 3), np.float32), flux_image_ids(h, w)),
+        cond.update(rope=flux_rope(cfg, *flux_ids(res, text)),
                     guidance=jax.ShapeDtypeStruct((1,), jnp.float32))
         latents = jax.ShapeDtypeStruct((1, n_img, cfg.in_channels), dtype)
     else:
@@ -182,15 +208,15 @@ def main() -> None:
         with jax.set_mesh(mesh) if mesh is not None else target_mesh:  # a mesh knows its devices' kind
             traced = trace()
             t1 = time.perf_counter()
-            lowered = traced.lower(lowering_platforms=("cuda",))
+            lowered = traced.lower(lowering_platforms=(platform,))
         t2 = time.perf_counter()
         compiled = lowered.compile()
         return compiled, (t1 - t0, t2 - t1, time.perf_counter() - t2)
 
     def sharded(mesh_spec, p):
-        """shard_denoise's placement on a mesh of the topology's devices (device_put making abstract placed
+        """shard_denoise's placement on a mesh of the target's devices (device_put making abstract placed
         values), then the sampler compiled instead of run."""
-        mesh = make_mesh(mesh_spec, devices=topo.devices[:math.prod(parse_mesh(mesh_spec).values())])
+        mesh = make_mesh(mesh_spec, devices=devices[:math.prod(parse_mesh(mesh_spec).values())])
 
         def abstract_put(x, device=None, *a, **k):
             return jax.tree.map(lambda v: jax.ShapeDtypeStruct(np.shape(v), v.dtype, sharding=device), x)
@@ -200,23 +226,24 @@ def main() -> None:
             rng = np.random.default_rng(0)
             concrete = {k: (v if not isinstance(v, jax.ShapeDtypeStruct) else
                             jnp.asarray(rng.standard_normal(v.shape), v.dtype)) for k, v in cond.items()}
-            sargs, skw = dfa2_sharding.sharded_sampler_inputs(
+            sargs, skw = sharded_sampler_inputs(
                 mesh, graphdef, params, jnp.zeros(latents.shape, dtype), concrete, ts, sig, family=family,
-                do_cfg=do_cfg, plan=p, num_heads=cfg.num_attention_heads)
+                do_cfg=do_cfg, plan=p, num_heads=cfg.num_attention_heads, attention_impl=attention_impl)
         finally:
             jax.device_put = real_put
         graph, state, lat, cnd, t, sg, plan_in = sargs
         arrays, attn = split_plan_inputs(plan_in)
         caches = tree_bytes(attn) // mesh.size
         compiled, times = compile_traced(lambda: scan_sampler.trace(graph, state, lat, cnd, t, sg, arrays, attn,
-                                                                      **skw), mesh)
+                                                                    **skw), mesh)
         return caches, compiled, times
 
     for mesh_spec in args.meshes.split(";"):
         for name in args.variants.split(","):
             p = {"dense": None, "plan": plan}[name]
             if mesh_spec == "none":
-                spec, plan_in = plan_inputs(graphdef, params, latents, cond, ts, p, family=family, do_cfg=do_cfg)
+                spec, plan_in = plan_inputs(graphdef, params, latents, cond, ts, p, family=family, do_cfg=do_cfg,
+                                            attention_impl=attention_impl)
                 arrays, state = on_gpu(split_plan_inputs(plan_in))
                 caches = tree_bytes(state)
                 compiled, times = compile_traced(lambda: scan_sampler.trace(
@@ -236,16 +263,16 @@ def main() -> None:
             rows.append((mesh_spec, name, caches, m, copies, *times))
             print(f"{mesh_spec} {name}: compiled in {sum(times):.1f} s", flush=True)
 
-    print(f"\n{'FLUX.1-dev' if family == 'flux' else 'SD3-medium'}-shaped, {blocks}, {res}², {args.steps} steps, "
-          f"bf16; deviceless "
-          f"compile for {topo.devices[0].device_kind}; jax {jax.__version__}; plan keeps {kept:.3f} of attention "
-          f"(kernel: {args.backend}); MiB")
+    shape = ("FLUX.1-dev" if family == "flux" else "SD3-medium") + ("-tiny" if args.smoke else "")
+    print(f"\n{shape}-shaped, {blocks}, {res}², {args.steps} steps, bf16; deviceless compile for {device_kind}; "
+          f"jax {jax.__version__}; plan keeps {kept:.3f} of attention (kernel: {attention_impl}); MiB")
     print(f"{'mesh':<9} {'variant':<7} {'caches':>7} {'args':>7} {'output':>7} {'alias':>7} {'temp':>7} "
           f"{'cache copies':>12} {'trace s':>7} {'lower s':>7} {'compile s':>9}")
     for mesh_spec, name, caches, m, copies, tr, lo, co in rows:
-        print(f"{mesh_spec:<9} {name:<7} {caches / mib:7.0f} {m.argument_size_in_bytes / mib:7.0f} {m.output_size_in_bytes / mib:7.0f} "
-              f"{m.alias_size_in_bytes / mib:7.0f} {m.temp_size_in_bytes / mib:7.0f} {copies:12d} {tr:7.1f} {lo:7.1f} "
-              f"{co:9.1f}")
+        print(f"{mesh_spec:<9} {name:<7} {caches / mib:7.0f} {m.argument_size_in_bytes / mib:7.0f} "
+              f"{m.output_size_in_bytes / mib:7.0f} {m.alias_size_in_bytes / mib:7.0f} "
+              f"{m.temp_size_in_bytes / mib:7.0f} "
+              f"{copies:12d} {tr:7.1f} {lo:7.1f} {co:9.1f}")
 
 
 if __name__ == "__main__":

@@ -1,42 +1,38 @@
-"""Arrow-attention kernel vs dense cuDNN attention (issue 6), meant for one H100.
+"""Arrow-attention kernel vs dense cuDNN attention, on one GPU.
 
-    python scripts/bench_arrow.py                       # FLUX 2048² and SD3 1024² shapes on the GPU
-    python scripts/bench_arrow.py --interpret --small   # CPU smoke run: correctness part + a few timed calls
+    python3 scripts/bench_arrow.py                       # FLUX 2048² and SD3 1024² shapes on the GPU
+    python3 scripts/bench_arrow.py --interpret --small   # CPU smoke run: correctness part + a few timed calls
 
-For each shape: check the kernel against the pure-jnp reference first (full size: on up to 4 heads, one kind
-of each, one head at a time so the S×S reference fits), then time dense cuDNN
-(``jax.nn.dot_product_attention(implementation="cudnn")``; "xla" off GPU) and the kernel with all heads full,
-all arrow:8 / :16 / :32 and a mixed plan (25% cached heads, the rest arrow / full, fixed seed). Each figure is
-the median of ``--iters`` timed calls after warm-up, each call on fresh random inputs (drawn outside the
-timed region). Columns: ms; effective TFLOP/s = dense FLOPs (4·B·H·S²·D) / time; TFLOP/s on the kept tiles;
-speedup vs the dense baseline; kept fraction of (block_q × block_k) tiles (dfa2_jax.plan.flops.arrow_tiles /
-total_tiles, cached heads 0); the ideal speedup 1/kept.
+For each shape (:data:`dfa2_jax.benchmarking.ATTENTION_SHAPES`): check the kernel against the pure-jnp reference
+first (full size: on up to 4 heads, one kind of each, one head at a time so the S×S reference fits), then time
+dense cuDNN (``jax.nn.dot_product_attention(implementation="cudnn")``; "xla" off GPU) and the kernel with all heads
+full, all arrow:8 / :16 / :32, the benchmark's mixed plan (25% cached heads, the rest arrow / full, fixed seed;
+68% of the FLOPs removed) and ``--mixes`` random head mixes at the same kept fraction (each head full, arrow:8 /
+:16 / :32 or cached at random, seeds 1..N, redrawn until the kept fraction is within ±1% of the mixed plan's
+target), each checked against the reference too. Each figure is the median of ``--iters`` timed calls after
+warm-up, each call on fresh random inputs (drawn outside the timed region). Columns: ms; effective TFLOP/s =
+dense FLOPs (4·B·H·S²·D) / time; TFLOP/s on the kept tiles; speedup vs the dense baseline; kept fraction of
+(block_q × block_k) tiles (dfa2_jax.plan.flops.arrow_tiles / total_tiles, cached heads 0); the ideal speedup
+1/kept. Last per shape and backend: the mixed plan's speedup and the worst of the random mixes'.
 """
 
 from __future__ import annotations
 
 import argparse
-import statistics
-import sys
-import time
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import jax
+import jax.numpy as jnp
+import numpy as np
 
-import jax  # noqa: E402
-import jax.numpy as jnp  # noqa: E402
-import numpy as np  # noqa: E402
-
-from dfa2_jax.plan.flops import arrow_tiles, total_tiles  # noqa: E402
-from pallas_kernels import (MosaicGpuConfig, TritonConfig, arrow_attention,  # noqa: E402
-                            arrow_attention_reference, autotune)
-from pallas_kernels.triton import heuristic_config  # noqa: E402
-from pallas_kernels.tuning import tuned_config  # noqa: E402
+from dfa2_jax.benchmarking import ATTENTION_SHAPES, SMALL_ATTENTION_SHAPES, TINY_BLOCKS, median, time_calls
+from dfa2_jax.plan.flops import DEFAULT_BLOCKS, arrow_tiles, total_tiles
+from pallas_kernels import MosaicGpuConfig, TritonConfig, arrow_attention, arrow_attention_reference, autotune
+from pallas_kernels.triton import heuristic_config
+from pallas_kernels.tuning import tuned_config
 
 TOL = {jnp.dtype(jnp.bfloat16): 2e-2, jnp.dtype(jnp.float16): 4e-3, jnp.dtype(jnp.float32): 1e-5}
-# name, B, text_len, n_img, H, D, text_first
-FULL_SHAPES = [("FLUX-2048", 1, 512, 16384, 24, 128, True), ("SD3-1024", 1, 333, 4096, 24, 64, False)]
-SMALL_SHAPES = [("FLUX-small", 1, 24, 200, 4, 32, True), ("SD3-small", 1, 21, 160, 4, 32, False)]
+MIXED_KEPT = 0.32  # the benchmark's mixed plan: 68% of the attention FLOPs removed
+MIX_TOL = 0.01  # a random mix's kept fraction is within ±1% of MIXED_KEPT
 
 
 def half_window(n_img: int, k: int) -> int:
@@ -63,6 +59,27 @@ def mixed_plan(h, n_img, text_len, text_first, blocks, target_kept=0.32, seed=0)
         if best is None or err < best[0]:
             best = (err, w)
     return best[1].astype(np.int32)
+
+
+def random_mix(h, n_img, text_len, text_first, blocks, target_kept=MIXED_KEPT, *, seed, tol=MIX_TOL,
+               max_draws=200_000):
+    """Per head one of full / arrow:8 / :16 / :32 (half-widths n/16, n/32, n/64) / cached, uniformly at random
+    (``seed``), redrawn until the kept tile fraction is within ±``tol`` of ``target_kept`` -> (half-windows int32
+    [H], kept). Few heads may not reach that: then the closest of ``max_draws`` draws."""
+    choices = np.array([-1] + [half_window(n_img, k) for k in (8, 16, 32)] + [0], np.int32)
+    per = np.array([kept_fraction([w], n_img, text_len, text_first, blocks) for w in choices])
+    rng = np.random.default_rng(seed)
+    best = None
+    for _ in range(max_draws // 1000):
+        idx = rng.integers(0, len(choices), size=(1000, h))
+        kept = per[idx].mean(axis=1)
+        err = np.abs(kept - target_kept)
+        k = int(np.argmin(err)) if not (err <= tol).any() else int(np.flatnonzero(err <= tol)[0])
+        if best is None or err[k] < best[0]:
+            best = (float(err[k]), choices[idx[k]], float(kept[k]))
+        if best[0] <= tol:
+            break
+    return best[1], best[2]
 
 
 def random_inputs(key, b, s, h, d, dtype):
@@ -92,15 +109,8 @@ def check(q, k, v, cache, hw, *, text_len, text_first, interpret, implementation
 
 
 def time_fn(fn, make_inputs, iters, warmup):
-    for i in range(warmup):
-        jax.block_until_ready(fn(*make_inputs(10_000 + i)))
-    times = []
-    for i in range(iters):
-        args = jax.block_until_ready(make_inputs(i))
-        t0 = time.perf_counter()
-        jax.block_until_ready(fn(*args))
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
+    """Median seconds of ``fn`` over ``iters`` calls on fresh inputs (:func:`dfa2_jax.benchmarking.time_calls`)."""
+    return median(time_calls(fn, make_inputs, iters=iters, warmup=warmup))
 
 
 def triton_fa_rows(name, make_inputs, s, d, dense_flops, iters, warmup):
@@ -168,7 +178,10 @@ def main(argv=None):
                    "is cached on disk and used by every later call without a config)")
     p.add_argument("--mgpu", action="store_true", help="also time jax's Mosaic GPU FlashAttention-3 example "
                    "(jax.experimental.pallas.ops.gpu.attention_mgpu, dense) as a Hopper reference point")
-    p.add_argument("--shapes", default=None, help="comma-separated subset of the shape names")
+    p.add_argument("--shapes", default=None, help="comma-separated subset of the shape names (FLUX-2048, SD3-1024; "
+                   "--small: FLUX-small, SD3-small)")
+    p.add_argument("--mixes", type=int, default=3, help="random head mixes at the mixed plan's kept fraction, each "
+                   "checked and timed (seeds 1..N)")
     p.add_argument("--backends", default="triton", help="comma-separated implementations (arrow_attention's "
                    "implementation= argument): triton (the Pallas-Triton kernel), mosaic_gpu (the Mosaic GPU "
                    "kernel, Hopper; in interpret mode on CPU; 'mosaic' is accepted as an alias)")
@@ -180,22 +193,33 @@ def main(argv=None):
     on_gpu = jax.default_backend() == "gpu"
     dense_impl = "cudnn" if on_gpu else "xla"
     dtype = jnp.bfloat16
-    shapes = SMALL_SHAPES if args.small else FULL_SHAPES
+    shapes = SMALL_ATTENTION_SHAPES if args.small else ATTENTION_SHAPES
     if args.shapes:
-        shapes = [x for x in shapes if x[0] in args.shapes.split(",")]
+        known = [x.name for x in shapes]
+        if unknown := [x for x in args.shapes.split(",") if x not in known]:
+            raise SystemExit(f"--shapes: unknown {', '.join(unknown)} (known: {', '.join(known)})")
+        shapes = [x for x in shapes if x.name in args.shapes.split(",")]
     print(f"backend={jax.default_backend()} device={jax.devices()[0].device_kind} interpret={args.interpret} "
           f"dense={dense_impl} iters={iters} warmup={warmup}")
 
-    rows = []
-    for name, b, t, n, h, d, text_first in shapes:
-        s = t + n
+    rows, all_failed = [], []
+    for shape in shapes:
+        name, b, t, n, h, d, text_first = (shape.name, shape.batch, shape.text_len, shape.n_img, shape.heads,
+                                           shape.head_dim, shape.text_first)
+        s = shape.seq_len
         config = TritonConfig(16, 16, 4, 1) if args.small else heuristic_config(s, d, dtype)
-        blocks = (128, 64)  # the plan's kept fraction is counted on the default tiles, whatever the tuning
-        dense_flops = 4 * b * h * s * s * d
+        # Kept fractions are counted on the default tiles whatever the tuning; the small shapes on their 16×16 tiles
+        # (at 128×64 they have no band at all).
+        blocks = TINY_BLOCKS if args.small else DEFAULT_BLOCKS
+        dense_flops = shape.dense_flops
         modes = {"full": np.full(h, -1, np.int32)}
         for kk in (8, 16, 32):
             modes[f"arrow:{kk}"] = np.full(h, half_window(n, kk), np.int32)
         modes["mixed"] = mixed_plan(h, n, t, text_first, blocks)
+        mixes = []
+        for seed in range(1, args.mixes + 1):
+            modes[f"mix{seed}"] = random_mix(h, n, t, text_first, blocks, seed=seed)[0]
+            mixes.append(f"mix{seed}")
         if args.tune:
             q, k, v, cache = random_inputs(jax.random.PRNGKey(7), b, s, h, d, dtype)
             config = autotune(q, k, v, jnp.asarray(modes["mixed"]), text_len=t, text_first=text_first, cache=cache,
@@ -206,7 +230,10 @@ def main(argv=None):
             config = tuned_config((b, s, h, d), dtype, t, text_first) or config
         print(f"\n{name}: B={b} S={s} (text {t} {'first' if text_first else 'last'}, image {n}) H={h} D={d} "
               f"{jnp.dtype(dtype).name} {config}")
-        print(f"  mixed plan windows: {modes['mixed'].tolist()}")
+        for mode in ["mixed"] + mixes:
+            kept = kept_fraction(modes[mode], n, t, text_first, blocks)
+            off = "" if abs(kept - MIXED_KEPT) <= MIX_TOL + 1e-12 else f" (closest reachable to {MIXED_KEPT})"
+            print(f"  {mode} windows: {modes[mode].tolist()} kept {kept:.3f}{off}")
 
         def make_inputs(seed, b=b, s=s, h=h, d=d):
             return random_inputs(jax.random.PRNGKey(seed), b, s, h, d, dtype)
@@ -216,7 +243,7 @@ def main(argv=None):
         for backend in args.backends.split(","):
             if backend == "triton":
                 kernels[""] = ("triton", config)
-            elif backend in ("mosaic_gpu", "mosaic"):
+            elif backend in ("mosaic_gpu", "mosaic"):  # "mosaic": the older spelling
                 for spec in args.mosaic_configs.split(","):
                     mcfg = (MosaicGpuConfig(block_q=64, block_kv=64 if args.small else 128, max_concurrent_steps=2)
                             if spec == "heuristic" else MosaicGpuConfig(*map(int, spec.split("/"))))
@@ -236,8 +263,10 @@ def main(argv=None):
                     continue
                 print(f"  check {prefix + mode:22s} heads {heads}: max |err| {err:.2e} ok", flush=True)
 
+        all_failed += [f"{name} {m}" for m in sorted(failed)]
         dense = jax.jit(lambda q, k, v, c: jax.nn.dot_product_attention(q, k, v, implementation=dense_impl))
         t_dense = time_fn(dense, make_inputs, iters, warmup)
+        dense_name = "cuDNN" if dense_impl == "cudnn" else f"dense {dense_impl}"
         rows.append((name, f"dense {dense_impl}", t_dense, dense_flops, 1.0))
         for prefix, (impl, cfg) in kernels.items():
             for mode, w in modes.items():
@@ -259,8 +288,24 @@ def main(argv=None):
                 ideal = f"{1 / kept:6.2f}" if kept > 0 else "   inf"
                 print(f"  {r[1]:22s} {ms:9.3f} ms  eff {eff:7.1f} TFLOP/s  kept-work {eff * kept:7.1f} TFLOP/s  "
                       f"speedup {r_dense / r[2]:5.2f}x  kept {kept:5.3f}  ideal {ideal}x")
+        times = {r[1]: r[2] for r in rows if r[0] == name}
+        for prefix in kernels:
+            if prefix + "mixed" not in times:
+                continue
+            line = f"  {prefix}mixed plan: {t_dense / times[prefix + 'mixed']:.2f}× vs {dense_name}"
+            timed_mixes = {m: times[prefix + m] for m in mixes if prefix + m in times}
+            if timed_mixes:
+                worst = max(timed_mixes, key=timed_mixes.get)
+                line += (f"; worst of {len(timed_mixes)} mixes: {t_dense / timed_mixes[worst]:.2f}× vs {dense_name} "
+                         f"({worst})")
+            failed_mixes = [m for m in mixes if prefix + m in failed]
+            if failed_mixes:
+                line += f"; mixes that FAILED the check: {', '.join(failed_mixes)}"
+            print(line)
     if args.interpret:
         print("\n(interpret mode: timings are CPU interpreter times, not kernel performance)")
+    if all_failed:
+        raise SystemExit(f"kernel vs reference FAILED: {', '.join(all_failed)}")
 
 
 if __name__ == "__main__":

@@ -22,10 +22,14 @@ Variants per case:
     device-synchronised); then, if the time left allows (``--torch-mode auto``, the default) the real
     ``steps``-iteration loop is run ``--runs`` times and its median is the figure ("loop"); otherwise the
     figure is median iteration × steps ("step×N"). The table says which.
+(a') the same with the transformer under ``torch.compile`` (``--torch-compile-mode``, default "default"), in its
+    own subprocess: the first loop-body iteration compiles (its "compile s" = first iteration − median
+    iteration), then the same per-iteration timing and loops as (a).
 (b) ours dense: ``dfa2_jax.sample.denoise`` without a plan (one jitted ``lax.scan``, cuDNN flash attention).
 (c) ours with three plans removing ~43%, ~56% and ~68% of the attention FLOPs (kept 0.57 / 0.44 / 0.32,
-    counted in the arrow kernel's 128×64 tiles by ``dfa2_jax.plan.flops.plan_stats``); on a GPU the compressed
-    heads run through the Pallas arrow kernel (``DFA2_ARROW_IMPL`` overrides). The plan arrays and the initial
+    counted in the arrow kernel's 128×64 tiles by ``dfa2_jax.plan.flops.plan_stats``); the compressed heads run
+    what ``--attention-impl`` names (default "auto": the Pallas arrow kernel on a GPU, Mosaic GPU on Hopper; the
+    jnp reference on a CPU); the META line says which implementation ran. The plan arrays and the initial
     head caches are built once (``dfa2_jax.sample.plan_inputs``, its host time reported as "setup") and the
     compiled sampler (``run_sampler``, what ``denoise`` calls) is timed; ``denoise`` itself redoes that
     setup (an ``eval_shape`` trace of the model) on every call.
@@ -37,7 +41,7 @@ Variants per case:
 Timing protocol: every JAX variant is called once (that call compiles: compile s = first call − steady) then
 timed ``--runs`` times (default 2; median) with fresh latents drawn outside the timed region. Time-aware: the
 whole run keeps to ``--budget-s`` (default 540 s). The budget is split between cases in proportion to their
-estimated H100 cost; within a case the JAX worker keeps a reserve for the diffusers worker, and a variant gets
+estimated H100 cost; within a case the JAX worker keeps a reserve for the diffusers workers, and a variant gets
 more than one timed run only if the rest of the case still fits (the table's "runs" column says how many
 were timed). A worker past its deadline is killed and the rows it printed so far are kept.
 
@@ -48,23 +52,16 @@ run did not raise the mark is shown as "≤ X" (its own peak is at most that). T
 (XLA autotuning scratch) counts in the mark as well. torch: ``max_memory_allocated`` after
 ``reset_peak_memory_stats`` (weights included on both sides).
 
-Expected wall time on one H100 (estimates from docs/PERFORMANCE.md's step times and compile times, not yet
-measured): flux-2048 ≈ 7–7.5 min, flux-1024 ≈ 3 min, sd3-1024 ≈ 1.5 min; flux-2048-50 needs ~11 min at
-``--runs 2``, so within the default budget most of its variants get one timed run and diffusers "step×N".
+Expected wall time on one H100 (estimates from docs/PERFORMANCE.md's step and compile times): flux-2048 ≈ 10 min
+with torch.compile (7–7.5 without), flux-1024 ≈ 5 min, sd3-1024 ≈ 2.5 min; flux-2048-50 needs ~14 min at
+``--runs 2``. Within a shorter ``--budget-s`` variants get one timed run and the diffusers rows "step×N".
 
-Plan construction (deterministic, seed 0; no calibration — the weights are random): methods ordered by kept
-work, full > arrow:8 > arrow:16 > arrow:32 > cache. Every (step ≥ 1, layer, head) draws u ~ U[0, 1) once. For a
-strength λ, step t with r = t / (T − 1) gets the shares full F = clip(1 − λ(0.5 + r), 0, 1), cache
-C = clip(0.6 λ r, 0, 0.6) and arrow A = 1 − F − C split equally over arrow:8 / :16 / :32; the head takes the
-method whose cumulative share interval holds u. Step 0 is full everywhere. So full heads thin out and cached
-heads grow along the steps, as in the paper's plans. Each threshold only moves down as λ grows, so every
-entry's cost is non-increasing in λ and the kept fraction (plan_stats, 128×64 tiles) is monotone: bisection on
-λ ∈ [0, 2] hits the target to ~1e-5 on the full shapes (checked in tests/test_bench_e2e.py, tolerance ±0.01).
-At these shares no (step, layer) has all 24 heads cached, so the three plans of a case share one
-``RuntimeSpec`` and one compiled sampler.
+Plans: :func:`dfa2_jax.benchmarking.synthetic_plan` (deterministic, seed 0; no calibration: the weights are
+random): step 0 full, full heads thinning out and cached heads growing along the steps, the kept fraction hit by
+bisection; the three plans of a case share one ``RuntimeSpec`` and one compiled sampler.
 
-    PYTHONPATH=.:/tmp/site python3 scripts/bench_e2e.py --cases flux-2048 --out $OUT     # on the H100
-    python3 scripts/bench_e2e.py --smoke --out /tmp/e2e                                  # CPU, tiny configs
+    python3 scripts/bench_e2e.py --cases flux-2048 --out runs/e2e       # one GPU
+    python3 scripts/bench_e2e.py --smoke --out /tmp/e2e                 # CPU, tiny configs, every code path
 
 Prints one JSON line per measurement, a markdown table last; ``--out DIR`` writes DIR/e2e.json and the
 workers' logs.
@@ -83,158 +80,49 @@ import subprocess
 import sys
 import time
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-if ROOT not in sys.path:
-    sys.path.insert(0, ROOT)
-
-METHODS = ("full", "arrow:8", "arrow:16", "arrow:32", "cache")  # in order of decreasing kept work
-BLOCKS = (128, 64)  # the arrow kernel's tiles (dfa2_jax.plan.flops.DEFAULT_BLOCKS)
-REMOVED = (0.43, 0.56, 0.68)  # attention FLOPs removed by the three plans
-CACHE_PEAK = 0.6  # the largest share of cached heads at one step (the last steps, λ ≥ 1)
-LAMBDA_MAX = 2.0
+from dfa2_jax.benchmarking import CASES, PLAN_REMOVED, Case, amdahl_bound
 
 
 @dataclasses.dataclass(frozen=True)
-class Case:
-    family: str  # "flux" | "sd3"
-    res: int
-    steps: int
-    # H100 estimates (s), used only to split the budget: the JAX worker (--runs 2), the diffusers worker's
-    # minimum (import, weights, warm-up, per-step timing) and its real loops (--runs of them).
-    est_jax: float
-    est_torch_min: float
-    est_torch_loop: float
+class Estimate:
+    """H100 estimates (s), used only to split the budget: the JAX worker (--runs 2), a diffusers worker's minimum
+    (import, weights, warm-up, per-step timing; with torch.compile its compile too) and its real loops (--runs
+    of them)."""
 
-    @property
-    def est(self) -> float:
-        return self.est_jax + self.est_torch_min + self.est_torch_loop
+    jax: float
+    torch_min: float
+    torch_loop: float
+    compile_min: float  # the torch.compile worker's minimum (torch.compile: 74 s FLUX 1024², 106 s 2048²)
+
+    def total(self, frameworks) -> float:
+        return (self.jax * ("jax" in frameworks) + (self.torch_min + self.torch_loop) * ("torch" in frameworks)
+                + (self.compile_min + self.torch_loop) * ("torch-compile" in frameworks))
+
+    def later_min(self, fw: str, frameworks) -> float:
+        """What the workers after ``fw`` in this case need at the least (their per-step figure)."""
+        later = _later(fw, frameworks)
+        return self.torch_min * ("torch" in later) + self.compile_min * ("torch-compile" in later)
+
+    def reserve(self, fw: str, frameworks) -> float:
+        """What the workers after ``fw`` in this case need for their figures (real loops included)."""
+        return self.later_min(fw, frameworks) + self.torch_loop * sum(f in _later(fw, frameworks)
+                                                                      for f in ("torch", "torch-compile"))
 
 
-CASES = {
-    "flux-1024": Case("flux", 1024, 28, 155, 25, 11),
-    "flux-2048": Case("flux", 2048, 28, 350, 30, 50),
-    "sd3-1024": Case("sd3", 1024, 28, 70, 15, 3),
-    "flux-2048-50": Case("flux", 2048, 50, 540, 30, 50),
+def _later(fw: str, frameworks) -> list[str]:
+    order = [f for f in FRAMEWORKS if f in frameworks]
+    return order[order.index(fw) + 1:]
+
+
+ESTIMATES = {
+    "flux-1024": Estimate(155, 25, 11, 100),
+    "flux-2048": Estimate(350, 30, 50, 140),
+    "sd3-1024": Estimate(70, 15, 3, 60),
+    "flux-2048-50": Estimate(540, 30, 50, 140),
 }
-SMOKE_RES, SMOKE_STEPS, SMOKE_BLOCKS = 128, 3, (16, 16)
-GUIDANCE = {"flux": 3.5, "sd3": 7.0}
-
-
-def smoke_case(name: str) -> Case:
-    c = CASES[name]
-    return dataclasses.replace(c, res=SMOKE_RES, steps=SMOKE_STEPS, est_jax=25, est_torch_min=10, est_torch_loop=1)
-
-
-def model_config(case: Case, smoke: bool):
-    import dfa2_jax
-
-    if case.family == "flux":
-        if smoke:
-            return dfa2_jax.FluxConfig.dev(num_layers=2, num_single_layers=2, num_attention_heads=4,
-                                           attention_head_dim=16, axes_dims_rope=(4, 4, 8), joint_attention_dim=64,
-                                           pooled_projection_dim=32)
-        return dfa2_jax.FluxConfig.dev()
-    if smoke:
-        return dfa2_jax.SD3Config.medium(num_layers=2, num_attention_heads=4, attention_head_dim=16,
-                                         caption_projection_dim=64, joint_attention_dim=64, pooled_projection_dim=32,
-                                         pos_embed_max_size=32, sample_size=16)
-    return dfa2_jax.SD3Config.medium()
-
-
-def text_tokens(case: Case, smoke: bool) -> int:
-    if smoke:
-        return 16 if case.family == "flux" else 12
-    return 512 if case.family == "flux" else 333  # FLUX: 512 T5; SD3: 77 CLIP + 256 T5
-
-
-def image_tokens(case: Case) -> int:
-    return (case.res // 16) ** 2  # VAE /8, then 2×2 patches (SD3) or 2×2 packing (FLUX)
-
-
-# ----------------------------------------------------------------------------------------- plans (numpy)
-def plan_assignment(u, lam: float, *, cache_peak: float = CACHE_PEAK):
-    """Method indices into METHODS, int32 [T, L, H], for per-entry uniforms ``u`` [T, L, H] at strength ``lam``
-    (the module docstring gives the shares). Step 0 is full."""
-    import numpy as np
-
-    steps = u.shape[0]
-    r = np.arange(steps) / max(steps - 1, 1)
-    full = np.clip(1 - lam * (0.5 + r), 0, 1)
-    cache = np.clip(lam * cache_peak * r, 0, cache_peak)
-    arrow = 1 - full - cache
-    thresholds = np.stack([full, full + arrow / 3, full + 2 * arrow / 3, 1 - cache], axis=-1)  # [T, 4]
-    idx = (u[..., None] >= thresholds[:, None, None, :]).sum(axis=-1).astype(np.int32)
-    idx[0] = 0
-    return idx
-
-
-def build_plan(model_info: dict, steps: int, n_img: int, removed: float, *, seed: int = 0, blocks=BLOCKS,
-               iters: int = 50, strict: bool = True):
-    """(Plan, plan_stats) whose attention FLOPs kept (``blocks`` tiles) is the closest reachable to 1 − removed.
-
-    Bisection on λ with a vectorised kept fraction (per layer and method, weighted by each layer's S² as
-    plan_stats does); the result is re-checked with ``plan_stats`` itself. A target out of reach (tiny smoke
-    shapes: 3 steps, a handful of tiles) raises, or with ``strict=False`` gives the plan at λ = LAMBDA_MAX."""
-    import numpy as np
-
-    from dfa2_jax.plan.flops import kept_fraction, layer_text_len, layer_weights, plan_stats
-    from dfa2_jax.plan import Plan
-
-    target = 1.0 - removed
-    text_first = model_info["text_position"] == "first"
-    per = np.array([[kept_fraction(m, n_img, layer_text_len(name, model_info["text_tokens"]), text_first,
-                                   blocks=blocks) for m in METHODS] for name in model_info["layers"]])  # [L, M]
-    probe = Plan(model_info, steps, list(METHODS), np.zeros((steps, len(model_info["layers"]),
-                                                              model_info["num_heads"]), np.int32))
-    wl = layer_weights(probe, n_img)  # [L]
-    u = np.random.default_rng(seed).random((steps, len(model_info["layers"]), model_info["num_heads"]))
-    layer_index = np.arange(len(wl))[None, :, None]
-
-    def kept(lam):
-        k = per[layer_index, plan_assignment(u, lam)].mean(axis=(0, 2))  # [L]
-        return float((k * wl).sum() / wl.sum())
-
-    lo, hi = 0.0, LAMBDA_MAX
-    if kept(hi) > target and strict:
-        raise ValueError(f"a kept fraction of {target:.3f} is out of reach for {model_info['family']} at {n_img} "
-                         f"image tokens (at most {1 - kept(hi):.3f} can be removed with these shares)")
-    for _ in range(iters):
-        mid = (lo + hi) / 2
-        if kept(mid) > target:
-            lo = mid
-        else:
-            hi = mid
-    lam = min((lo, hi), key=lambda x: abs(kept(x) - target))
-    plan = Plan(model_info, steps, list(METHODS), plan_assignment(u, lam),
-                calibration={"solver": "bench_e2e.build_plan", "seed": seed, "lambda": lam,
-                             "target_removed": removed})
-    stats = plan_stats(plan, n_img, blocks=blocks)
-    plan.stats = {"attention_flops_kept": stats["attention_flops_kept"], "blocks": list(blocks), "n_img": n_img}
-    return plan, stats
-
-
-def amdahl_bound(attn_share: float, kept: float) -> float:
-    """Speedup over dense when only the attention (share ``attn_share`` of the time) shrinks to ``kept``."""
-    return 1.0 / ((1.0 - attn_share) + attn_share * kept)
-
-
-# ------------------------------------------------------------------------------------------------ inputs
-def case_inputs(case: Case, cfg, smoke: bool, seed: int = 0) -> dict:
-    """Initial latents and the text-encoder stand-ins as float32 numpy, one seed for every framework."""
-    import numpy as np
-
-    rng = np.random.default_rng(seed)
-    t = text_tokens(case, smoke)
-    lat = case.res // 8
-    if case.family == "flux":
-        n = (lat // 2) ** 2
-        return {"latents": rng.standard_normal((1, n, cfg.in_channels), np.float32),
-                "prompt_embeds": rng.standard_normal((1, t, cfg.joint_attention_dim), np.float32),
-                "pooled": rng.standard_normal((1, cfg.pooled_projection_dim), np.float32)}
-    batch = 2  # CFG: [uncond, cond]
-    return {"latents": rng.standard_normal((1, cfg.in_channels, lat, lat), np.float32),
-            "prompt_embeds": rng.standard_normal((batch, t, cfg.joint_attention_dim), np.float32),
-            "pooled": rng.standard_normal((batch, cfg.pooled_projection_dim), np.float32)}
+SMOKE_ESTIMATE = Estimate(25, 10, 1, 60)
+FRAMEWORKS = ("jax", "torch", "torch-compile")  # the order the workers of a case run in
+TORCH_VARIANTS = {"torch": "diffusers", "torch-compile": "diffusers-compile"}
 
 
 def _emit(kind: str, obj: dict) -> None:
@@ -250,33 +138,23 @@ class Clock:
 
 
 # ------------------------------------------------------------------------------------------- JAX worker
-class _StandInAttention:
-    """A runtime whose attention is q + k + v (element-wise): the step without the attention kernel, with
-    every projection, norm and RoPE still live."""
-
-    def __call__(self, q, k, v, *, layer, layout):
-        return q + k + v
-
-    def run_layer(self, layer, compute):
-        return compute()
-
-
 def _no_attention_sampler():
     import functools
 
     import jax
     from flax import nnx
 
+    from dfa2_jax.benchmarking import NoAttention
     from dfa2_jax.sample import velocity
     from dfa2_jax.scheduler import euler_step
 
     @functools.partial(jax.jit, static_argnums=(0,), static_argnames=("family", "do_cfg"), donate_argnums=(2,))
     def run(graphdef, state, latents, cond, timesteps, sigmas, *, family, do_cfg):
-        # dfa2_jax.sample._scan_denoise without a plan, with the stand-in runtime
+        # dfa2_jax.sample.scan_sampler without a plan, with the stand-in runtime
         model = nnx.merge(graphdef, state)
 
         def step(x, xs):
-            v = velocity(model, x, xs["t"], cond, family=family, do_cfg=do_cfg, runtime=_StandInAttention())
+            v = velocity(model, x, xs["t"], cond, family=family, do_cfg=do_cfg, runtime=NoAttention())
             return euler_step(x, v, xs["sigma"], xs["sigma_next"]), None
 
         x, _ = jax.lax.scan(step, latents, {"t": timesteps, "sigma": sigmas[:-1], "sigma_next": sigmas[1:]})
@@ -288,32 +166,31 @@ def _no_attention_sampler():
 def run_jax(name: str, case: Case, args, clock: Clock) -> None:
     import jax
     import jax.numpy as jnp
-    import numpy as np
 
     import dfa2_jax
-    from dfa2_jax.pipeline import flux_image_ids
+    from dfa2_jax.benchmarking import TINY_BLOCKS, arrow_implementation, sampler_inputs, schedule, synthetic_plan
     from dfa2_jax.plan import model_info_for
-    from dfa2_jax.runtime import RuntimeSpec, arrow_impl
-    from dfa2_jax.sample import PlanArrays, run_sampler, denoise, plan_inputs, split_plan_inputs
-    from dfa2_jax.scheduler import FlowMatchEulerConfig, calculate_shift, set_timesteps
-    from dfa2_jax.transformer import flux_rope
+    from dfa2_jax.plan.flops import DEFAULT_BLOCKS
+    from dfa2_jax.runtime import RuntimeSpec
+    from dfa2_jax.sample import PlanArrays, denoise, plan_inputs, run_sampler, split_plan_inputs
 
-    smoke = args.smoke
-    cfg = model_config(case, smoke)
+    cfg = case.config
     dtype = jnp.dtype(args.dtype)
     dev = jax.devices()[0]
+    impl_arg = args.attention_impl
 
     def mem():
         return dev.memory_stats() or {}
 
     # Plans first (host only): nothing on the device depends on them.
     t0 = time.perf_counter()
-    info = model_info_for(cfg, text_tokens(case, smoke))
-    n_img = image_tokens(case)
+    info = model_info_for(cfg, case.text_tokens)
+    n_img = case.image_tokens
     # Smoke shapes (64 image tokens, 3 steps) cannot reach the targets in 128×64 tiles: 16×16 tiles, best effort.
-    blocks = SMOKE_BLOCKS if smoke else BLOCKS
-    plans = [(removed, *build_plan(info, case.steps, n_img, removed, seed=args.seed, blocks=blocks, strict=not smoke))
-             for removed in REMOVED]
+    blocks = TINY_BLOCKS if case.tiny else DEFAULT_BLOCKS
+    plans = [(removed, *synthetic_plan(info, case.steps, n_img, removed, seed=args.seed, blocks=blocks,
+                                       strict=not case.tiny))
+             for removed in PLAN_REMOVED]
     plan_build_s = time.perf_counter() - t0
 
     t0 = time.perf_counter()
@@ -322,38 +199,25 @@ def run_jax(name: str, case: Case, args, clock: Clock) -> None:
     init_s = time.perf_counter() - t0
     weights_b = mem().get("bytes_in_use")
 
-    x = case_inputs(case, cfg, smoke, seed=args.seed)
-    family, do_cfg = case.family, case.family == "sd3"
-    cond = {"prompt_embeds": jnp.asarray(x["prompt_embeds"], dtype),
-            "pooled_projections": jnp.asarray(x["pooled"], dtype)}
-    h = w = case.res // 8
-    if family == "flux":
-        sched = FlowMatchEulerConfig.flux_dev()
-        ts, sig = set_timesteps(sched, case.steps, sigmas=np.linspace(1.0, 1 / case.steps, case.steps),
-                                mu=calculate_shift(n_img))
-        cond["rope"] = flux_rope(cfg, np.zeros((text_tokens(case, smoke), 3), np.float32), flux_image_ids(h, w))
-        cond["guidance"] = jnp.full((1,), GUIDANCE["flux"], jnp.float32)
-    else:
-        ts, sig = set_timesteps(FlowMatchEulerConfig.sd3(), case.steps)
-        cond["guidance_scale"] = jnp.asarray(GUIDANCE["sd3"], jnp.float32)
-    ts, sig = jnp.asarray(ts), jnp.asarray(sig)
-    lat0 = jnp.asarray(x["latents"], dtype)
-    impl = arrow_impl()
+    family, do_cfg = case.family, case.do_cfg
+    lat0, cond = sampler_inputs(cfg, res=case.res, text_len=case.text_tokens, dtype=dtype, seed=args.seed,
+                                guidance=case.guidance)
+    ts, sig = (jnp.asarray(a) for a in schedule(family, case.steps, n_img))
+    # What the plans' compressed heads run (the kernel's operands: [model batch, S, H, D]).
+    q = jax.ShapeDtypeStruct((2 if do_cfg else 1, n_img + case.text_tokens, cfg.num_attention_heads,
+                              cfg.attention_head_dim), dtype)
+    impl = arrow_implementation(impl_arg, q)
     tuned = None
-    if impl == "pallas":
-        from pallas_kernels.arrow_attention import backend_choice, tuned_config
+    if impl == "triton":
+        from pallas_kernels.tuning import tuned_config
 
-        heads, hd = cfg.num_attention_heads, cfg.attention_head_dim
-        batch = 2 if do_cfg else 1
-        shape = (batch, n_img + text_tokens(case, smoke), heads, hd)
-        impl = f"pallas/{backend_choice(jax.ShapeDtypeStruct(shape, dtype))}"
-        if impl == "pallas/triton":
-            tuned = tuned_config(shape, dtype, text_tokens(case, smoke), family == "flux")
+        tuned = tuned_config(q.shape, dtype, case.text_tokens, family == "flux")
     _emit("META", {"case": name, "framework": "jax", "device": dev.device_kind, "platform": dev.platform,
                    "version": f"jax {jax.__version__}", "init_s": init_s, "plan_build_s": plan_build_s,
                    "weights_gib": weights_b / 2**30 if weights_b else None, "params_b": tr.num_params() / 1e9,
-                   "arrow_impl": impl, "arrow_tuned_config": None if tuned is None else dataclasses.asdict(tuned),
-                   "n_img": n_img, "text_tokens": text_tokens(case, smoke), "steps": case.steps,
+                   "attention_impl": impl_arg, "arrow_impl": impl,
+                   "arrow_tuned_config": None if tuned is None else dataclasses.asdict(tuned),
+                   "n_img": n_img, "text_tokens": case.text_tokens, "steps": case.steps,
                    "plans": [{"removed_target": r, "kept": s["attention_flops_kept"],
                               "method_counts": s["method_counts"],
                               "lambda": p.calibration["lambda"]} for r, p, s in plans]})
@@ -386,7 +250,7 @@ def run_jax(name: str, case: Case, args, clock: Clock) -> None:
     specs = {}
     for vname, removed, plan in variants:
         if plan is not None:
-            specs[vname] = RuntimeSpec.from_codes(plan[0].to_arrays(n_img)[0], cfg=do_cfg)
+            specs[vname] = RuntimeSpec.from_codes(plan[0].to_arrays(n_img)[0], cfg=do_cfg, impl=impl_arg)
     for vi, (vname, removed, plan) in enumerate(variants):
         rest = [v for v, _, _ in variants[vi + 1:]]
         if clock.left() < need([vname]):
@@ -400,7 +264,8 @@ def run_jax(name: str, case: Case, args, clock: Clock) -> None:
         elif plan is not None:
             t0 = time.perf_counter()
             pa = PlanArrays(*plan[0].to_arrays(n_img))
-            spec, plan_in = plan_inputs(tr.graphdef, tr.state, lat0, cond, ts, pa, family=family, do_cfg=do_cfg)
+            spec, plan_in = plan_inputs(tr.graphdef, tr.state, lat0, cond, ts, pa, family=family, do_cfg=do_cfg,
+                                        attention_impl=impl_arg)
             jax.block_until_ready(plan_in)
             setup_s = time.perf_counter() - t0
             spec_shared = spec in compiled_specs
@@ -414,7 +279,7 @@ def run_jax(name: str, case: Case, args, clock: Clock) -> None:
                 fresh_state = jax.tree.map(lambda t: jax.device_put(jnp.zeros(t[0], t[1]), t[2]), tmpl,
                                            is_leaf=lambda t: isinstance(t, tuple))
                 return run_sampler(tr.graphdef, tr.state, z, cond, ts, sig, {**arrays, "state": fresh_state},
-                                         family=family, do_cfg=do_cfg, report=False, spec=spec)
+                                   family=family, do_cfg=do_cfg, report=False, spec=spec)
         else:
             def fn(z):
                 return stand_in(tr.graphdef, tr.state, z, cond, ts, sig, family=family, do_cfg=do_cfg)
@@ -453,15 +318,18 @@ def run_jax(name: str, case: Case, args, clock: Clock) -> None:
 
 
 # ----------------------------------------------------------------------------------------- torch worker
-def run_torch(name: str, case: Case, args, clock: Clock) -> None:
+def run_torch(name: str, case: Case, args, clock: Clock, *, compiled: bool = False) -> None:
+    """The diffusers loop (eager, or with the transformer under ``torch.compile`` when ``compiled``)."""
     import diffusers
     import numpy as np
     import torch
 
-    smoke = args.smoke
-    if smoke:
+    from dfa2_jax.benchmarking import flux_ids, random_inputs
+    from dfa2_jax.scheduler import calculate_shift
+
+    if case.tiny:
         torch.set_num_threads(1)  # tiny matmuls on a shared CPU: thread wake-ups cost more than the work
-    cfg = model_config(case, smoke)
+    cfg = case.config
     cuda = torch.cuda.is_available()
     dev = torch.device("cuda" if cuda else "cpu")
     dtype = {"bfloat16": torch.bfloat16, "float32": torch.float32}[args.dtype]
@@ -478,25 +346,23 @@ def run_torch(name: str, case: Case, args, clock: Clock) -> None:
     init_s = time.perf_counter() - t0
     if cuda:
         torch.cuda.reset_peak_memory_stats()
+    fw, variant = ("torch-compile", "diffusers-compile") if compiled else ("torch", "diffusers")
+    if compiled:
+        model = torch.compile(model, mode=args.torch_compile_mode)
 
-    x = case_inputs(case, cfg, smoke, seed=args.seed)
+    x = random_inputs(cfg, res=case.res, text_len=case.text_tokens, do_cfg=case.do_cfg, seed=args.seed)
     lat0 = torch.from_numpy(x["latents"]).to(dev, dtype)
     embeds = torch.from_numpy(x["prompt_embeds"]).to(dev, dtype)
-    pooled = torch.from_numpy(x["pooled"]).to(dev, dtype)
-    n_img = image_tokens(case)
+    pooled = torch.from_numpy(x["pooled_projections"]).to(dev, dtype)
+    n_img = case.image_tokens
     if case.family == "flux":
         sched = diffusers.FlowMatchEulerDiscreteScheduler(shift=3.0, use_dynamic_shifting=True, base_shift=0.5,
                                                           max_shift=1.15, base_image_seq_len=256,
                                                           max_image_seq_len=4096)
-        from dfa2_jax.scheduler import calculate_shift
-
         sched_kw = dict(sigmas=list(np.linspace(1.0, 1 / case.steps, case.steps)), mu=calculate_shift(n_img))
-        g = case.res // 16
-        ids = np.zeros((g, g, 3), np.float32)
-        ids[..., 1], ids[..., 2] = np.arange(g)[:, None], np.arange(g)[None, :]
-        img_ids = torch.from_numpy(ids.reshape(-1, 3)).to(dev)
-        txt_ids = torch.zeros((text_tokens(case, smoke), 3), device=dev)
-        guidance = torch.full((1,), GUIDANCE["flux"], device=dev, dtype=torch.float32)
+        txt, img = flux_ids(case.res, case.text_tokens)
+        img_ids, txt_ids = torch.from_numpy(img).to(dev), torch.from_numpy(txt).to(dev)
+        guidance = torch.full((1,), case.guidance, device=dev, dtype=torch.float32)
 
         def body(i, latents):  # diffusers FluxPipeline.__call__'s loop body
             t = sched.timesteps[i]
@@ -514,7 +380,7 @@ def run_torch(name: str, case: Case, args, clock: Clock) -> None:
             v = model(hidden_states=model_in, timestep=t.expand(model_in.shape[0]), encoder_hidden_states=embeds,
                       pooled_projections=pooled, return_dict=False)[0]
             uncond, text = v.chunk(2)
-            v = uncond + GUIDANCE["sd3"] * (text - uncond)
+            v = uncond + case.guidance * (text - uncond)
             return sched.step(v, t, latents, return_dict=False)[0]
 
     def reset():
@@ -528,17 +394,19 @@ def run_torch(name: str, case: Case, args, clock: Clock) -> None:
         sync()
         return out, time.perf_counter() - t0
 
-    _emit("META", {"case": name, "framework": "torch", "device": torch.cuda.get_device_name() if cuda else "cpu",
+    _emit("META", {"case": name, "framework": fw, "device": torch.cuda.get_device_name() if cuda else "cpu",
                    "version": f"torch {torch.__version__} diffusers {diffusers.__version__}", "init_s": init_s,
-                   "params_b": sum(p.numel() for p in model.parameters()) / 1e9})
+                   "params_b": sum(p.numel() for p in model.parameters()) / 1e9,
+                   "compile_mode": args.torch_compile_mode if compiled else None})
 
     def report(step_s, step_times, first_s, loops, lat):
         # emitted after the per-step timing and again after every loop run: a kill keeps the latest figure
-        _emit("ROW", {"case": name, "framework": "torch", "variant": "diffusers",
+        _emit("ROW", {"case": name, "framework": fw, "variant": variant,
                       "s_per_image": statistics.median(loops) if loops else case.steps * step_s,
                       "mode": "loop" if loops else "step×N", "runs": loops, "step_s": step_s,
                       "step_iters": step_times, "first_step_s": first_s,
-                      "compile_s": first_s - step_s,  # eager: the first iteration's overhead (cuDNN plans, allocator)
+                      # eager: the first iteration's overhead (cuDNN plans, allocator); compiled: torch.compile
+                      "compile_s": first_s - step_s,
                       "finite": bool(torch.isfinite(lat.float()).all()),
                       "peak_gib": torch.cuda.max_memory_allocated() / 2**30 if cuda else None})
 
@@ -548,7 +416,7 @@ def run_torch(name: str, case: Case, args, clock: Clock) -> None:
             from torch.nn.attention import SDPBackend, sdpa_kernel
 
             stack.enter_context(sdpa_kernel([SDPBackend.CUDNN_ATTENTION]))
-        lat = reset()  # warm-up: two iterations
+        lat = reset()  # warm-up: two iterations (the first one compiles under torch.compile)
         lat, first_s = timed(lambda: body(0, lat))
         lat = body(1, lat) if case.steps > 1 else lat
         lat = reset()
@@ -578,7 +446,7 @@ def run_torch(name: str, case: Case, args, clock: Clock) -> None:
 
 # ------------------------------------------------------------------------------------------------ parent
 def _run_worker(cmd, env, soft_deadline: float, hard_deadline: float, log_path: str | None):
-    """Run one worker (its own session, so a kill takes its children too); on the hard deadline kill it and
+    """Run one worker (its own process group, so a kill takes its children too); on the hard deadline kill it and
     keep what it printed. -> (rc, records, stderr tail)."""
     proc = subprocess.Popen(cmd + ["--deadline", f"{soft_deadline:.3f}"], env=env, stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True, start_new_session=True)
@@ -611,16 +479,21 @@ def _fmt(x, f=".2f", none="—"):
 def summarise(rows: list[dict]) -> dict:
     """Per-case derived figures: attention share of dense, speedups, Amdahl bounds."""
     by = {(r["framework"], r["variant"]): r for r in rows}
-    dense, torch_row, stand = by.get(("jax", "dense")), by.get(("torch", "diffusers")), by.get(("jax", "no-attention"))
+    dense, stand = by.get(("jax", "dense")), by.get(("jax", "no-attention"))
+    eager, compiled = by.get(("torch", "diffusers")), by.get(("torch-compile", "diffusers-compile"))
     share = None
     if dense and stand:
         share = 1.0 - stand["s_per_image"] / dense["s_per_image"]
     bound_ok = share is not None and 0.0 <= share <= 1.0  # timing noise on tiny smoke shapes can leave [0, 1]
     for r in rows:
         stand_in = r["variant"] == "no-attention"  # a measuring device, not an image: no speedups
-        r["speedup_vs_dense"] = dense["s_per_image"] / r["s_per_image"] if dense and not stand_in else None
-        r["speedup_vs_diffusers"] = (torch_row["s_per_image"] / r["s_per_image"] if torch_row and not stand_in
-                                     else None)
+
+        def vs(base):
+            return base["s_per_image"] / r["s_per_image"] if base and not stand_in else None
+
+        r["speedup_vs_dense"] = vs(dense)
+        r["speedup_vs_diffusers"] = vs(eager)
+        r["speedup_vs_compiled"] = vs(compiled)
         r["amdahl_bound"] = amdahl_bound(share, r["kept"]) if bound_ok and "kept" in r else None
     return {"attention_share": share}
 
@@ -632,6 +505,8 @@ NOTES = [
     "time budget was short)",
     "(a) [loop]: the real diffusers loop, median of its timed runs; [step×N]: median loop-body iteration (transformer "
     "+ CFG + scheduler step, device-synchronised) × steps. Its 'compile s' is eager's first-iteration overhead",
+    "(a') the same loop with the transformer under torch.compile; its 'compile s' = first iteration − median "
+    "iteration (the compile)",
     "compile s = first call − steady; '(shared)': the plan has the structure (RuntimeSpec) of an earlier plan and "
     "reuses its compiled sampler",
     "JAX peaks: process high-water mark after each variant, weights included ('≤': the variant did not raise it, "
@@ -649,19 +524,20 @@ def _speedup(v) -> str:
 
 def table(results: dict) -> str:
     head = ("| case | variant | attn FLOPs kept | s/image | timed runs | compile s | vs (b) dense | vs (a) diffusers "
-            "| Amdahl bound vs (b) | attn share of (b) | peak GiB |")
-    lines = [head, "|" + "|".join(["---"] * 11) + "|"]
+            "| vs (a') torch.compile | Amdahl bound vs (b) | attn share of (b) | peak GiB |")
+    lines = [head, "|" + "|".join(["---"] * 12) + "|"]
     for name, res in results.items():
         rows = res["rows"]
-        order = [("torch", "diffusers"), ("jax", "dense")] + [("jax", f"plan-{round(100 * r)}") for r in REMOVED] + \
-                [("jax", "no-attention")]
+        order = [("torch", "diffusers"), ("torch-compile", "diffusers-compile"), ("jax", "dense")] + \
+                [("jax", f"plan-{round(100 * r)}") for r in PLAN_REMOVED] + [("jax", "no-attention")]
         by = {(r["framework"], r["variant"]): r for r in rows}
         for key in order:
             r = by.get(key)
             if r is None:
                 continue
-            if key[0] == "torch":
-                label = f"(a) diffusers eager, cuDNN SDPA [{r['mode']}]"
+            if key[0].startswith("torch"):
+                label = (f"(a) diffusers eager, cuDNN SDPA [{r['mode']}]" if key[0] == "torch" else
+                         f"(a') diffusers + torch.compile, cuDNN SDPA [{r['mode']}]")
                 runs = str(len(r["runs"])) if r["runs"] else f"{len(r['step_iters'])} steps"
                 kept = "1"
             elif key[1] == "dense":
@@ -680,10 +556,10 @@ def table(results: dict) -> str:
             comp = _fmt(r["compile_s"], ".1f") + (" (shared)" if r.get("spec_shared") else "")
             lines.append(f"| {name} | {label} | {kept} | {r['s_per_image']:.3f} | {runs} | {comp} "
                          f"| {_speedup(r['speedup_vs_dense'])} | {_speedup(r['speedup_vs_diffusers'])} "
-                         f"| {_speedup(r['amdahl_bound'])} "
+                         f"| {_speedup(r.get('speedup_vs_compiled'))} | {_speedup(r['amdahl_bound'])} "
                          f"| {share_s} | {peak_s} |")
         for s in res["skipped"]:
-            lines.append(f"| {name} | {s} | | | | | | | | | |")
+            lines.append(f"| {name} | {s} | | | | | | | | | | |")
     return "\n".join(lines)
 
 
@@ -691,12 +567,17 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--cases", default=None,
                     help=f"comma list of {', '.join(CASES)} (default flux-2048; --smoke: flux-1024,sd3-1024)")
+    ap.add_argument("--attention-impl", default="auto", choices=("auto", "xla", "triton", "mosaic_gpu", "interpret"),
+                    help="how the plans' compressed heads run (dfa2_jax.sample.denoise's attention_impl)")
     ap.add_argument("--runs", type=int, default=2, help="timed runs per variant after the compile run (median)")
     ap.add_argument("--budget-s", type=float, default=540.0, help="wall-clock budget of the whole run")
     ap.add_argument("--torch-mode", choices=("auto", "loop", "step"), default="auto",
                     help="diffusers: real loop (loop), median iteration × steps (step), or loop if time allows")
     ap.add_argument("--torch-step-iters", type=int, default=5)
-    ap.add_argument("--frameworks", default="jax,torch")
+    ap.add_argument("--frameworks", default="jax,torch,torch-compile",
+                    help="comma list of jax (ours), torch (diffusers eager), torch-compile (diffusers + torch.compile)")
+    ap.add_argument("--torch-compile-mode", default="default",
+                    help="torch.compile's mode for the torch-compile worker (e.g. max-autotune-no-cudagraphs)")
     ap.add_argument("--smoke", action="store_true", help="CPU, tiny configs, 128², 3 steps (every code path)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", default=None, help="folder for e2e.json and the workers' logs")
@@ -712,12 +593,20 @@ def main() -> None:
     for n in names:
         if n not in CASES:
             raise SystemExit(f"--cases: unknown case {n!r} (known: {', '.join(CASES)})")
-    case_of = {n: smoke_case(n) if args.smoke else CASES[n] for n in names}
+    case_of = {n: CASES[n].smoke() if args.smoke else CASES[n] for n in names}
+    est_of = {n: SMOKE_ESTIMATE if args.smoke else ESTIMATES[n] for n in names}
+    frameworks = args.frameworks.split(",")
+    for fw in frameworks:
+        if fw not in FRAMEWORKS:
+            raise SystemExit(f"--frameworks: unknown framework {fw!r} (known: {', '.join(FRAMEWORKS)})")
 
     if args.worker:
         fw, name = args.worker.split(":")
         clock = Clock(args.deadline or time.time() + 1e9)
-        (run_jax if fw == "jax" else run_torch)(name, case_of[name], args, clock)
+        if fw == "jax":
+            run_jax(name, case_of[name], args, clock)
+        else:
+            run_torch(name, case_of[name], args, clock, compiled=fw == "torch-compile")
         _emit("DONE", {"case": name, "framework": fw})  # a kill after this line lost nothing
         return
 
@@ -730,29 +619,30 @@ def main() -> None:
     if args.smoke:
         env.setdefault("JAX_PLATFORMS", "cpu")
         env["CUDA_VISIBLE_DEVICES"] = ""
-    env["PYTHONPATH"] = ROOT + os.pathsep + env.get("PYTHONPATH", "")
-    frameworks = args.frameworks.split(",")
     base = [sys.executable, os.path.abspath(__file__), "--runs", str(args.runs), "--cases", args.cases,
             "--torch-mode", args.torch_mode, "--torch-step-iters", str(args.torch_step_iters), "--seed",
-            str(args.seed), "--dtype", args.dtype] + (["--smoke"] if args.smoke else [])
+            str(args.seed), "--dtype", args.dtype, "--attention-impl", args.attention_impl,
+            "--torch-compile-mode", args.torch_compile_mode, "--frameworks", args.frameworks] + \
+        (["--smoke"] if args.smoke else [])
     results, metas, errors = {}, {}, []
     for i, name in enumerate(names):
-        case = case_of[name]
+        est = est_of[name]
         now = time.time()
         left = deadline - now
-        share = left * case.est / sum(case_of[n].est for n in names[i:])
+        share = left * est.total(frameworks) / sum(est_of[n].total(frameworks) for n in names[i:])
         case_deadline = now + share
-        torch_reserve = (case.est_torch_min + case.est_torch_loop) if "torch" in frameworks else 0.0
         rows, skipped = [], []
         print(f"== {name}: {share:.0f} s of {left:.0f} s left", flush=True)
-        for fw in ("jax", "torch"):
+        for fw in FRAMEWORKS:
             if fw not in frameworks:
                 continue
+            # soft: the worker's own deadline, keeping what the later workers need for their figures; hard: it is
+            # killed, keeping their minimum
+            soft = case_deadline - est.reserve(fw, frameworks)
             if fw == "jax":
-                soft = case_deadline - torch_reserve
-                hard = min(case_deadline - (case.est_torch_min if "torch" in frameworks else 0), deadline + 15)
+                hard = min(case_deadline - est.later_min(fw, frameworks), deadline + 15)
             else:
-                soft, hard = case_deadline, min(case_deadline + 30, deadline + 20)
+                hard = min(case_deadline - est.later_min(fw, frameworks) + 30, deadline + 20)
             if hard - time.time() < 5:
                 skipped.append(f"{fw}: skipped (no time left)")
                 continue
@@ -781,9 +671,10 @@ def main() -> None:
             json.dump(out, f, indent=2)
     print(f"\ntotal {total:.0f} s (budget {args.budget_s:.0f} s)")
     for key, m in sorted(metas.items()):
-        extra = ""
+        extra = f", torch.compile mode {m['compile_mode']}" if m.get("compile_mode") else ""
         if m["framework"] == "jax":
-            extra = (f", arrow impl {m['arrow_impl']} (Triton tuned config: {m['arrow_tuned_config'] or 'none'}), "
+            extra = (f", attention_impl {m['attention_impl']} -> arrow impl {m['arrow_impl']} "
+                     f"(Triton tuned config: {m['arrow_tuned_config'] or 'none'}), "
                      f"weights {_fmt(m['weights_gib'], '.1f')} GiB, plans built in {m['plan_build_s']:.1f} s")
         print(f"{key}: {m['device']}, {m['version']}, weights init {m['init_s']:.1f} s{extra}")
     for name, res in results.items():

@@ -1,14 +1,13 @@
 """Scaling of the sharded sampler over the GPUs present: seconds per image and images/s per mesh.
 
-FLUX.1-dev architecture with random bf16 weights (``--small``: a 2+2-layer, 4-head model at 256², for a CPU
-smoke run), ``--res``², ``--steps`` steps, dense and with the plan of scripts/bench_e2e.py that removes ~68% of
-the attention FLOPs (``build_plan``, seed 0: cache / arrow:8/16/32 / full, full heads thinning out and cached
-heads growing along the steps).
+FLUX.1-dev architecture with random bf16 weights (``--small``: the 2+2-layer, 4-head benchmark model at 256², for a
+CPU smoke run), ``--res``², ``--steps`` steps, dense and with the benchmark plan that removes ~68% of the attention
+FLOPs (:func:`dfa2_jax.benchmarking.synthetic_plan`, seed 0: cache / arrow:8/16/32 / full, full heads thinning
+out and cached heads growing along the steps). The plan's heads run what ``--attention-impl`` names.
 
 Rows, per attention variant (``--attn dense,plan``):
 
-- ``none``: :func:`dfa2_jax.sample.denoise` with no mesh at all — the single-device path as it was before the
-  sharding code (what ``dfa2 generate --mesh none`` runs, and ``--mesh auto`` on one GPU);
+- ``none``: :func:`dfa2_jax.sample.denoise` with no mesh at all — the single-device path (what ``dfa2 generate --mesh none`` runs, and ``--mesh auto`` on one GPU);
 - ``data`` / ``heads`` / ``seq`` × n for n in 1, 2, 4, 8 present: :func:`dfa2_jax.parallel.sharded.shard_denoise` on a
   1-D mesh. data: batch n (one image per device); heads: batch 1, the 24 heads split n ways (Megatron); seq:
   batch 1, tokens split n ways outside attention and heads inside (Ulysses) (n = 1 is the same computation for
@@ -18,12 +17,12 @@ Every output is compared with the ``none`` output of the same variant on the sam
 rows: image 0 of the batch, whose noise is ``none``'s): max |Δ| / max |ref| over the final latents.
 
 Timing: each row is called once (that call compiles: compile s = first − steady) and timed ``--runs`` times
-(median), with fresh copies of the latents made outside the timed region. ``--budget-s`` keeps the whole run
-inside a device call: a row is skipped (and said so) when the time left is less than its estimate.
+(median), with fresh copies of the latents made outside the timed region. ``--budget-s`` bounds the whole run:
+a row is skipped (and said so) when the time left is less than its estimate. On several NVIDIA GPUs, keep NVLink
+multicast off (``NCCL_NVLS_ENABLE=0``).
 
-    PYTHONPATH=. python3 scripts/bench_scale.py --res 2048 --steps 28 --out $OUT       # on the GPUs present
-    XLA_FLAGS=--xla_force_host_platform_device_count=4 JAX_PLATFORMS=cpu PYTHONPATH=. \\
-        python3 scripts/bench_scale.py --small
+    NCCL_NVLS_ENABLE=0 python3 scripts/bench_scale.py --res 2048 --steps 28 --out runs/scale   # the GPUs present
+    XLA_FLAGS=--xla_force_host_platform_device_count=4 JAX_PLATFORMS=cpu python3 scripts/bench_scale.py --small
 """
 
 from __future__ import annotations
@@ -31,75 +30,37 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import sys
 import time
 import types
-
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 REMOVED = 0.68
 
 
-def tree_bytes(tree) -> int:
-    """Bytes of every array in ``tree`` (0 for None)."""
-    import jax
-
-    return sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(tree))
-
-
-def plan_arrays(cfg, text: int, steps: int, n_img: int, *, smoke: bool):
-    """The bench_e2e plan removing ~68% of the attention FLOPs -> (PlanArrays, attention FLOPs kept)."""
-    from bench_e2e import BLOCKS, SMOKE_BLOCKS, build_plan
-
-    from dfa2_jax.plan import model_info_for
-    from dfa2_jax.sample import PlanArrays
-
-    plan, stats = build_plan(model_info_for(cfg, text), steps, n_img, REMOVED,
-                             blocks=SMOKE_BLOCKS if smoke else BLOCKS, strict=not smoke)
-    return PlanArrays(*plan.to_arrays(n_img)), stats["attention_flops_kept"]
-
-
 def flux_case(args, max_batch: int) -> types.SimpleNamespace:
-    """The benchmark's model and inputs (also scripts/bench_memory.py): FLUX.1-dev (``args.small``: 2+2 blocks, 4
-    heads, float32, 3 steps, 16 text tokens) with random weights at ``args.res``², its schedule, the 68% plan,
-    and ``inputs(batch)`` -> (latents, cond) from one seeded pool of ``max_batch`` rows (batch b = the first b
-    rows, so row 0 is the batch-1 input)."""
+    """The benchmark's model and inputs: FLUX.1-dev (``args.small``: the tiny benchmark model, float32, 3 steps,
+    16 text tokens) with random weights at ``args.res``², its schedule, the 68% plan, and ``inputs(batch)`` ->
+    (latents, cond) (:func:`dfa2_jax.benchmarking.sampler_inputs`: batch b is the first b rows of a larger batch,
+    so row 0 is the batch-1 input)."""
     import jax
     import jax.numpy as jnp
-    import numpy as np
 
     import dfa2_jax
-    from dfa2_jax.pipeline import flux_image_ids
-    from dfa2_jax.scheduler import FlowMatchEulerConfig, calculate_shift, set_timesteps
-    from dfa2_jax.transformer import flux_rope
+    from dfa2_jax.benchmarking import benchmark_plan, image_tokens, model_config, sampler_inputs, schedule, text_tokens
 
-    cfg, text = dfa2_jax.FluxConfig.dev(), 512
+    cfg, text = model_config("flux", tiny=args.small), text_tokens("flux", tiny=args.small)
     if args.small:
-        cfg = dfa2_jax.FluxConfig.dev(num_layers=2, num_single_layers=2, num_attention_heads=4,
-                                      joint_attention_dim=64, pooled_projection_dim=32)
-        args.steps, text = 3, 16
+        args.steps = 3
     dtype = jnp.dtype("float32" if args.small else "bfloat16")
     t0 = time.perf_counter()
     tr = dfa2_jax.random_transformer(cfg, dtype=dtype.name)
     jax.block_until_ready(tr.state)
     init_s = time.perf_counter() - t0
-    h = w = args.res // 8
-    n_img = (h // 2) * (w // 2)
-    ts, sig = set_timesteps(FlowMatchEulerConfig.flux_dev(), args.steps,
-                            sigmas=np.linspace(1, 1 / args.steps, args.steps), mu=calculate_shift(n_img))
-    plan, kept = plan_arrays(cfg, text, args.steps, n_img, smoke=args.small)
-    rng = np.random.default_rng(0)
-    pool = {"latents": rng.standard_normal((max_batch, n_img, cfg.in_channels)).astype(np.float32),
-            "prompt_embeds": rng.standard_normal((max_batch, text, cfg.joint_attention_dim)).astype(np.float32),
-            "pooled": rng.standard_normal((max_batch, cfg.pooled_projection_dim)).astype(np.float32)}
-    rope = flux_rope(cfg, np.zeros((text, 3), np.float32), flux_image_ids(h, w))
+    n_img = image_tokens(args.res)
+    ts, sig = schedule("flux", args.steps, n_img)
+    plan, kept = benchmark_plan(cfg, text_len=text, steps=args.steps, n_img=n_img, removed=REMOVED, tiny=args.small)
 
     def inputs(batch):
-        cond = {"prompt_embeds": jnp.asarray(pool["prompt_embeds"][:batch], dtype),
-                "pooled_projections": jnp.asarray(pool["pooled"][:batch], dtype),
-                "rope": rope, "guidance": jnp.full((batch,), 3.5, jnp.float32)}
-        return jnp.asarray(pool["latents"][:batch], dtype), cond
+        return sampler_inputs(cfg, res=args.res, batch=batch, text_len=text, dtype=dtype)
 
     return types.SimpleNamespace(cfg=cfg, text=text, dtype=dtype, tr=tr, init_s=init_s, n_img=n_img,
                                  ts=jnp.asarray(ts), sig=jnp.asarray(sig), plan=plan, kept=kept, inputs=inputs)
@@ -117,6 +78,8 @@ def main():
     ap.add_argument("--no-mesh1", action="store_true", help="skip the one-device mesh rows")
     ap.add_argument("--out", default=None, help="folder for scale.json")
     ap.add_argument("--small", action="store_true", help="a 2+2-layer, 4-head model at 256² (CPU smoke run)")
+    ap.add_argument("--attention-impl", default="auto", choices=("auto", "xla", "triton", "mosaic_gpu", "interpret"),
+                    help="how the plan's compressed heads run (denoise's / shard_denoise's attention_impl)")
     args = ap.parse_args()
     args.res = args.res or (256 if args.small else 2048)
     t_start = time.perf_counter()
@@ -137,16 +100,17 @@ def main():
     rows, est = [], {}
     meta = {"device": devices[0].device_kind, "devices": len(devices), "jax": jax.__version__,
             "res": args.res, "steps": args.steps, "dtype": dtype.name, "init_s": case.init_s, "plan_kept": kept,
-            "layers": f"{cfg.num_layers}+{cfg.num_single_layers}", "heads": cfg.num_attention_heads}
+            "layers": f"{cfg.num_layers}+{cfg.num_single_layers}", "heads": cfg.num_attention_heads,
+            "attention_impl": args.attention_impl}
     print("META", json.dumps(meta), flush=True)
 
     def left():
         return args.budget_s - (time.perf_counter() - t_start)
 
     for attn in [a for a in args.attn.split(",") if a]:
-        kw = dict(family="flux", plan=plan if attn == "plan" else None)
+        kw = dict(family="flux", plan=plan if attn == "plan" else None, attention_impl=args.attention_impl)
         ref = None
-        # none first (the reference), the multi-device rows, then the one-device mesh (issue: speed unchanged)
+        # none first (the reference), the multi-device rows, then the one-device mesh (its speed should match none)
         jobs = [("none", 1)] + [(m, n) for n in counts[1:] for m in modes] + ([] if args.no_mesh1 else [(modes[0], 1)])
         for mode, n in jobs:
             if mode in ("heads", "seq") and cfg.num_attention_heads % n:

@@ -1,14 +1,20 @@
-"""One transformer forward step: our jitted Flax model vs diffusers' PyTorch model of the same shape.
+"""One transformer forward step: our jitted Flax model vs diffusers' PyTorch model of the same shape, eager and
+under ``torch.compile``.
 
 Full-size architectures with random bf16 weights (no checkpoint), batch 1, side by side in one run:
 - FLUX.1-dev: packed latents [1, (R/16)², 64], 512 T5 tokens, guidance 3.5;
 - SD3-medium: latents [1, 16, R/8, R/8], 333 text tokens (77 CLIP + 256 T5).
-Each framework runs in its own subprocess (so peak-memory figures are its own); JAX with cuDNN flash
-attention (`jax.nn.dot_product_attention(implementation="cudnn")`), torch with the cuDNN SDPA backend.
-Timings: median of --iters calls after warm-up, device-synchronised; fresh random inputs per call set.
+Inputs: :func:`dfa2_jax.benchmarking.step_inputs` (one numpy seed per input set, identical for every framework).
+Each framework runs in its own subprocess (so peak-memory figures are its own): JAX with cuDNN flash attention
+(``jax.nn.dot_product_attention(implementation="cudnn")``); diffusers' ``FluxTransformer2DModel`` /
+``SD3Transformer2DModel`` built from our config's diffusers dict, eager ("torch") and under ``torch.compile``
+("torch-compile", ``--torch-compile-mode``, default "default"), both with the cuDNN SDPA backend.
+Timings: median of --iters calls after warm-up, device-synchronised, rotating over 3 random input sets. Compile
+time: JAX ``lower().compile()``; torch.compile the first call minus the steady call (eager: the first call's
+overhead).
 
-    PYTHONPATH=. python3 scripts/bench_transformer.py --out $OUT        # on the GPU machine
-    python3 scripts/bench_transformer.py --models flux-dev --res 256 --iters 3   # smoke test (CPU ok, slow)
+    python3 scripts/bench_transformer.py --out runs/transformer --iters 20      # one GPU
+    python3 scripts/bench_transformer.py --smoke                                # CPU: tiny models, 128², 2 iters
 
 Prints one JSON line per (framework, model, resolution) and a table last; --out writes results.json there.
 """
@@ -22,62 +28,38 @@ import subprocess
 import sys
 import time
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-TEXT_TOKENS = {"flux-dev": 512, "sd3-medium": 333}
+MODELS = {"flux-dev": "flux", "sd3-medium": "sd3"}
+FRAMEWORKS = ("jax", "torch", "torch-compile")
 
 
-def _median(xs):
-    xs = sorted(xs)
-    return xs[len(xs) // 2]
-
-
-def _inputs_np(model: str, res: int, seed: int):
-    import numpy as np
-
-    rng = np.random.default_rng(seed)
-    t = TEXT_TOKENS[model]
-    if model == "flux-dev":
-        g = res // 16
-        ids = np.zeros((g, g, 3), np.float32)
-        ids[..., 1] = np.arange(g)[:, None]
-        ids[..., 2] = np.arange(g)[None, :]
-        return dict(hidden_states=rng.standard_normal((1, g * g, 64), np.float32),
-                    encoder_hidden_states=rng.standard_normal((1, t, 4096), np.float32),
-                    pooled_projections=rng.standard_normal((1, 768), np.float32),
-                    timestep=np.array([0.7], np.float32), guidance=np.array([3.5], np.float32),
-                    img_ids=ids.reshape(-1, 3), txt_ids=np.zeros((t, 3), np.float32))
-    lat = res // 8
-    return dict(hidden_states=rng.standard_normal((1, 16, lat, lat), np.float32),
-                encoder_hidden_states=rng.standard_normal((1, t, 4096), np.float32),
-                pooled_projections=rng.standard_normal((1, 2048), np.float32),
-                timestep=np.array([700.0], np.float32))
-
-
-def run_jax(model: str, resolutions: list[int], iters: int) -> list[dict]:
+def run_jax(model: str, resolutions: list[int], iters: int, smoke: bool) -> list[dict]:
     import jax
     import jax.numpy as jnp
 
-    sys.path.insert(0, ROOT)
     import dfa2_jax
-    from dfa2_jax.transformer import flux_forward, sd3_forward, flux_rope
+    from dfa2_jax.benchmarking import median, model_config, step_inputs, text_tokens
+    from dfa2_jax.transformer import flux_forward, flux_rope, sd3_forward
 
-    cfg = dfa2_jax.FluxConfig.dev() if model == "flux-dev" else dfa2_jax.SD3Config.medium()
+    family = MODELS[model]
+    cfg = model_config(family, tiny=smoke)
+    text = text_tokens(family, tiny=smoke)
+    dtype = jnp.float32 if smoke else jnp.bfloat16
     t0 = time.perf_counter()
-    tr = dfa2_jax.random_transformer(cfg, dtype="bfloat16", seed=0)
+    tr = dfa2_jax.random_transformer(cfg, dtype=jnp.dtype(dtype).name, seed=0)
     jax.block_until_ready(tr.state)
     init_s = time.perf_counter() - t0
     results = []
     for res in resolutions:
         def args_for(seed):
-            x = _inputs_np(model, res, seed)
-            bf = lambda a: jnp.asarray(a, jnp.bfloat16)  # noqa: E731
-            if model == "flux-dev":
+            x = step_inputs(cfg, res=res, text_len=text, seed=seed)
+            cast = lambda a: jnp.asarray(a, dtype)  # noqa: E731
+            if family == "flux":
                 rope = flux_rope(cfg, x["txt_ids"], x["img_ids"])
-                return (flux_forward, (tr.graphdef, tr.state, bf(x["hidden_states"]), bf(x["encoder_hidden_states"]),
-                                        bf(x["pooled_projections"]), jnp.asarray(x["timestep"]), rope,
-                                        jnp.asarray(x["guidance"])))
-            return (sd3_forward, (tr.graphdef, tr.state, bf(x["hidden_states"]), bf(x["encoder_hidden_states"]),
-                                   bf(x["pooled_projections"]), jnp.asarray(x["timestep"])))
+                return (flux_forward, (tr.graphdef, tr.state, cast(x["hidden_states"]),
+                                       cast(x["encoder_hidden_states"]), cast(x["pooled_projections"]),
+                                       jnp.asarray(x["timestep"]), rope, jnp.asarray(x["guidance"])))
+            return (sd3_forward, (tr.graphdef, tr.state, cast(x["hidden_states"]), cast(x["encoder_hidden_states"]),
+                                  cast(x["pooled_projections"]), jnp.asarray(x["timestep"])))
 
         fn, args = args_for(0)
         t0 = time.perf_counter()
@@ -95,7 +77,7 @@ def run_jax(model: str, resolutions: list[int], iters: int) -> list[dict]:
             times.append(time.perf_counter() - t0)
         finite = bool(jnp.all(jnp.isfinite(out.astype(jnp.float32))))
         stats = jax.devices()[0].memory_stats() or {}
-        results.append(dict(framework="jax", model=model, res=res, ms=1e3 * _median(times), compile_s=compile_s,
+        results.append(dict(framework="jax", model=model, res=res, ms=1e3 * median(times), compile_s=compile_s,
                             init_s=init_s, peak_gib=stats.get("peak_bytes_in_use", 0) / 2**30,
                             finite=finite, params_b=tr.num_params() / 1e9,
                             version=f"jax {jax.__version__}"))
@@ -103,62 +85,83 @@ def run_jax(model: str, resolutions: list[int], iters: int) -> list[dict]:
     return results
 
 
-def run_torch(model: str, resolutions: list[int], iters: int) -> list[dict]:
+def run_torch(model: str, resolutions: list[int], iters: int, smoke: bool, compile_mode: str | None) -> list[dict]:
+    """diffusers' model eager (``compile_mode`` None) or under ``torch.compile(mode=compile_mode)``."""
+    import contextlib
+
     import diffusers
     import torch
-    from torch.nn.attention import SDPBackend, sdpa_kernel
 
+    from dfa2_jax.benchmarking import median, model_config, step_inputs, text_tokens
+
+    family = MODELS[model]
+    cfg = model_config(family, tiny=smoke)
+    text = text_tokens(family, tiny=smoke)
+    cuda = torch.cuda.is_available()
+    dev = torch.device("cuda" if cuda else "cpu")
+    dtype = torch.float32 if smoke else torch.bfloat16
+    if smoke:
+        torch.set_num_threads(1)  # tiny matmuls on a shared CPU
+    sync = torch.cuda.synchronize if cuda else (lambda: None)
     torch.manual_seed(0)
-    dev = torch.device("cuda")
+    kw = {k: v for k, v in cfg.to_diffusers().items() if k != "_class_name"}
+    cls = diffusers.FluxTransformer2DModel if family == "flux" else diffusers.SD3Transformer2DModel
     t0 = time.perf_counter()
-    torch.set_default_dtype(torch.bfloat16)
+    torch.set_default_dtype(dtype)
     with dev:
-        if model == "flux-dev":
-            m = diffusers.FluxTransformer2DModel(guidance_embeds=True).eval()  # defaults = FLUX.1 shape
-        else:
-            m = diffusers.SD3Transformer2DModel(sample_size=128, patch_size=2, in_channels=16, num_layers=24,
-                                                attention_head_dim=64, num_attention_heads=24,
-                                                joint_attention_dim=4096, caption_projection_dim=1536,
-                                                pooled_projection_dim=2048, out_channels=16,
-                                                pos_embed_max_size=192).eval()
+        m = cls(**kw).eval()
     torch.set_default_dtype(torch.float32)
-    torch.cuda.synchronize()
+    sync()
     init_s = time.perf_counter() - t0
+    fw = "torch" if compile_mode is None else "torch-compile"
+    if compile_mode is not None:
+        m = torch.compile(m, mode=compile_mode)
     results = []
     for res in resolutions:
-        torch.cuda.reset_peak_memory_stats()
+        if cuda:
+            torch.cuda.reset_peak_memory_stats()
 
         def args_for(seed):
-            x = _inputs_np(model, res, seed)
             out = {}
-            for k, v in x.items():
+            for k, v in step_inputs(cfg, res=res, text_len=text, seed=seed).items():
                 tt = torch.from_numpy(v).to(dev)
-                out[k] = tt if k in ("img_ids", "txt_ids", "timestep", "guidance") else tt.to(torch.bfloat16)
-            if "timestep" in out:
-                out["timestep"] = out["timestep"].to(torch.bfloat16)
-            if "guidance" in out:
-                out["guidance"] = out["guidance"].to(torch.bfloat16)
+                out[k] = tt if k in ("img_ids", "txt_ids") else tt.to(dtype)
             return out
 
+        def call(a):
+            if not cuda:
+                t0 = time.perf_counter()
+                out = m(**a, return_dict=False)[0]
+                return out, time.perf_counter() - t0
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            out = m(**a, return_dict=False)[0]
+            end.record()
+            sync()
+            return out, start.elapsed_time(end) / 1e3
+
         arg_sets = [args_for(s) for s in range(3)]
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        with torch.inference_mode(), sdpa_kernel([SDPBackend.CUDNN_ATTENTION]):
+        with contextlib.ExitStack() as stack:
+            stack.enter_context(torch.inference_mode())
+            if cuda:
+                from torch.nn.attention import SDPBackend, sdpa_kernel
+
+                stack.enter_context(sdpa_kernel([SDPBackend.CUDNN_ATTENTION]))
             t0 = time.perf_counter()
-            m(**arg_sets[0], return_dict=False)
-            torch.cuda.synchronize()
+            m(**arg_sets[0], return_dict=False)  # torch.compile compiles here
+            sync()
             first_s = time.perf_counter() - t0
             for a in arg_sets:
                 m(**a, return_dict=False)
             times = []
             for i in range(iters):
-                a = arg_sets[i % len(arg_sets)]
-                start.record()
-                out = m(**a, return_dict=False)[0]
-                end.record()
-                torch.cuda.synchronize()
-                times.append(start.elapsed_time(end) / 1e3)
-        results.append(dict(framework="torch", model=model, res=res, ms=1e3 * _median(times), compile_s=first_s,
-                            init_s=init_s, peak_gib=torch.cuda.max_memory_allocated() / 2**30,
+                out, dt = call(arg_sets[i % len(arg_sets)])
+                times.append(dt)
+        steady = median(times)
+        results.append(dict(framework=fw, model=model, res=res, ms=1e3 * steady,
+                            # torch.compile: the compile (first call − steady); eager: the first call's overhead
+                            compile_s=first_s - steady, first_call_s=first_s, compile_mode=compile_mode,
+                            init_s=init_s, peak_gib=torch.cuda.max_memory_allocated() / 2**30 if cuda else 0.0,
                             finite=bool(torch.isfinite(out.float()).all()),
                             params_b=sum(p.numel() for p in m.parameters()) / 1e9,
                             version=f"torch {torch.__version__} diffusers {diffusers.__version__}"))
@@ -169,24 +172,42 @@ def run_torch(model: str, resolutions: list[int], iters: int) -> list[dict]:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--models", default="flux-dev,sd3-medium")
-    ap.add_argument("--res", default="1024,2048")
-    ap.add_argument("--iters", type=int, default=20)
-    ap.add_argument("--frameworks", default="jax,torch")
+    ap.add_argument("--res", default=None, help="comma list of resolutions (default 1024,2048; --smoke: 128)")
+    ap.add_argument("--iters", type=int, default=None, help="timed calls (default 20; --smoke: 2)")
+    ap.add_argument("--frameworks", default=",".join(FRAMEWORKS),
+                    help="comma list of jax (ours), torch (diffusers eager), torch-compile (diffusers + torch.compile)")
+    ap.add_argument("--torch-compile-mode", default="default",
+                    help="torch.compile's mode (e.g. max-autotune-no-cudagraphs)")
+    ap.add_argument("--smoke", action="store_true", help="tiny models (2 blocks, 4 heads × 16), float32, CPU ok")
     ap.add_argument("--out", default=None, help="folder for results.json and logs")
     ap.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     args = ap.parse_args()
+    args.res = args.res or ("128" if args.smoke else "1024,2048")
+    args.iters = args.iters or (2 if args.smoke else 20)
     resolutions = [int(r) for r in args.res.split(",")]
+    models = args.models.split(",")
+    frameworks = args.frameworks.split(",")
+    for name, given, known in (("--models", models, MODELS), ("--frameworks", frameworks, FRAMEWORKS)):
+        if unknown := [x for x in given if x not in known]:
+            raise SystemExit(f"{name}: unknown {', '.join(unknown)} (known: {', '.join(known)})")
     if args.worker:
         fw, model = args.worker.split(":")
-        res = (run_jax if fw == "jax" else run_torch)(model, resolutions, args.iters)
+        if fw == "jax":
+            res = run_jax(model, resolutions, args.iters, args.smoke)
+        else:
+            res = run_torch(model, resolutions, args.iters, args.smoke,
+                            args.torch_compile_mode if fw == "torch-compile" else None)
         print("RESULT " + json.dumps(res), flush=True)
         return
     env = dict(os.environ, XLA_PYTHON_CLIENT_PREALLOCATE="false", PYTHONUNBUFFERED="1")
-    env["PYTHONPATH"] = ROOT + os.pathsep + env.get("PYTHONPATH", "")
+    if args.out:
+        os.makedirs(args.out, exist_ok=True)
     rows = []
-    for model in args.models.split(","):
-        for fw in args.frameworks.split(","):
-            cmd = [sys.executable, __file__, "--worker", f"{fw}:{model}", "--res", args.res, "--iters", str(args.iters)]
+    for model in models:
+        for fw in frameworks:
+            cmd = [sys.executable, os.path.abspath(__file__), "--worker", f"{fw}:{model}", "--res", args.res,
+                   "--iters", str(args.iters), "--torch-compile-mode", args.torch_compile_mode] + \
+                (["--smoke"] if args.smoke else [])
             proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
             if args.out:
                 with open(os.path.join(args.out, f"log_{fw}_{model}.txt"), "w") as f:
@@ -199,18 +220,27 @@ def main() -> None:
     if args.out:
         with open(os.path.join(args.out, "results.json"), "w") as f:
             json.dump(rows, f, indent=2)
+    # ratio: ours / eager; jax/tc: ours / torch.compile (below 1: ours is faster)
     print(f"\n{'model':<11} {'res':>5} {'jax ms':>9} {'torch ms':>9} {'ratio':>6} {'jax compile s':>13} "
-          f"{'jax GiB':>8} {'torch GiB':>9}")
-    for model in args.models.split(","):
+          f"{'jax GiB':>8} {'torch GiB':>9} {'tc ms':>9} {'jax/tc':>6} {'tc compile s':>12}")
+    for model in models:
         for res in resolutions:
-            j = next((r for r in rows if r["framework"] == "jax" and r["model"] == model and r["res"] == res), None)
-            t = next((r for r in rows if r["framework"] == "torch" and r["model"] == model and r["res"] == res), None)
+            def find(fw, model=model, res=res):
+                return next((r for r in rows if r["framework"] == fw and r["model"] == model and r["res"] == res),
+                            None)
+
+            j, t, c = find("jax"), find("torch"), find("torch-compile")
             fmt = lambda r, k, f: (f"{r[k]:{f}}" if r else "-")  # noqa: E731
             ratio = f"{j['ms'] / t['ms']:.3f}" if j and t else "-"
+            ratio_c = f"{j['ms'] / c['ms']:.3f}" if j and c else "-"
             print(f"{model:<11} {res:>5} {fmt(j, 'ms', '9.1f'):>9} {fmt(t, 'ms', '9.1f'):>9} {ratio:>6} "
-                  f"{fmt(j, 'compile_s', '13.1f'):>13} {fmt(j, 'peak_gib', '8.1f'):>8} {fmt(t, 'peak_gib', '9.1f'):>9}")
+                  f"{fmt(j, 'compile_s', '13.1f'):>13} {fmt(j, 'peak_gib', '8.1f'):>8} {fmt(t, 'peak_gib', '9.1f'):>9} "
+                  f"{fmt(c, 'ms', '9.1f'):>9} {ratio_c:>6} {fmt(c, 'compile_s', '12.1f'):>12}")
     versions = sorted({r["version"] for r in rows})
-    print("versions:", "; ".join(versions))
+    print("versions:", "; ".join(versions) + (f"; torch.compile mode {args.torch_compile_mode}"
+                                               if "torch-compile" in frameworks else ""))
+    if args.smoke:
+        print("smoke: tiny models, float32; timings meaningless")
 
 
 if __name__ == "__main__":

@@ -1,78 +1,97 @@
 """Where a transformer step's time goes: attention vs the rest, JAX vs PyTorch, same run.
 
 For each (model, resolution): (1) our full jitted step; (2) our step with every attention replaced by a
-near-zero-cost stand-in (q + k + v, element-wise: it still needs the q/k projections, norms and RoPE, which
-a stand-in returning v alone would let XLA drop), i.e. the non-attention time; (3) one attention call of the layer's shape in
-JAX (cuDNN) and (4) in torch (cuDNN SDPA), times the number of attention sites.
+near-zero-cost stand-in (:class:`dfa2_jax.benchmarking.NoAttention`: q + k + v, element-wise, which still needs
+the q/k projections, norms and RoPE that a stand-in returning v alone would let XLA drop), i.e. the non-attention
+time; (3) one attention call of the layer's shape in JAX (cuDNN) and (4) in torch (cuDNN SDPA), times the number
+of attention sites.
 
-    PYTHONPATH=. python3 scripts/profile_transformer.py --models sd3-medium --res 2048
+    python3 scripts/profile_transformer.py --models sd3-medium,flux-dev --res 1024,2048 --iters 10   # one GPU
+    python3 scripts/profile_transformer.py --smoke                                                    # CPU
 """
 
 from __future__ import annotations
 
 import argparse
-import os
-import sys
 import time
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-from scripts.bench_transformer import TEXT_TOKENS, _inputs_np, _median  # noqa: E402
+MODELS = {"flux-dev": "flux", "sd3-medium": "sd3"}
 
 
 def _time(fn, iters):
-    import jax
+    """Median ms of ``iters`` calls of ``fn`` after 3 warm-up calls."""
+    from dfa2_jax.benchmarking import median, time_calls
 
-    for _ in range(3):
-        jax.block_until_ready(fn())
-    ts = []
-    for _ in range(iters):
-        t0 = time.perf_counter()
-        jax.block_until_ready(fn())
-        ts.append(time.perf_counter() - t0)
-    return 1e3 * _median(ts)
+    return 1e3 * median(time_calls(lambda: fn(), lambda i: (), iters=iters, warmup=3))
 
 
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--models", default="sd3-medium,flux-dev")
-    ap.add_argument("--res", default="2048")
-    ap.add_argument("--iters", type=int, default=10)
+    ap.add_argument("--res", default=None, help="comma list (default 2048; --smoke: 128)")
+    ap.add_argument("--iters", type=int, default=None, help="default 10 (--smoke: 2)")
+    ap.add_argument("--smoke", action="store_true", help="the tiny benchmark models, float32 (CPU check)")
     args = ap.parse_args()
+    args.res = args.res or ("128" if args.smoke else "2048")
+    args.iters = args.iters or (2 if args.smoke else 10)
     import functools
 
     import jax
     import jax.numpy as jnp
     import torch
     from flax import nnx
-    from torch.nn.attention import SDPBackend, sdpa_kernel
 
     import dfa2_jax
+    from dfa2_jax.benchmarking import NoAttention, image_tokens, median, model_config, step_inputs, text_tokens
     from dfa2_jax.models.attention import dense_attention
     from dfa2_jax.transformer import flux_rope
 
-    class NoAttention:
-        """A runtime whose attention is nearly free (q + k + v): the step's non-attention time. Returning v
-        alone would let XLA drop the q/k projections, norms and RoPE (dead code), undercounting the rest."""
-
-        def __call__(self, q, k, v, *, layer, layout):
-            return q + k + v
-
-        def run_layer(self, layer, compute):
-            return compute()
-
+    cuda = torch.cuda.is_available()
+    dev = torch.device("cuda" if cuda else "cpu")
+    dtype, tdtype = (jnp.float32, torch.float32) if args.smoke else (jnp.bfloat16, torch.bfloat16)
     no_attention = NoAttention()
+
+    def torch_attention_ms(tq):
+        def sdpa():
+            torch.nn.functional.scaled_dot_product_attention(tq[0], tq[1], tq[2])
+
+        if not cuda:  # host timing
+            for _ in range(3):
+                sdpa()
+            ts = []
+            for _ in range(args.iters):
+                t0 = time.perf_counter()
+                sdpa()
+                ts.append(1e3 * (time.perf_counter() - t0))
+            return median(ts)
+        from torch.nn.attention import SDPBackend, sdpa_kernel
+
+        with sdpa_kernel([SDPBackend.CUDNN_ATTENTION]):
+            for _ in range(3):
+                sdpa()
+            torch.cuda.synchronize()
+            st, en = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            ts = []
+            for _ in range(args.iters):
+                st.record()
+                sdpa()
+                en.record()
+                torch.cuda.synchronize()
+                ts.append(st.elapsed_time(en))
+        return median(ts)
 
     rows = []
     for model in args.models.split(","):
-        cfg = dfa2_jax.FluxConfig.dev() if model == "flux-dev" else dfa2_jax.SD3Config.medium()
-        tr = dfa2_jax.random_transformer(cfg, dtype="bfloat16")
+        family = MODELS[model]
+        cfg = model_config(family, tiny=args.smoke)
+        text = text_tokens(family, tiny=args.smoke)
+        tr = dfa2_jax.random_transformer(cfg, dtype=jnp.dtype(dtype).name)
         sites = len(tr.attention_layer_names())
         for res in [int(r) for r in args.res.split(",")]:
-            x = {k: jnp.asarray(v, jnp.bfloat16) if v.ndim > 1 and not k.endswith("ids") else jnp.asarray(v)
-                 for k, v in _inputs_np(model, res, 0).items()}
+            x = {k: jnp.asarray(v, dtype) if v.ndim > 1 and not k.endswith("ids") else jnp.asarray(v)
+                 for k, v in step_inputs(cfg, res=res, text_len=text).items()}
             extra = ()
-            if model == "flux-dev":
+            if family == "flux":
                 extra = (flux_rope(cfg, x["txt_ids"], x["img_ids"]), x["guidance"])
 
             @functools.partial(jax.jit, static_argnums=(0, 1))
@@ -83,26 +102,13 @@ def main():
             a = (x["hidden_states"], x["encoder_hidden_states"], x["pooled_projections"], x["timestep"]) + extra
             full = _time(lambda tr=tr: step(tr.graphdef, False, tr.state, *a), args.iters)
             rest = _time(lambda tr=tr: step(tr.graphdef, True, tr.state, *a), args.iters)
-            n_img = (res // 16) ** 2
-            s = n_img + TEXT_TOKENS[model]
+            s = image_tokens(res) + text
             h, d = cfg.num_attention_heads, cfg.attention_head_dim
-            q = jax.random.normal(jax.random.key(0), (3, 1, s, h, d), jnp.bfloat16)
+            q = jax.random.normal(jax.random.key(0), (3, 1, s, h, d), dtype)
             att = jax.jit(lambda q: dense_attention(q[0], q[1], q[2]))
             jax_attn = _time(lambda q=q: att(q), args.iters)
-            tq = torch.randn(3, 1, h, s, d, device="cuda", dtype=torch.bfloat16)
-            with sdpa_kernel([SDPBackend.CUDNN_ATTENTION]):
-                for _ in range(3):
-                    torch.nn.functional.scaled_dot_product_attention(tq[0], tq[1], tq[2])
-                torch.cuda.synchronize()
-                st, en = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-                ts = []
-                for _ in range(args.iters):
-                    st.record()
-                    torch.nn.functional.scaled_dot_product_attention(tq[0], tq[1], tq[2])
-                    en.record()
-                    torch.cuda.synchronize()
-                    ts.append(st.elapsed_time(en))
-            torch_attn = _median(ts)
+            tq = torch.randn(3, 1, h, s, d, device=dev, dtype=tdtype)
+            torch_attn = torch_attention_ms(tq)
             tflops = lambda ms: 4 * s * s * d * h / (ms * 1e-3) / 1e12  # noqa: E731
             rows.append((model, res, full, rest, full - rest, sites * jax_attn, sites * torch_attn,
                          tflops(jax_attn), tflops(torch_attn)))
@@ -113,6 +119,8 @@ def main():
     for r in rows:
         print(f"{r[0]:<11} {r[1]:>5} {r[2]:>8.1f} {r[3]:>10.1f} {r[4]:>8.1f} {r[5]:>10.1f} {r[6]:>12.1f} "
               f"{r[7]:>8.0f} {r[8]:>10.0f}")
+    if args.smoke:
+        print("smoke: tiny models, float32, host timings; meaningless as figures")
 
 
 if __name__ == "__main__":

@@ -1,8 +1,8 @@
 """δ sweep on a shipped testbed (CPU is enough): how much attention each δ removes and what it costs.
 
-    PYTHONPATH=. python3 scripts/testbed_sweep.py --out docs/testbed            # ~20 min on 2 CPU cores
-    PYTHONPATH=. python3 scripts/testbed_sweep.py --family flux --out docs/testbed/flux
-    PYTHONPATH=. python3 scripts/testbed_sweep.py --out /tmp/sw --eval-prompts 8 --deltas 0.01,0.1 --steps 6
+    python3 scripts/testbed_sweep.py --out docs/testbed            # ~20 min on 2 CPU cores
+    python3 scripts/testbed_sweep.py --family flux --out docs/testbed/flux
+    python3 scripts/testbed_sweep.py --out /tmp/sw --eval-prompts 8 --deltas 0.01,0.1 --steps 6
 
 For every δ: calibrate a plan (progressive per-head RSE + CP-SAT, candidates ``--candidates``, savings from the
 exact attention mask) on ``--calibration-prompts`` held-out world captions (``world.make_batch(0, n,
@@ -28,7 +28,6 @@ import time
 
 import numpy as np
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
 DEFAULT_DELTAS = "0.002,0.005,0.01,0.02,0.05,0.1,0.2,0.4,0.8"

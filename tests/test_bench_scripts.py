@@ -1,5 +1,7 @@
-"""The GPU benchmark scripts of the scale-out and memory measurements run end to end on the CPU (tiny model,
-fake devices), so a device call is never spent on a broken script; their checks hold on the way."""
+"""Every benchmark script runs its CPU smoke path end to end (tiny models, fake host devices where a mesh is
+needed), as a subprocess of the installed package from an unrelated folder, so a GPU run is never spent on a broken
+script; their own checks hold on the way. The testbed trainers and the sweep (minutes of work) are only imported
+and asked for --help; the suite prints its commands."""
 
 from __future__ import annotations
 
@@ -7,22 +9,69 @@ import json
 import os
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
+import pytest
+
+SCRIPTS = Path(__file__).resolve().parent.parent / "scripts"
 
 
-def _run(args, devices: int, tmp_path):
-    env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=str(ROOT),
-               XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}")
-    proc = subprocess.run([sys.executable, *args], env=env, capture_output=True, text=True, timeout=600, cwd=tmp_path)
+# Compiled programs persist between runs (XLA's cache; torch inductor keeps its own in the temp folder): a second
+# run of the tests skips most compilation.
+CACHE = {"JAX_COMPILATION_CACHE_DIR": os.path.join(tempfile.gettempdir(), "dfa2_jax_smoke_xla_cache"),
+         "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0", "JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES": "-1"}
+
+
+def _run(script: str, *args: str, cwd: Path, devices: int = 1, timeout: float = 600) -> str:
+    env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}",
+               **CACHE)
+    proc = subprocess.run([sys.executable, str(SCRIPTS / script), *args], env=env, capture_output=True, text=True,
+                          timeout=timeout, cwd=cwd)
     assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]
     return proc.stdout
 
 
+def test_bench_arrow_interpret(tmp_path):
+    out = _run("bench_arrow.py", "--interpret", "--small", "--shapes", "FLUX-small", "--iters", "1", "--warmup", "1",
+               "--mixes", "2", cwd=tmp_path)
+    checked = [line.split()[1] for line in out.splitlines() if line.strip().startswith("check ")]
+    assert checked == ["full", "arrow:8", "arrow:16", "arrow:32", "mixed", "mix1", "mix2"], out
+    assert all(line.rstrip().endswith("ok") for line in out.splitlines() if line.strip().startswith("check "))
+    assert "worst of 2 mixes:" in out and "mixed plan:" in out
+
+
+def test_bench_transformer_smoke(tmp_path):
+    """Ours, diffusers eager and diffusers under torch.compile (inductor on the CPU) on the tiny FLUX model."""
+    out = _run("bench_transformer.py", "--smoke", "--models", "flux-dev", "--out", str(tmp_path), cwd=tmp_path)
+    rows = json.loads((tmp_path / "results.json").read_text())
+    assert {r["framework"] for r in rows} == {"jax", "torch", "torch-compile"}, out
+    assert all(r["finite"] and r["ms"] > 0 for r in rows)
+    compiled = next(r for r in rows if r["framework"] == "torch-compile")
+    assert compiled["compile_mode"] == "default" and compiled["first_call_s"] > compiled["ms"] / 1e3
+    table = out[out.index("\nmodel"):]
+    assert "jax/tc" in table and "tc compile s" in table and "flux-dev" in table
+
+
+def test_bench_e2e_smoke(tmp_path):
+    """Both families (FLUX guidance embedding, SD3 CFG): ours dense, three plans and the stand-in, and diffusers'
+    loop under torch.compile (its code is the eager worker's, which the plain 'torch' worker runs)."""
+    out = _run("bench_e2e.py", "--smoke", "--runs", "1", "--frameworks", "jax,torch-compile", "--out", str(tmp_path),
+               cwd=tmp_path, timeout=900)
+    res = json.loads((tmp_path / "e2e.json").read_text())
+    assert not res["errors"], res["errors"]
+    for case in ("flux-1024", "sd3-1024"):
+        rows = {(r["framework"], r["variant"]): r for r in res["results"][case]["rows"]}
+        assert set(rows) == {("jax", "dense"), ("jax", "plan-43"), ("jax", "plan-56"), ("jax", "plan-68"),
+                             ("jax", "no-attention"), ("torch-compile", "diffusers-compile")}, rows.keys()
+        assert all(r["finite"] for r in rows.values())
+        assert rows[("jax", "plan-68")]["speedup_vs_compiled"] is not None
+        assert res["meta"][f"jax:{case}"]["arrow_impl"] == "xla"  # "auto" on a CPU: the jnp reference
+    assert "(a') diffusers + torch.compile" in out and "vs (a') torch.compile" in out
+
+
 def test_bench_scale_small(tmp_path):
-    out = _run([str(ROOT / "scripts" / "bench_scale.py"), "--small", "--attn", "plan", "--out", str(tmp_path)], 2,
-               tmp_path)
+    out = _run("bench_scale.py", "--small", "--attn", "plan", "--out", str(tmp_path), cwd=tmp_path, devices=2)
     result = json.loads((tmp_path / "scale.json").read_text())
     rows = {(r["mode"], r["devices"]): r for r in result["rows"]}
     assert set(rows) == {("none", 1), ("data", 2), ("heads", 2), ("seq", 2), ("mesh1", 1)}, rows.keys()
@@ -34,9 +83,82 @@ def test_bench_scale_small(tmp_path):
 
 
 def test_bench_memory_small(tmp_path):
-    out = _run([str(ROOT / "scripts" / "bench_memory.py"), "--small"], 1, tmp_path)
-    lines = {line.split()[0]: line.split() for line in out.splitlines() if line.split()[:1] in (["dense"], ["plan"])}
-    assert set(lines) == {"dense", "plan"}
-    dense_caches, plan_caches = int(lines["dense"][1]), int(lines["plan"][1])
-    plan_alias = int(lines["plan"][4])
-    assert dense_caches == 0 and plan_caches > 0 and plan_alias >= plan_caches  # the caches are donated, aliased
+    out = _run("bench_memory.py", "--small", "--out", str(tmp_path), cwd=tmp_path)
+    rows = {r["variant"]: r for r in json.loads((tmp_path / "memory.json").read_text())["rows"]}
+    assert set(rows) == {"dense", "plan"}
+    assert rows["dense"]["caches"] == 0 and rows["plan"]["caches"] > 0
+    assert rows["plan"]["alias"] >= rows["plan"]["caches"]  # the caches are donated, aliased
+    assert {line.split()[0] for line in out.splitlines() if line.split()[:1] in (["dense"], ["plan"])} == \
+        {"dense", "plan"}
+
+
+def test_bench_sampler_smoke(tmp_path):
+    out = _run("bench_sampler.py", "--smoke", cwd=tmp_path)
+    last = out.strip().splitlines()[-1].split()
+    assert last[-1] == "True" and "overhead" in out  # finite
+
+
+def test_bench_calibrate_smoke(tmp_path):
+    out = _run("bench_calibrate.py", "--smoke", cwd=tmp_path)
+    assert "ratio calibration / dense" in out and "solves" in out
+
+
+def test_profile_transformer_smoke(tmp_path):
+    out = _run("profile_transformer.py", "--smoke", "--models", "flux-dev", cwd=tmp_path)
+    assert "no-attn ms" in out and "flux-dev" in out
+
+
+def test_aot_memory_smoke(tmp_path):
+    """No jax CUDA plugin here: the script's path without the H100 topology (tiny model compiled for the host
+    CPU, the cuDNN stand-in registered for the CPU, the plan through the Triton kernel in interpret mode), on one
+    device and on a 2-device heads mesh."""
+    out = _run("aot_memory.py", "--smoke", "--variants", "plan", "--meshes", "none;heads=2", cwd=tmp_path, devices=2)
+    table = out[out.index("\nmesh"):].splitlines()[2:]
+    assert [line.split()[:2] for line in table] == [["none", "plan"], ["heads=2", "plan"]], out
+    assert "kernel: interpret" in out
+
+
+def test_aot_memory_without_plugin_says_what_is_missing(tmp_path):
+    env = dict(os.environ, JAX_PLATFORMS="cpu")
+    proc = subprocess.run([sys.executable, str(SCRIPTS / "aot_memory.py"), "--variants", "dense"], env=env,
+                          capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    if proc.returncode == 0:
+        pytest.skip("the jax CUDA plugin is installed here")
+    assert "jax CUDA plugin" in proc.stderr and "--smoke" in proc.stderr
+
+
+@pytest.mark.parametrize("script", ["train_testbed.py", "train_testbed_classifier.py", "testbed_sweep.py"])
+def test_long_scripts_answer_help(script, tmp_path):
+    out = _run(script, "--help", cwd=tmp_path, timeout=300)
+    assert "usage:" in out
+
+
+def test_suite_dry_run(tmp_path):
+    out = _run("bench_suite.py", "--dry-run", "--out", str(tmp_path / "o"), cwd=tmp_path)
+    commands = [line for line in out.splitlines() if not line.startswith("#")]
+    scripts = {line.split()[line.split().index("python3") + 1] for line in commands}
+    assert {os.path.basename(s) for s in scripts} == {
+        "bench_arrow.py", "bench_transformer.py", "profile_transformer.py", "bench_sampler.py", "bench_e2e.py",
+        "bench_memory.py", "bench_calibrate.py", "bench_scale.py"}
+    assert all((SCRIPTS / os.path.basename(s)).is_file() for s in scripts)
+    assert "--cases flux-2048 " in out and "NCCL_NVLS_ENABLE=0" in out and "/tmp/site" not in out
+    assert not (tmp_path / "o").exists()  # nothing ran
+
+    smoke = _run("bench_suite.py", "--dry-run", "--smoke", "--only", "all", cwd=tmp_path)
+    assert "aot_memory.py --smoke" in smoke and smoke.count("JAX_PLATFORMS=cpu") == smoke.count("python3 ")
+
+    proc = subprocess.run([sys.executable, str(SCRIPTS / "bench_suite.py"), "--only", "nope", "--dry-run"],
+                          capture_output=True, text=True, cwd=tmp_path)
+    assert proc.returncode != 0 and "unknown part" in proc.stderr
+
+
+def test_suite_runs_a_part(tmp_path):
+    """The suite's own path: one part's smoke command, its log, suite.json and the summary table last."""
+    out = _run("bench_suite.py", "--smoke", "--only", "sampler", "--out", str(tmp_path / "o"), cwd=tmp_path)
+    suite = json.loads((tmp_path / "o" / "suite.json").read_text())
+    (r,) = suite["results"]
+    assert r["part"] == "sampler" and r["status"] == "ok", r
+    assert any("overhead" in line for line in r["table"])
+    assert (tmp_path / "o" / "sampler.log").is_file()
+    last = out.strip().splitlines()
+    assert last[-2].split()[:2] == ["part", "status"] and last[-1].split()[:2] == ["sampler", "ok"]
