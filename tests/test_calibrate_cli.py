@@ -38,16 +38,17 @@ def test_calibrate_then_generate(flux_folder, tmp_path, capsys):
 
 
 @pytest.mark.parametrize("extra,match", [
-    (["--delta", "0"], "delta=0.0 must be"),
-    (["--candidates", "arrow:2,cfg_share"], "needs classifier-free guidance"),
-    (["--resolution", "30"], "divisible by 4"),
+    (["--delta", "0"], "--delta 0: must be a finite number > 0"),
+    (["--candidates", "arrow:2,cfg_share"], "--candidates: cfg_share needs classifier-free guidance"),
+    (["--resolution", "30"], "--resolution 30: must be a multiple of 4"),
 ])
 def test_calibrate_cli_errors(flux_folder, tmp_path, capsys, extra, match):
     args = ["calibrate", "--model", flux_folder, "--prompt", "x", "--resolution", "32", "--steps", "3",
             "--delta", "0.3", "--dtype", "float32", "--cache-dir", str(tmp_path / "c"), "--no-progress",
             "-o", str(tmp_path / "p.json")]
     assert main(args + extra) == 2  # a repeated option: argparse keeps the last value
-    assert match in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert match in err and len(err.splitlines()) == 1 and not os.path.exists(tmp_path / "c")  # nothing loaded
 
 
 def test_calibrate_cli_needs_prompts(flux_folder, tmp_path, capsys):

@@ -379,8 +379,12 @@ def test_eval_cli(tiny, tmp_path, monkeypatch, capsys):
 
     pipe = tiny["sd3"]
     monkeypatch.setattr(dfa2_jax.pipeline, "load_pipeline", lambda path, dtype, cache_dir: pipe)
-    model = tmp_path / "model"
-    model.mkdir()
+    model = tmp_path / "model"  # the config files the command checks before loading (the load itself is patched)
+    (model / "transformer").mkdir(parents=True)
+    (model / "vae").mkdir()
+    (model / "transformer" / "config.json").write_text(json.dumps(pipe.transformer.config.to_diffusers()))
+    (model / "vae" / "config.json").write_text(
+        json.dumps({"block_out_channels": [32] * (int(np.log2(pipe.vae_scale_factor)) + 1)}))
     plan_path = str(tmp_path / "plan.json")
     random_plan(pipe, STEPS, ["full", "arrow:4", "cache"]).save(plan_path)
     prompts = tmp_path / "prompts.txt"
@@ -397,9 +401,9 @@ def test_eval_cli(tiny, tmp_path, monkeypatch, capsys):
     empty.write_text("\n# nothing\n")
     with pytest.raises(ValueError, match="empty.txt"):
         _cli(["eval", "--model", str(model), "--plan", plan_path, "--prompts", str(empty)])
-    with pytest.raises(PlanError):
+    with pytest.raises(FileNotFoundError, match="nope.json"):
         _cli(["eval", "--model", str(model), "--plan", str(tmp_path / "nope.json"), "--prompt", "x"])
-    with pytest.raises(EvalError, match="--steps"):
+    with pytest.raises(ValueError, match="--steps 0: must be >= 1"):
         _cli(["eval", "--model", str(model), "--plan", plan_path, "--prompt", "x", "--steps", "0"])
     with pytest.raises(SystemExit):  # --prompt and --prompts are exclusive
         _cli(["eval", "--model", str(model), "--plan", plan_path, "--prompt", "x", "--prompts", str(prompts)])

@@ -148,8 +148,9 @@ def test_demo_rejects_bad_options(tmp_path, capsys):
 
 
 def test_cli_generate_passes_max_sequence_length(testbed, tmp_path):
-    """``dfa2 generate --max-sequence-length 32`` on the testbed folder = the pipeline called with the testbed's
-    settings (the default T5 length, 256, would give other text tokens and another image)."""
+    """``dfa2 generate`` on the testbed folder, T5 length left out = the pipeline called with the testbed's
+    settings (32, from the folder's dfa2_defaults.json); ``--max-sequence-length 256`` (SD3's family default)
+    gives other text tokens and another image."""
     from dfa2_jax.cli import main
     from dfa2_jax.testbed import testbed_path
 
@@ -158,10 +159,10 @@ def test_cli_generate_passes_max_sequence_length(testbed, tmp_path):
     args = ["generate", "--model", testbed_path(), "--dtype", "float32", "--prompt", prompt, "--height", "64",
             "--width", "64", "--steps", "2", "--guidance", "4", "--seed", "1", "--cache-dir", str(tmp_path / "cache"),
             "--no-progress", "-o", str(tmp_path / "x.png"), "--save-latents", str(tmp_path / "x.npy")]
-    assert main(args + ["--max-sequence-length", "32"]) == 0
+    assert main(args) == 0  # the folder's default: 32
     ref = pipe(prompt, seed=1, **{**st.generate_kwargs(), "num_inference_steps": 2}, output_type="latent")
     np.testing.assert_array_equal(np.load(tmp_path / "x.npy"), ref.latents)
-    assert main(args) == 0  # T5 length 256
+    assert main(args + ["--max-sequence-length", "256"]) == 0
     assert not np.array_equal(np.load(tmp_path / "x.npy"), ref.latents)
 
 

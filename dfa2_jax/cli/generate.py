@@ -1,12 +1,85 @@
-"""``dfa2 generate``: text to image with a diffusers pipeline folder, dense or with a plan."""
+"""``dfa2 generate``: text to image with a diffusers pipeline folder, dense or with a plan.
+
+Every argument is checked against the model's config files (and the plan, the ``--latents`` header, the output
+folders) before any weight is loaded; the settings not given come from the model folder's ``dfa2_defaults.json``
+(:mod:`dfa2_jax.defaults`), else the family's.
+"""
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import sys
 import time
 
-from dfa2_jax.cli.common import add_attention_impl_arg, add_mesh_args, save_images, save_npy_atomic
+from dfa2_jax.cli.common import (CACHE_DIR_HELP, add_attention_impl_arg, add_generation_args, add_mesh_args,
+                                 add_model_arg, check_file_output, check_guidance, check_image_output, check_int,
+                                 check_latents, check_max_sequence_length, check_mesh, check_plan, check_size,
+                                 default_help, inspect_model, resolve_model, save_images, save_npy_atomic)
+
+
+@dataclasses.dataclass(frozen=True)
+class Settings:
+    """What ``dfa2 generate`` will run, every default resolved (:func:`resolve`)."""
+
+    model: str  # the resolved folder
+    height: int
+    width: int
+    num_inference_steps: int
+    guidance_scale: float | None
+    max_sequence_length: int
+    dtype: str
+    prompts: tuple[str, ...]  # one per image
+
+    def pipe_kwargs(self) -> dict:
+        return {"height": self.height, "width": self.width, "num_inference_steps": self.num_inference_steps,
+                "guidance_scale": self.guidance_scale, "max_sequence_length": self.max_sequence_length}
+
+
+def resolve(args: argparse.Namespace) -> Settings:
+    """Check every argument and fill the defaults, reading config files only (no weights)."""
+    model = inspect_model(resolve_model(args.model))
+    d = model.defaults
+    if any(not p.strip() for p in args.prompt):
+        raise ValueError("--prompt '': must be a non-empty text")
+    check_int("--height", args.height)
+    check_int("--width", args.width)
+    height = d.height if args.height is None else args.height
+    width = d.width if args.width is None else args.width
+    check_size(model, height, width)
+    check_int("--steps", args.steps)
+    guidance = check_guidance(model, args.guidance)
+    do_cfg = model.family == "sd3" and guidance is not None and guidance > 1
+    if args.negative_prompt is not None:
+        if model.family == "sd3" and not do_cfg:
+            raise ValueError(f"--negative-prompt: needs classifier-free guidance, but the guidance scale is "
+                             f"{guidance:g} (CFG is on above 1)")
+        if model.family == "flux" and (args.true_cfg_scale is None or args.true_cfg_scale <= 1):
+            raise ValueError("--negative-prompt: FLUX runs a negative prompt with true CFG only: give "
+                             "--true-cfg-scale > 1 as well")
+    if args.true_cfg_scale is not None:
+        if model.family != "flux":
+            raise ValueError("--true-cfg-scale: FLUX only (SD3's --guidance is already classifier-free guidance)")
+        if not args.true_cfg_scale >= 0 or args.true_cfg_scale == float("inf"):
+            raise ValueError(f"--true-cfg-scale {args.true_cfg_scale:g}: must be a finite number >= 0")
+        if args.true_cfg_scale > 1 and args.negative_prompt is None:
+            raise ValueError("--true-cfg-scale: true CFG needs a --negative-prompt")
+        do_cfg = args.true_cfg_scale > 1
+    msl = check_max_sequence_length(args.max_sequence_length, model)
+    steps = args.steps
+    if args.plan is not None:
+        plan = check_plan(model, args.plan, steps=steps, height=height, width=width, do_cfg=do_cfg)
+        steps = plan.steps if steps is None else steps  # a plan is made for its step count
+    steps = d.num_inference_steps if steps is None else steps
+    check_mesh(args.mesh)
+    prompts = tuple(args.prompt)
+    if args.latents is not None:
+        batch = check_latents(model, args.latents, height, width, len(prompts))[0]
+        prompts *= batch // len(prompts)  # one prompt, B noises: B images
+    check_image_output(args.output, "-o")
+    if args.save_latents is not None:
+        check_file_output(args.save_latents, "--save-latents", ".npy")
+    return Settings(model.path, height, width, steps, guidance, msl, args.dtype or d.dtype, prompts)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -14,22 +87,22 @@ def run(args: argparse.Namespace) -> int:
 
     from dfa2_jax.pipeline import load_pipeline
 
+    st = resolve(args)
+    say = (lambda _msg: None) if args.no_progress else (lambda msg: print(msg, file=sys.stderr))
     t0 = time.perf_counter()
-    pipe = load_pipeline(args.model, dtype=args.dtype, cache_dir=args.cache_dir)
-    print(f"loaded {pipe.transformer.config.diffusers_class} pipeline in {time.perf_counter() - t0:.1f} s",
-          file=sys.stderr)
-    latents = None
+    pipe = load_pipeline(st.model, dtype=st.dtype, cache_dir=args.cache_dir)
+    say(f"loaded {pipe.transformer.config.diffusers_class} pipeline in {time.perf_counter() - t0:.1f} s")
+    kwargs = dict(st.pipe_kwargs(), seed=args.seed, progress=not args.no_progress, plan=args.plan, mesh=args.mesh,
+                  fsdp=args.fsdp, attention_impl=args.attention_impl)
     if args.latents:
-        latents = np.load(args.latents)
-    kwargs = dict(height=args.height, width=args.width, num_inference_steps=args.steps, guidance_scale=args.guidance,
-                  seed=args.seed, latents=latents, progress=not args.no_progress, plan=args.plan,
-                  mesh=args.mesh, fsdp=args.fsdp, max_sequence_length=args.max_sequence_length,
-                  attention_impl=args.attention_impl)
+        kwargs["latents"] = np.load(args.latents)
     if args.negative_prompt is not None:
         kwargs["negative_prompt"] = args.negative_prompt
+    if args.true_cfg_scale is not None:
+        kwargs["true_cfg_scale"] = args.true_cfg_scale
     t0 = time.perf_counter()
-    out = pipe(args.prompt, **kwargs)
-    print(f"generated in {time.perf_counter() - t0:.1f} s (compile included)", file=sys.stderr)
+    out = pipe(list(st.prompts), **kwargs)
+    say(f"generated in {time.perf_counter() - t0:.1f} s (compile included)")
     if args.save_latents:
         save_npy_atomic(args.save_latents, out.latents)
     save_images(out.images, args.output)
@@ -37,29 +110,34 @@ def run(args: argparse.Namespace) -> int:
 
 
 def add_parser(sub) -> argparse.ArgumentParser:
-    gen = sub.add_parser("generate", help="text to image with an SD3 / SD3.5 / FLUX.1 diffusers pipeline folder")
-    gen.add_argument("--model", required=True, help="diffusers pipeline folder (model_index.json, transformer/, "
-                                                     "vae/, text_encoder*/, tokenizer*/, scheduler/)")
-    gen.add_argument("--prompt", required=True)
-    gen.add_argument("--negative-prompt", default=None, help="SD3 only (classifier-free guidance)")
-    gen.add_argument("--height", type=int, default=None)
-    gen.add_argument("--width", type=int, default=None)
-    gen.add_argument("--steps", type=int, default=28)
-    gen.add_argument("--guidance", type=float, default=None,
-                     help="SD3: CFG scale (7.0); FLUX.1-dev: guidance embedding (3.5); not for schnell")
-    gen.add_argument("--seed", type=int, default=0)
-    gen.add_argument("--dtype", default="bfloat16", choices=["float32", "bfloat16"])
-    gen.add_argument("--latents", default=None, help="initial noise .npy in diffusers' layout (SD3 [B,16,H/8,W/8]; "
-                                                      "FLUX packed [B,N,64])")
-    gen.add_argument("--save-latents", default=None, help="write the final latents (before VAE decoding) as .npy")
-    gen.add_argument("--max-sequence-length", type=int, default=None,
-                     help="T5 tokens (default SD3 256, FLUX 512; the shipped testbed was trained at 32)")
+    gen = sub.add_parser("generate", help="text to image with an SD3 / SD3.5 / FLUX.1 diffusers pipeline folder",
+                         description="Text to image. Settings left out come from the model folder's "
+                                     "dfa2_defaults.json, else the family's published defaults.")
+    add_model_arg(gen)
+    gen.add_argument("--prompt", action="append", required=True,
+                     help="what to draw (repeat for several images, generated as one batch)")
+    gen.add_argument("--negative-prompt", default=None,
+                     help="SD3: the CFG negative prompt (default: empty); FLUX: with --true-cfg-scale > 1")
+    gen.add_argument("--true-cfg-scale", type=float, default=None,
+                     help="FLUX: true classifier-free guidance with --negative-prompt when > 1 (default 1: off)")
+    with_plan = "with --plan, the plan's"
+    add_generation_args(gen, steps_help=f"denoising steps; {default_help('num_inference_steps', with_plan)}")
+    gen.add_argument("--seed", type=int, default=0, help="noise seed of the batch (default 0)")
+    gen.add_argument("--latents", default=None,
+                     help="initial noise .npy in diffusers' layout (SD3 [B, C, H/f, W/f]; FLUX packed "
+                          "[B, (H/f/2)·(W/f/2), C·4]; f: the model's VAE scale factor): one row per --prompt, or "
+                          "B rows for one prompt (default: drawn from --seed)")
+    gen.add_argument("--save-latents", default=None,
+                     help="write the final latents (before VAE decoding) to this .npy (default: not written)")
     gen.add_argument("--plan", default=None, help="compression plan (dfa2 calibrate / dfa2 plan import); "
                                                    "default: dense attention")
     add_mesh_args(gen, "the sampler")
     add_attention_impl_arg(gen)
-    gen.add_argument("--cache-dir", default=None)
-    gen.add_argument("--no-progress", action="store_true", help="no progress bar")
-    gen.add_argument("-o", "--output", required=True, help="output PNG")
+    gen.add_argument("--cache-dir", default=None, help=CACHE_DIR_HELP)
+    gen.add_argument("--no-progress", action="store_true",
+                     help="no progress bar or timing lines on stderr (default: shown)")
+    gen.add_argument("-o", "--output", required=True,
+                     help="output image (.png, .jpg, .webp, ...: any format PIL writes); several images get -0, "
+                          "-1, ... before the extension (in --prompt order)")
     gen.set_defaults(fn=run)
     return gen

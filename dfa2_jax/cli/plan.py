@@ -89,7 +89,16 @@ def resolve_image_tokens(plan: Plan, resolution, model: str | None) -> tuple[tup
 
 
 # ============================================================================================ commands
+def _resolve_model_arg(args: argparse.Namespace) -> None:
+    """--model: a shipped short name, a folder or a Hugging Face cache id -> a local path (None stays None)."""
+    if args.model is not None:
+        from dfa2_jax.cli.common import resolve_model
+
+        args.model = resolve_model(args.model)
+
+
 def _cmd_show(args: argparse.Namespace) -> int:
+    _resolve_model_arg(args)
     plan = Plan.load(args.plan)
     res, n_img = resolve_image_tokens(plan, args.resolution, args.model)
     if args.layer is not None:
@@ -105,6 +114,7 @@ def _cmd_show(args: argparse.Namespace) -> int:
 def _cmd_import(args: argparse.Namespace) -> int:
     from dfa2_jax.plan.official import DEFAULT_KS, import_official, import_v1
 
+    _resolve_model_arg(args)
     v2 = args.head_option is not None or args.output_share is not None
     if v2 == (args.v1 is not None):
         raise ValueError("give either the official V2 files (--head-option and/or --output-share) or a V1 plan "
@@ -135,6 +145,7 @@ def _cmd_import(args: argparse.Namespace) -> int:
 def _cmd_export(args: argparse.Namespace) -> int:
     from dfa2_jax.plan.official import export_official
 
+    _resolve_model_arg(args)
     plan = Plan.load(args.plan)
     if args.model is not None:
         info, _, _ = model_dir_info(args.model, plan.model["text_tokens"])
@@ -156,7 +167,8 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     show.add_argument("plan", help="plan.json")
     show.add_argument("--resolution", default=None,
                       help="R or HxW pixels (default: the plan's calibration resolution, else 1024)")
-    show.add_argument("--model", default=None, help="model folder, for its VAE scale factor (default 8)")
+    show.add_argument("--model", default=None, help="model folder (or testbed-sd3, testbed-flux), for its VAE scale factor "
+                                                    "(default: none; VAE scale 8)")
     show.add_argument("--png", default=None, help="write a heat-map PNG (layers x steps, and heads x steps of one "
                                                   "layer)")
     show.add_argument("--layer", default=None, help="layer for the per-head table and panel (name, or T12 / S3 / "
@@ -167,7 +179,8 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     imp.add_argument("--head-option", default=None, help="{model}_{res}_head_option_{delta}.json")
     imp.add_argument("--output-share", default=None, help="{model}_{res}_outputshare_option_{delta}.json")
     imp.add_argument("--v1", default=None, help="a DiTFastAttn (V1) plan instead")
-    imp.add_argument("--model", required=True, help="model folder (transformer/config.json, vae/config.json)")
+    imp.add_argument("--model", required=True, help="model folder (transformer/config.json, vae/config.json), or "
+                                                    "testbed-sd3, testbed-flux")
     imp.add_argument("--resolution", default=None, help="R or HxW pixels the official files were made for")
     imp.add_argument("--steps", type=int, default=None, help="number of steps (default: the files' last step + 1)")
     imp.add_argument("--text-tokens", type=int, default=None, help="text length (default SD3 333, FLUX 512)")
@@ -183,7 +196,8 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     exp.add_argument("--out-dir", required=True)
     exp.add_argument("--name", default=None, help="model name in the file names (default: the family)")
     exp.add_argument("--delta", default=None, help="delta in the file names (default: the plan's calibration delta)")
-    exp.add_argument("--model", default=None, help="model folder: check the plan against it; its VAE scale factor")
+    exp.add_argument("--model", default=None, help="model folder (or testbed-sd3, testbed-flux): check the plan "
+                                                   "against it; its VAE scale factor (default: none)")
     exp.set_defaults(fn=_cmd_export)
     return p
 

@@ -12,7 +12,10 @@ params) sharing its VAE, CLIP-L tower and T5 encoder, both made by ``scripts/tra
 procedural world (:mod:`dfa2_jax.testbed.world`); docs/TESTBED.md tells their story. Each ``testbed_info.json``
 holds the settings it must be sampled with: 64x64, the T5 length it was trained at (the pipelines pad T5 to
 ``max_sequence_length`` and do not mask, so another length changes the text tokens the model sees), 28 steps,
-and CFG 4 for SD3 (FLUX: none; guidance_scale None).
+and CFG 4 for SD3 (FLUX: none; guidance_scale None). Each folder's ``dfa2_defaults.json``
+(:mod:`dfa2_jax.defaults`) carries the same values (and float32), so ``dfa2 generate --model testbed-sd3`` and
+``load_pipeline(testbed_path())(prompt)`` sample them without any flag or argument. ``MODEL_NAMES``: the short
+names ``testbed-sd3`` / ``testbed-flux`` that ``--model`` accepts.
 """
 
 from __future__ import annotations
@@ -60,6 +63,17 @@ def testbed_path(family: str = "sd3") -> str:
     return path
 
 
+# short names for ``--model`` (every command that reads one: generate, calibrate, eval, info, convert, plan)
+MODEL_NAMES = {f"testbed-{family}": family for family in FAMILIES}
+
+
+def model_path(name: str) -> str | None:
+    """The shipped folder of a short model name (``testbed-sd3``, ``testbed-flux``), None for other strings.
+    Raises FileNotFoundError when the named folder is missing from the installation."""
+    family = MODEL_NAMES.get(name)
+    return None if family is None else testbed_path(family)
+
+
 def testbed_settings(family: str = "sd3") -> GenerationSettings:
     """The generation settings of the shipped ``family`` testbed, from its ``testbed_info.json``."""
     path = os.path.join(testbed_path(family), INFO_FILE)
@@ -84,4 +98,5 @@ def load_testbed(family: str = "sd3", *, dtype: str = "float32", cache_dir=False
     return load_pipeline(path, dtype=dtype, cache_dir=cache_dir), testbed_settings(family)
 
 
-__all__ = ["GenerationSettings", "testbed_path", "testbed_settings", "load_testbed", "FAMILIES"]
+__all__ = ["GenerationSettings", "testbed_path", "testbed_settings", "load_testbed", "FAMILIES", "MODEL_NAMES",
+           "model_path"]
