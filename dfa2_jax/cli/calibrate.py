@@ -12,8 +12,8 @@ import math
 import os
 import time
 
-from dfa2_jax.cli.common import (CACHE_DIR_HELP, Interrupted, add_attention_impl_arg, add_generation_args,
-                                 add_mesh_args, add_model_arg, check_file_output, check_guidance, check_input_file,
+from dfa2_jax.cli.common import (CACHE_DIR_HELP, Interrupted, add_attention_impl_arg, add_cfg_args,
+                                 add_generation_args, add_mesh_args, add_model_arg, check_cfg_flags, check_file_output, check_guidance, check_input_file,
                                  check_int, check_max_sequence_length, check_mesh, check_size, default_help,
                                  inspect_model, parse_resolution_arg, prompts_of, resolve_model)
 
@@ -54,7 +54,7 @@ def resolve(args: argparse.Namespace) -> dict:
     if not (math.isfinite(args.c) and args.c > 0):
         raise ValueError(f"--c {args.c:g}: must be a finite number > 0")
     guidance = check_guidance(model, args.guidance)
-    do_cfg = model.family == "sd3" and guidance is not None and guidance > 1
+    do_cfg = check_cfg_flags(model, guidance, args.negative_prompt, args.true_cfg_scale)
     try:
         parse_candidates(args.candidates, cfg=do_cfg)
     except ValueError as e:
@@ -91,7 +91,8 @@ def run(args: argparse.Namespace) -> int:
                         c=args.c, candidates=args.candidates, seed=args.seed, guidance_scale=kw["guidance_scale"],
                         batch=args.batch, savings=kw["savings"], checkpoint=ckpt, resume=args.resume,
                         progress=not args.no_progress, mesh=args.mesh, fsdp=args.fsdp,
-                        max_sequence_length=kw["max_sequence_length"], attention_impl=args.attention_impl)
+                        max_sequence_length=kw["max_sequence_length"], attention_impl=args.attention_impl,
+                        negative_prompt=args.negative_prompt, true_cfg_scale=args.true_cfg_scale)
     except KeyboardInterrupt:
         ours = os.path.isfile(ckpt) and (args.resume or os.path.getmtime(ckpt) >= started)  # not a stale one
         step = _checkpoint_step(ckpt) if ours else None
@@ -121,6 +122,7 @@ def add_parser(sub) -> argparse.ArgumentParser:
                      help=f"R or HxW in pixels; {default_help('height')}")
     add_generation_args(cal, size=False,
                         steps_help=f"denoising steps, at least 2; {default_help('num_inference_steps')}")
+    add_cfg_args(cal)
     cal.add_argument("--delta", type=float, required=True, help="RSE budget per (layer, step), > 0")
     cal.add_argument("--c", type=float, default=1.5,
                      help="pre-filter: keep (head, method) with RSE < c·δ/H (default 1.5)")

@@ -226,6 +226,35 @@ def check_size(model: ModelFolder, height: int, width: int, flags=("--height", "
                                  f"{model.vae_scale_factor})")
 
 
+def add_cfg_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--negative-prompt", default=None,
+                        help="SD3: the CFG negative prompt (default: empty); FLUX: with --true-cfg-scale > 1")
+    parser.add_argument("--true-cfg-scale", type=float, default=None,
+                        help="FLUX: true classifier-free guidance with --negative-prompt when > 1 (default 1: off)")
+
+
+def check_cfg_flags(model, guidance: float | None, negative_prompt: str | None, true_cfg_scale: float | None) -> bool:
+    """--negative-prompt / --true-cfg-scale against the model family and guidance; whether the run uses
+    classifier-free guidance (SD3: guidance > 1; FLUX: true CFG, a negative prompt and --true-cfg-scale > 1)."""
+    do_cfg = model.family == "sd3" and guidance is not None and guidance > 1
+    if negative_prompt is not None:
+        if model.family == "sd3" and not do_cfg:
+            raise ValueError(f"--negative-prompt: needs classifier-free guidance, but the guidance scale is "
+                             f"{guidance:g} (CFG is on above 1)")
+        if model.family == "flux" and (true_cfg_scale is None or true_cfg_scale <= 1):
+            raise ValueError("--negative-prompt: FLUX runs a negative prompt with true CFG only: give "
+                             "--true-cfg-scale > 1 as well")
+    if true_cfg_scale is not None:
+        if model.family != "flux":
+            raise ValueError("--true-cfg-scale: FLUX only (SD3's --guidance is already classifier-free guidance)")
+        if not true_cfg_scale >= 0 or true_cfg_scale == float("inf"):
+            raise ValueError(f"--true-cfg-scale {true_cfg_scale:g}: must be a finite number >= 0")
+        if true_cfg_scale > 1 and negative_prompt is None:
+            raise ValueError("--true-cfg-scale: true CFG needs a --negative-prompt")
+        do_cfg = true_cfg_scale > 1
+    return do_cfg
+
+
 def check_guidance(model: ModelFolder, g: float | None, flag: str = "--guidance") -> float | None:
     """The guidance to run with: ``g`` checked (finite, >= 0; models without a guidance embedding take none,
     0 reading as none as in diffusers' FLUX.1-schnell examples), else the model's default."""

@@ -68,7 +68,7 @@ def run(args: argparse.Namespace) -> int:
     print(f"loaded {pipe.transformer.config.diffusers_class} pipeline in {time.perf_counter() - t0:.1f} s",
           file=sys.stderr)
     report = evaluate(pipe, args.plan, kw.pop("prompts"), seed=args.seed, out_dir=args.out_dir,
-                      batch_size=args.batch, repeat=args.repeat, metrics_dir=args.metrics_dir, model=args.model,
+                      batch_size=args.batch, repeat=args.repeat, metrics_dir=args.metrics_dir, lpips_net=args.lpips_net, model=args.model,
                       progress=args.progress, log=lambda msg: print(msg, file=sys.stderr),
                       testbed_classifier=args.testbed_classifier, attention_impl=args.attention_impl, **kw)
     print(format_table(report))
@@ -95,8 +95,12 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
                    help="pipeline calls of each kind; the first includes compilation, the fastest later one is the "
                         "steady time (default 2; 1 = compile-inclusive time only)")
     p.add_argument("--metrics-dir", default=None,
-                   help="local LPIPS / CLIP weights (default $DFA2_METRICS_DIR); never downloaded. LPIPS and CLIP "
-                        "scoring are not implemented yet: the report says so")
+                   help="folder of local LPIPS / CLIP weights (default $DFA2_METRICS_DIR; never downloaded): "
+                        "lpips/alexnet-owt-7be5be79.pth or lpips/vgg16-397923af.pth (torchvision) with "
+                        "lpips/v0.1/alex.pth or vgg.pth (the lpips package's heads), and a transformers CLIP folder "
+                        "clip-vit-large-patch14/ (or clip-vit-base-patch16/, -patch32/); a missing file is named "
+                        "in the report")
+    p.add_argument("--lpips-net", default="alex", choices=["alex", "vgg"], help="LPIPS backbone (default alex)")
     p.add_argument("--testbed-classifier", default=None,
                    help="weights for the testbed prompt accuracy, reported when every prompt is a testbed world "
                         "caption (default: the shipped dfa2_jax/assets/testbed_classifier.safetensors)")

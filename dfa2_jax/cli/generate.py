@@ -12,8 +12,8 @@ import dataclasses
 import sys
 import time
 
-from dfa2_jax.cli.common import (CACHE_DIR_HELP, add_attention_impl_arg, add_generation_args, add_mesh_args,
-                                 add_model_arg, check_file_output, check_guidance, check_image_output, check_int,
+from dfa2_jax.cli.common import (CACHE_DIR_HELP, add_attention_impl_arg, add_cfg_args, add_generation_args,
+                                 add_mesh_args, add_model_arg, check_cfg_flags, check_file_output, check_guidance, check_image_output, check_int,
                                  check_latents, check_max_sequence_length, check_mesh, check_plan, check_size,
                                  default_help, inspect_model, resolve_model, save_images, save_npy_atomic)
 
@@ -49,22 +49,7 @@ def resolve(args: argparse.Namespace) -> Settings:
     check_size(model, height, width)
     check_int("--steps", args.steps)
     guidance = check_guidance(model, args.guidance)
-    do_cfg = model.family == "sd3" and guidance is not None and guidance > 1
-    if args.negative_prompt is not None:
-        if model.family == "sd3" and not do_cfg:
-            raise ValueError(f"--negative-prompt: needs classifier-free guidance, but the guidance scale is "
-                             f"{guidance:g} (CFG is on above 1)")
-        if model.family == "flux" and (args.true_cfg_scale is None or args.true_cfg_scale <= 1):
-            raise ValueError("--negative-prompt: FLUX runs a negative prompt with true CFG only: give "
-                             "--true-cfg-scale > 1 as well")
-    if args.true_cfg_scale is not None:
-        if model.family != "flux":
-            raise ValueError("--true-cfg-scale: FLUX only (SD3's --guidance is already classifier-free guidance)")
-        if not args.true_cfg_scale >= 0 or args.true_cfg_scale == float("inf"):
-            raise ValueError(f"--true-cfg-scale {args.true_cfg_scale:g}: must be a finite number >= 0")
-        if args.true_cfg_scale > 1 and args.negative_prompt is None:
-            raise ValueError("--true-cfg-scale: true CFG needs a --negative-prompt")
-        do_cfg = args.true_cfg_scale > 1
+    do_cfg = check_cfg_flags(model, guidance, args.negative_prompt, args.true_cfg_scale)
     msl = check_max_sequence_length(args.max_sequence_length, model)
     steps = args.steps
     if args.plan is not None:
@@ -116,10 +101,7 @@ def add_parser(sub) -> argparse.ArgumentParser:
     add_model_arg(gen)
     gen.add_argument("--prompt", action="append", required=True,
                      help="what to draw (repeat for several images, generated as one batch)")
-    gen.add_argument("--negative-prompt", default=None,
-                     help="SD3: the CFG negative prompt (default: empty); FLUX: with --true-cfg-scale > 1")
-    gen.add_argument("--true-cfg-scale", type=float, default=None,
-                     help="FLUX: true classifier-free guidance with --negative-prompt when > 1 (default 1: off)")
+    add_cfg_args(gen)
     with_plan = "with --plan, the plan's"
     add_generation_args(gen, steps_help=f"denoising steps; {default_help('num_inference_steps', with_plan)}")
     gen.add_argument("--seed", type=int, default=0, help="noise seed of the batch (default 0)")
