@@ -160,8 +160,8 @@ def load_params(resolved: ResolvedCheckpoint, dtype="float32",
                 put: Callable[[np.ndarray, tuple], jax.Array] | None = None) -> tuple[nnx.GraphDef, nnx.State]:
     """Stream the checkpoint into (graphdef, state) of the model in ``dtype``.
 
-    ``put(array, path)`` places one host array (default ``jax.device_put`` on the default device); the
-    sharding issue passes a per-leaf sharding here.
+    ``put(array, path)`` places one host array (default ``jax.device_put`` on the default device); a
+    sharded load passes a per-leaf sharding here.
     """
     items = ((key, arr, key, file) for key, arr, file in diffusers_tensors(resolved))
     return fill_state(abstract_model(resolved.config, parse_dtype(dtype)), items, root=resolved.root,

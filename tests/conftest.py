@@ -27,7 +27,7 @@ def perturb_(module, seed: int) -> None:
             t.add_(0.05 * torch.randn(t.shape, generator=g, dtype=t.dtype))
 
 
-# Tiny configs as in diffusers' own tests (shared/REFERENCE.md), heads 2-4, head_dim 8-16.
+# Tiny configs as in diffusers' own tests, heads 2-4, head_dim 8-16.
 SD3_TINY = dict(sample_size=32, patch_size=2, in_channels=4, num_layers=3, attention_head_dim=8,
                 num_attention_heads=4, caption_projection_dim=32, joint_attention_dim=32, pooled_projection_dim=64,
                 out_channels=4, pos_embed_max_size=96)

@@ -62,7 +62,7 @@ def test_kept_fractions():
     w = n // 16
     band = n + 2 * (w * n - w * (w + 1) // 2)
     assert a8 == pytest.approx((s2 - n * n + band) / s2)
-    # the paper's approximation (REFERENCE.md: saving ≈ (N − N/(2k))² / S²) is close to the exact count
+    # the paper's approximation (saving ≈ (N − N/(2k))² / S²) is close to the exact count
     assert 1 - a8 == pytest.approx((n - n / 16) ** 2 / s2, rel=0.02)
     assert kept_fraction("wars:8", n, t, False) == a8
     assert kept_fraction("cfg_share+arrow:8", n, t, False) == 0.5 * a8

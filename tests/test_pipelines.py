@@ -12,7 +12,7 @@ import pytest
 from tests.conftest import assert_pipeline_output_matches, max_rel_err
 from tests.pipeline_fixtures import build_flux_pipeline, build_sd3_pipeline
 
-# Issue bounds. Achieved (CPU, float32, 4 steps): final latents max relative error SD3 7.7e-7, SD3 without T5
+# Bounds. Achieved (CPU, float32, 4 steps): final latents max relative error SD3 7.7e-7, SD3 without T5
 # 6.9e-7, FLUX-dev 1.5e-6, FLUX-schnell 1.7e-7; decoded images 59 dB PSNR (our uint8 PNG vs diffusers' float
 # image: the 8-bit rounding alone).
 PROMPTS = ["a photo of the cat and the dog", "a red square on the left"]

@@ -7,7 +7,7 @@ import pytest
 
 from dfa2_jax.scheduler import FlowMatchEulerConfig, calculate_shift, euler_step, set_timesteps
 
-TOL = 1e-6  # issue bound; achieved: bitwise equal (float32) in every case below
+TOL = 1e-6  # the bound; achieved: bitwise equal (float32) in every case below
 
 
 def _diffusers(config: dict, steps: int, **kw):

@@ -39,7 +39,7 @@ TINY = {
     "quant": dict(TWO_BLOCKS, use_quant_conv=True, use_post_quant_conv=True, shift_factor=None,
                   layers_per_block=2, scaling_factor=0.18215),
     "no_mid_attn": dict(TWO_BLOCKS, mid_block_add_attention=False, act_fn="gelu"),
-    # shared/REFERENCE.md's tiny VAE: one block, no upsampler, group norm with one group
+    # diffusers' tiny test VAE: one block, no upsampler, group norm with one group
     "reference": dict(in_channels=3, out_channels=3, block_out_channels=(4,), layers_per_block=1, latent_channels=4,
                       norm_num_groups=1, use_quant_conv=False, use_post_quant_conv=False, shift_factor=0.0609,
                       scaling_factor=1.5305),

@@ -1,11 +1,11 @@
 """The one joint-attention entry point shared by every MMDiT in dfa2_jax.
 
 Every attention site of the SD3 and FLUX models calls :func:`joint_attention` with its layer index and the
-token layout of the joint sequence. Without a runtime it is dense attention; the compression runtime (plan
-issue) plugs in as ``runtime`` and applies per-head methods (full / arrow / cache / ...) there, so the
-models never change when a plan is active.
+token layout of the joint sequence. Without a runtime it is dense attention; the compression runtime
+(:class:`dfa2_jax.runtime.PlanRuntime`) plugs in as ``runtime`` and applies per-head methods (full / arrow / cache /
+...) there, so the models never change when a plan is active.
 
-Layouts (shared/DESIGN.md): SD3 joint sequence = [image, text] (``text_first=False``);
+Layouts: SD3 joint sequence = [image, text] (``text_first=False``);
 FLUX = [text, image] (``text_first=True``). An image-only self-attention (SD3.5 ``attn2``) has
 ``text_len=0``.
 """
