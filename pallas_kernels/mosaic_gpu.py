@@ -48,12 +48,15 @@ _MGPU_DTYPES = (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
 class MosaicGpuConfig:
     """block_q: query rows per compute warpgroup (a tile holds two); block_kv: keys per streamed block;
     max_concurrent_steps: shared-memory ring slots for K and V (≥ 2); num_ctas: persistent CTAs (0: one per
-    SM), each taking every num_ctas-th tile of the launch order."""
+    SM), each taking every num_ctas-th tile of the launch order; group_by_mask: the compute warpgroups loop once
+    per mask kind (clean, band, general: a smaller module, faster to compile) instead of once per key-block range
+    of the visit schedule."""
 
     block_q: int = 64
     block_kv: int = 128
     max_concurrent_steps: int = 2
     num_ctas: int = 0  # persistent CTAs; 0 = one per SM
+    group_by_mask: bool = True
 
     def __post_init__(self):
         for name in ("block_q", "block_kv"):
@@ -65,6 +68,8 @@ class MosaicGpuConfig:
             raise ValueError(f"MosaicGpuConfig.max_concurrent_steps={self.max_concurrent_steps!r} must be an int >= 2")
         if not (isinstance(self.num_ctas, int) and self.num_ctas >= 0):
             raise ValueError(f"MosaicGpuConfig.num_ctas={self.num_ctas!r} must be an int >= 0 (0: one per SM)")
+        if not isinstance(self.group_by_mask, bool):
+            raise ValueError(f"MosaicGpuConfig.group_by_mask={self.group_by_mask!r} must be a bool")
 
     @property
     def tile_q(self) -> int:
@@ -126,13 +131,17 @@ def _kernel(table_ref, q_ref, k_ref, v_ref, *refs, cfg: MosaicGpuConfig, head_di
     iota = ((lambda axis: lax.broadcasted_iota(jnp.int32, (bq, bkv), axis)) if interpret else
             (lambda axis: plgpu.broadcasted_iota(jnp.int32, (bq, bkv), axis, layout=plgpu.Layout.WGMMA)))
     ring_slot = lambda g: lax.rem(g, jnp.int32(ring))
-    # Both warpgroup kinds visit the ranges grouped by mask kind (clean, band, general; the softmax is
-    # order-free), so the compute warpgroups hold one loop body per kind instead of one per range: half the
-    # kernel's code, and XLA compiles each kernel instance of the sampler (57 in FLUX.1) about twice as fast.
-    order = sorted(range(num_ranges), key=lambda r: _MASK_KINDS.index(masked[r]))
+    # With group_by_mask, both warpgroup kinds visit the ranges grouped by mask kind (clean, band, general; the
+    # softmax is order-free), so the compute warpgroups hold one loop body per kind instead of one per range: half
+    # the kernel's code, and XLA compiles each kernel instance of the sampler (57 in FLUX.1) about twice as fast.
+    # Without it, one loop per range in the schedule's order.
+    if cfg.group_by_mask:
+        order = sorted(range(num_ranges), key=lambda r: _MASK_KINDS.index(masked[r]))
+    else:
+        order = list(range(num_ranges))
     groups = []  # (mask kind, positions in visit order)
     for pos, r in enumerate(order):
-        if groups and groups[-1][0] == masked[r]:
+        if cfg.group_by_mask and groups and groups[-1][0] == masked[r]:
             groups[-1][1].append(pos)
         else:
             groups.append((masked[r], [pos]))

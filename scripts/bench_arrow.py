@@ -167,6 +167,20 @@ def mgpu_rows(name, make_inputs, b, s, h, d, dense_flops, iters, warmup):
     return out
 
 
+
+def mosaic_config(spec: str) -> MosaicGpuConfig:
+    """``block_q/block_kv/ring[/num_ctas][/ranges]``: ``ranges`` loops once per key-block range instead of once
+    per mask kind (``MosaicGpuConfig.group_by_mask=False``)."""
+    parts = spec.split("/")
+    grouped = parts[-1] != "ranges"
+    if not grouped:
+        parts.pop()
+    try:
+        return MosaicGpuConfig(*map(int, parts), group_by_mask=grouped)
+    except (TypeError, ValueError) as e:
+        raise SystemExit(f"--mosaic-configs {spec!r}: {e}") from None
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--interpret", action="store_true", help="run the kernel in Pallas interpret mode (CPU)")
@@ -186,7 +200,7 @@ def main(argv=None):
                    "implementation= argument): triton (the Pallas-Triton kernel), mosaic_gpu (the Mosaic GPU "
                    "kernel, Hopper; in interpret mode on CPU; 'mosaic' is accepted as an alias)")
     p.add_argument("--mosaic-configs", default="64/128/2", help="Mosaic GPU configs to time, comma-separated "
-                   "block_q/block_kv/max_concurrent_steps; 'heuristic' = the per-head-dim default")
+                   "block_q/block_kv/max_concurrent_steps[/num_ctas][/ranges]; 'heuristic' = the per-head-dim default")
     args = p.parse_args(argv)
     iters = args.iters or (2 if args.small else 20)
     warmup = args.warmup or (1 if args.small else 3)
@@ -246,8 +260,9 @@ def main(argv=None):
             elif backend in ("mosaic_gpu", "mosaic"):  # "mosaic": the older spelling
                 for spec in args.mosaic_configs.split(","):
                     mcfg = (MosaicGpuConfig(block_q=64, block_kv=64 if args.small else 128, max_concurrent_steps=2)
-                            if spec == "heuristic" else MosaicGpuConfig(*map(int, spec.split("/"))))
-                    kernels[f"M{mcfg.block_q}/{mcfg.block_kv}/{mcfg.max_concurrent_steps} "] = ("mosaic_gpu", mcfg)
+                            if spec == "heuristic" else mosaic_config(spec))
+                    name = f"M{mcfg.block_q}/{mcfg.block_kv}/{mcfg.max_concurrent_steps}"
+                    kernels[name + ("" if mcfg.group_by_mask else "/ranges") + " "] = ("mosaic_gpu", mcfg)
             else:
                 raise SystemExit(f"--backends: unknown backend {backend!r} (triton, mosaic_gpu; alias mosaic)")
         failed = set()

@@ -9,6 +9,8 @@ benchmark shapes by scripts/bench_arrow.py (docs/PERFORMANCE.md).
 
 from __future__ import annotations
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -27,17 +29,19 @@ def _inputs(seed, shape, dtype):
     return tuple(jax.random.normal(x, shape, jnp.float32).astype(dtype) for x in ks)
 
 
-@pytest.mark.parametrize("s, text_len, text_first, windows, use_cache, dtype", [
-    (300, 40, True, [-1, 5, 0, 1], True, jnp.float16),     # FLUX layout, padding, a cached head
-    (250, 21, False, [3, 0, -1, 200], True, jnp.bfloat16),  # SD3 layout, text block straddling, w > image
-    (200, 0, True, [0, 2, -1, 7], False, jnp.float16),     # no text; w = 0 without cache is a width-0 band
+@pytest.mark.parametrize("s, text_len, text_first, windows, use_cache, dtype, grouped", [
+    (300, 40, True, [-1, 5, 0, 1], True, jnp.float16, True),     # FLUX layout, padding, a cached head
+    (250, 21, False, [3, 0, -1, 200], True, jnp.bfloat16, True),  # SD3 layout, text block straddling, w > image
+    (200, 0, True, [0, 2, -1, 7], False, jnp.float16, True),     # no text; w = 0 without cache: a width-0 band
+    (300, 40, True, [-1, 5, 0, 1], True, jnp.bfloat16, False),   # one loop per range instead of per mask kind
 ])
-def test_matches_reference(s, text_len, text_first, windows, use_cache, dtype):
+def test_matches_reference(s, text_len, text_first, windows, use_cache, dtype, grouped):
     q, k, v, c = _inputs(s, (2, s, len(windows), 64), dtype)
     cache = c if use_cache else None
     hw = jnp.asarray(windows, jnp.int32)
+    config = dataclasses.replace(SMALL, group_by_mask=grouped)
     out = arrow_attention(q, k, v, hw, text_len=text_len, text_first=text_first, cache=cache, interpret=True,
-                          config=SMALL)
+                          config=config)
     ref = arrow_attention_reference(q, k, v, hw, text_len=text_len, text_first=text_first, cache=cache)
     assert out.shape == q.shape and out.dtype == q.dtype
     out32, ref32 = np.asarray(out, np.float32), np.asarray(ref, np.float32)
@@ -115,7 +119,8 @@ def test_supported_and_errors():
     with pytest.raises(ValueError, match="head_dim a multiple of 64"):
         mgpu.arrow_attention_mosaic_gpu(q, q, q, jnp.asarray([-1, 3], jnp.int32), text_len=2, text_first=True)
     for bad, match in ((dict(block_q=96), "block_q=96"), (dict(block_kv=32), "block_kv=32"),
-                       (dict(max_concurrent_steps=1), "max_concurrent_steps=1"), (dict(num_ctas=-1), "num_ctas=-1")):
+                       (dict(max_concurrent_steps=1), "max_concurrent_steps=1"), (dict(num_ctas=-1), "num_ctas=-1"),
+                       (dict(group_by_mask=1), "group_by_mask=1")):
         with pytest.raises(ValueError, match=match):
             MosaicGpuConfig(**bad)
     assert mgpu.heuristic_config(128) == MosaicGpuConfig(64, 128, 2)
