@@ -43,8 +43,9 @@ def test_validate_errors():
         validate({"heads": 5}, batch=1, heads=24, family="flux", do_cfg=False)
     with pytest.raises(ValueError, match="batch 3 is not divisible by the data axis size 2"):
         validate({"data": 2}, batch=3, heads=24, family="sd3", do_cfg=True)
-    with pytest.raises(ValueError, match="cfg axis .* needs SD3 with classifier-free guidance"):
+    with pytest.raises(ValueError, match="cfg axis .* needs classifier-free guidance"):
         validate({"cfg": 2}, batch=1, heads=24, family="flux", do_cfg=False)
+    validate({"cfg": 2}, batch=1, heads=24, family="flux", do_cfg=True)  # FLUX's true CFG
     with pytest.raises(ValueError, match="size must be 1 or 2; got 4"):
         validate({"cfg": 4}, batch=1, heads=24, family="sd3", do_cfg=True)
     validate({"data": 2, "seq": 8}, batch=2, heads=24, family="flux", do_cfg=False)
