@@ -112,6 +112,18 @@ class _Pipeline:
     def dtype(self):
         return self.transformer.dtype
 
+    def _sizes(self, d, height, width, num_inference_steps, max_sequence_length) -> tuple[int, int, int, int]:
+        """The call's sizes, None taken from the defaults ``d`` (:func:`pipeline_defaults`), checked."""
+        height = d.height if height is None else height
+        width = d.width if width is None else width
+        num_inference_steps = d.num_inference_steps if num_inference_steps is None else num_inference_steps
+        max_sequence_length = d.max_sequence_length if max_sequence_length is None else max_sequence_length
+        if height < 1 or width < 1 or num_inference_steps < 1:
+            raise ValueError(f"height={height}, width={width} and num_inference_steps={num_inference_steps} must be "
+                             ">= 1")
+        self._check_size(height, width)
+        return height, width, num_inference_steps, max_sequence_length
+
     def _check_size(self, height: int, width: int) -> None:
         mult = self.vae_scale_factor * 2  # 2x2 latent patches for both families
         if height % mult or width % mult:
@@ -241,14 +253,8 @@ class SD3Pipeline(_Pipeline):
         cfg: SD3Config = self.transformer.config
         d = pipeline_defaults(self)
         prompts = [prompt] if isinstance(prompt, str) else list(prompt)
-        height = d.height if height is None else height
-        width = d.width if width is None else width
-        num_inference_steps = d.num_inference_steps if num_inference_steps is None else num_inference_steps
-        max_sequence_length = d.max_sequence_length if max_sequence_length is None else max_sequence_length
-        if height < 1 or width < 1 or num_inference_steps < 1:
-            raise ValueError(f"height={height}, width={width} and num_inference_steps={num_inference_steps} must be "
-                             ">= 1")
-        self._check_size(height, width)
+        height, width, num_inference_steps, max_sequence_length = self._sizes(
+            d, height, width, num_inference_steps, max_sequence_length)
         g = (self.default_guidance if d.guidance_scale is None else d.guidance_scale) if guidance_scale is None \
             else float(guidance_scale)
         if not g >= 0:  # diffusers: > 1 turns CFG on; a negative scale is a mistake, not "off"
@@ -367,14 +373,8 @@ class FluxPipeline(_Pipeline):
             logger.warning("negative_prompt is ignored: true CFG needs true_cfg_scale > 1 (got %s)", true_cfg_scale)
         elif true_cfg_scale > 1.0 and not do_cfg:
             logger.warning("true_cfg_scale=%s is ignored: true CFG needs a negative_prompt", true_cfg_scale)
-        height = d.height if height is None else height
-        width = d.width if width is None else width
-        num_inference_steps = d.num_inference_steps if num_inference_steps is None else num_inference_steps
-        max_sequence_length = d.max_sequence_length if max_sequence_length is None else max_sequence_length
-        if height < 1 or width < 1 or num_inference_steps < 1:
-            raise ValueError(f"height={height}, width={width} and num_inference_steps={num_inference_steps} must be "
-                             ">= 1")
-        self._check_size(height, width)
+        height, width, num_inference_steps, max_sequence_length = self._sizes(
+            d, height, width, num_inference_steps, max_sequence_length)
         embeds, pooled = self.encode_prompt(prompts, max_sequence_length)
         if do_cfg:
             negs = [negative_prompt] * len(prompts) if isinstance(negative_prompt, str) else list(negative_prompt)
