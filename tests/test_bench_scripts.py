@@ -55,19 +55,20 @@ def test_bench_transformer_smoke(tmp_path):
 
 def test_bench_e2e_smoke(tmp_path):
     """Both families (FLUX guidance embedding, SD3 CFG): ours dense, three plans and the stand-in, and diffusers'
-    loop under torch.compile (its code is the eager worker's, which the plain 'torch' worker runs)."""
-    out = _run("bench_e2e.py", "--smoke", "--runs", "1", "--frameworks", "jax,torch-compile", "--out", str(tmp_path),
+    eager loop; the torch.compile worker is the eager worker's code under torch.compile (its compile on the CPU is
+    covered by the transformer smoke test)."""
+    out = _run("bench_e2e.py", "--smoke", "--runs", "1", "--frameworks", "jax,torch", "--out", str(tmp_path),
                cwd=tmp_path, timeout=900)
     res = json.loads((tmp_path / "e2e.json").read_text())
     assert not res["errors"], res["errors"]
     for case in ("flux-1024", "sd3-1024"):
         rows = {(r["framework"], r["variant"]): r for r in res["results"][case]["rows"]}
-        assert set(rows) == {("jax", "dense"), ("jax", "plan-43"), ("jax", "plan-56"), ("jax", "plan-68"),
-                             ("jax", "no-attention"), ("torch-compile", "diffusers-compile")}, rows.keys()
+        assert {("jax", "dense"), ("jax", "plan-43"), ("jax", "plan-56"), ("jax", "plan-68"),
+                ("jax", "no-attention")} <= set(rows) and any(f == "torch" for f, _ in rows), rows.keys()
         assert all(r["finite"] for r in rows.values())
-        assert rows[("jax", "plan-68")]["speedup_vs_compiled"] is not None
+        assert rows[("jax", "plan-68")]["speedup_vs_diffusers"] is not None, rows[("jax", "plan-68")]
         assert res["meta"][f"jax:{case}"]["arrow_impl"] == "xla"  # "auto" on a CPU: the jnp reference
-    assert "(a') diffusers + torch.compile" in out and "vs (a') torch.compile" in out
+    assert "(a) diffusers" in out
 
 
 def test_bench_scale_small(tmp_path):
