@@ -29,9 +29,9 @@ REPO_ID = re.compile(r"^([\w.-]+)/([\w.-]+)(?:@([\w./-]+))?$")
 
 def hub_cache_dir() -> str:
     """The hub cache folder ``huggingface_hub`` uses (see the module docstring)."""
-    for var in ("HF_HUB_CACHE", "HUGGINGFACE_HUB_CACHE"):
-        if os.environ.get(var):
-            return os.path.expanduser(os.path.expandvars(os.environ[var]))
+    hub = os.environ.get("HF_HUB_CACHE") or os.environ.get("HUGGINGFACE_HUB_CACHE")
+    if hub:
+        return os.path.expanduser(os.path.expandvars(hub))
     if os.environ.get("HF_HOME"):
         return os.path.join(os.path.expanduser(os.path.expandvars(os.environ["HF_HOME"])), "hub")
     xdg = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")

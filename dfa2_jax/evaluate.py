@@ -205,7 +205,7 @@ def metrics_status(metrics_dir: str | os.PathLike | None = None, lpips_net: str 
     from dfa2_jax.metrics.clip_score import missing_clip_file
     from dfa2_jax.metrics.lpips import lpips_files
 
-    folder = os.fspath(metrics_dir) if metrics_dir is not None else os.environ.get(METRICS_ENV) or None
+    folder = os.fspath(metrics_dir) if metrics_dir is not None else os.environ.get("DFA2_METRICS_DIR") or None
     out: dict[str, Any] = {"metrics_dir": folder, "lpips_files": None, "lpips_skipped": None, "clip_folder": None,
                            "clip_score_skipped": None}
     if folder is None:

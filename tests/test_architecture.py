@@ -14,7 +14,7 @@ ROOT = Path(__file__).resolve().parents[1]
 PACKAGES = ("dfa2_jax", "pallas_kernels", "converters")
 # Environment variables the library may read: paths only (documented in the README).
 PATH_SETTINGS = {"DFA2_CACHE_DIR", "DFA2_ARROW_TUNE_CACHE", "DFA2_METRICS_DIR", "XDG_CACHE_HOME", "HF_HUB_CACHE",
-                 "HF_HOME"}
+                 "HUGGINGFACE_HUB_CACHE", "HF_HOME"}
 
 
 def _module_name(path: Path) -> str:
@@ -145,9 +145,13 @@ def test_library_reads_only_path_settings(pkg):
     for path in (ROOT / pkg).rglob("*.py"):
         text = path.read_text()
         found |= {a or b for a, b in _ENV_READ.findall(text)}
+        hidden = re.findall(r"os\.environ(?:\.get)?\s*[\[(]\s*(?![\"'])[^)\]]*", text)
+        assert not hidden, f"{path.relative_to(ROOT)}: an environment read not named by a literal: {hidden}"
         names = {n.id for n in ast.walk(ast.parse(text)) if isinstance(n, ast.Name)}
         assert "environ" not in names or "os" in names  # nothing hides os.environ behind another name
     assert found <= PATH_SETTINGS, sorted(found - PATH_SETTINGS)
+    readme = (ROOT / "README.md").read_text()
+    assert all(name in readme for name in found), "every path setting is documented in the README"
 
 
 def test_tests_and_scripts_do_not_steer_the_library_through_the_environment():
