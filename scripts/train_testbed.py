@@ -1,18 +1,27 @@
 """Train the text-to-image testbed: a tiny VAE, an SD3-style and a FLUX-style transformer on the procedural
 shape world (:mod:`dfa2_jax.testbed.world`), written as two diffusers pipeline folders.
 
-    PYTHONPATH=. python3 scripts/train_testbed.py --out testbed_out           # one H100, ~9 min in all
-    PYTHONPATH=. python3 scripts/train_testbed.py --out /tmp/tb --smoke       # CPU, tiny sizes, < 60 s
+    python3 scripts/train_testbed.py --out testbed_out           # one H100, ~9 min in all
+    python3 scripts/train_testbed.py --out /tmp/tb --smoke       # CPU, tiny sizes, < 60 s
+    # the second-generation testbed: world v2 (128x128, 4x4 grid, 1-5 objects), 1024 image tokens
+    python3 scripts/train_testbed.py --world v2 --out testbed2_out   # one H100, ~9 min in all
+    python3 scripts/train_testbed.py --world v2 --out /tmp/tb2 --smoke   # CPU, tiny sizes, < 60 s
     # the shipped FLUX-style testbed: a second run sharing the SD3 testbed's VAE, encoders and tokenizers
-    PYTHONPATH=. python3 scripts/train_testbed.py --out /tmp/tb2 --families flux \
+    python3 scripts/train_testbed.py --out /tmp/tb2 --families flux \
         --reuse dfa2_jax/assets/testbed_sd3 --precision fp32 --minutes-flux 6
 
 Writes ``OUT/testbed_sd3/`` (StableDiffusion3Pipeline: transformer, vae, CLIP-L/G-style text_encoder{,_2}
 with projection, T5-style text_encoder_3, tokenizers, scheduler), ``OUT/testbed_flux/`` (FluxPipeline: CLIP
-pooled + T5), ``OUT/train_log.json`` (losses every --log-every steps, held-out losses, timings, sizes),
-``OUT/samples_{sd3,flux,flux_truecfg}.png`` (held-out captions: rows of world renders above rows of
-samples, made by diffusers' own pipelines) and ``OUT/testbed.tar`` bundling all of it. Each folder also
-holds ``testbed_info.json``: the generation settings the model was trained for.
+pooled + T5), ``OUT/train_log.json`` (losses every --log-every steps, held-out losses, timings, sizes, the
+evaluation), ``OUT/samples_{sd3,flux,flux_truecfg}.png`` (held-out captions: rows of world renders above rows
+of samples, made by diffusers' own pipelines) and ``OUT/testbed.tar`` bundling all of it. Each folder also
+holds ``testbed_info.json``: the generation settings the model was trained for. With ``--world v2`` the
+folders are ``OUT/testbed2_{sd3,flux}/``.
+
+Last, each saved folder is loaded back with diffusers (``from_pretrained``, float32) and evaluated: dense prompt
+accuracy (:mod:`dfa2_jax.testbed.classifier`, JAX on the CPU) of ``--eval-n`` held-out captions
+(``make_batch(1, n, "heldout")``, seed i for caption i, the settings of testbed_info.json); a table of accuracy,
+steps/s, losses and wall time is the last thing printed.
 
 Phases (PyTorch; torch lives in scripts/ only, never in dfa2_jax/):
 
@@ -55,6 +64,28 @@ Choices worth knowing:
 * Schedulers: ``FlowMatchEulerDiscreteScheduler(shift=1.0)`` for both (64 image tokens: SD3's shift 3 is
   for 4096). 64x64 only: pass height=width=64 (FluxPipeline's default size is 128 latent pixels).
 * Weights are saved in float32 (both folders < 30 MB); our loaders and diffusers read them as they are.
+
+World v2 (``--world v2``, :data:`WORLD_SETUPS`, :meth:`Sizes.full_v2`): 128x128 pictures through a x2 VAE
+(2 blocks, no mid-block attention: 4096 latent pixels would make it the VAE's costliest layer) -> 64x64x4
+latents -> patch 2 (SD3) / 2x2 packing (FLUX) -> 32x32 = 1024 image tokens. Transformers at head_dim 64,
+4 heads (width 256): SD3 6 joint blocks, FLUX 3 double + 6 single. Differences from v1, and why:
+
+* scheduler shift 2.0 for sampling *and* training (sigma = 2u / (1 + u), u logit-normal): FLUX's resolution rule
+  gives exp(0.5 + 0.65 * (1024 - 256) / 3840) = 1.9 at 1024 tokens; at 64 tokens (v1) it was 1.
+* CLIP length = the longest v2 caption's CLIP tokens rounded up to 8 (tokenizer ``model_max_length`` and CLIP
+  positions), not 77: the pipelines read ``model_max_length``, and SD3's joint sequence is 21 tokens shorter
+  (56 + 56 text tokens).
+* FLUX: fp32 weights and activations with TF32 matmuls (v1's bf16-autocast CUBLAS failure), but the attention
+  kernel in bf16 (``--precision-flux fp32-bf16attn``): fp32 attention has no flash kernel, and at 1080 tokens
+  attention is a large share of the step; no bf16 GEMM runs.
+* batch: SD3 96, FLUX 64 (v1: 256). v1's steps (73 ms SD3, 46 ms FLUX) were bound by the host launching
+  kernels, not by the GPU; at 1024 tokens a bf16 SD3 step of 64 samples is estimated at ~50 ms of GPU work,
+  an fp32 FLUX step at ~70 ms, so SD3 takes a larger batch to keep the GPU the limit, FLUX keeps more steps.
+* EMA: EDM2's power-function profile (gamma 6.94, sigma_rel ~0.1) instead of a fixed 0.999 decay, whose
+  1000-step horizon is most of a ~2000-step run.
+* transformer weights saved in bfloat16 (diffusers loads them as float32 modules unless told otherwise; so do
+  our loaders): 13.8 M (SD3) / 13.4 M (FLUX) params are 52 MB in float32, 26 MB in bfloat16; each folder stays
+  <= 40 MB (~31 MB) so that shipping both keeps the wheel small and ``pip install`` fast.
 """
 
 from __future__ import annotations
@@ -72,15 +103,39 @@ import time
 
 import numpy as np
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 os.environ.setdefault("JAX_PLATFORMS", "cpu")  # nothing here needs JAX: if an import pulls it in, keep it off the GPU
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")  # one tokenizer thread per render worker
 
-IMAGE = 64
-CLIP_LEN = 77
+IMAGE = 64  # v1 (WORLD_SETUPS["v1"].image)
+CLIP_LEN = 77  # v1
 T5_BASE_VOCAB = 1000  # tiny T5 vocabulary before the world's words are appended
 T5_NEIGHBOURS = (-1, -2, -4, 1)  # key offset each T5 head attends to (cycled over the heads)
 T5_NEIGHBOUR_BIAS = 8.0  # softmax logit added at that offset: e^8 ~ 3000 x any other position
+INFO_FILE = "testbed_info.json"
+PRECISIONS = ("bf16", "fp32", "fp32-bf16attn")
+
+
+@dataclasses.dataclass(frozen=True)
+class WorldSetup:
+    """What a world changes in the testbed besides the model sizes (module docstring)."""
+
+    world: str  # a dfa2_jax.testbed.world name
+    image: int  # picture side, px
+    prefix: str  # folders OUT/<prefix>_sd3, OUT/<prefix>_flux
+    clip_len: int | None  # CLIP tokenizer length; None: the longest caption's, rounded up to 8
+    shift: float  # scheduler shift, also applied to the training sigmas
+    weights_dtype: str  # transformer weights as saved
+    precision: tuple[str, str]  # default CUDA precision of (sd3, flux)
+    max_folder_mb: float  # a larger folder is warned about
+    classifier: str  # the world's shipped classifier (dfa2_jax.testbed.classifier.ASSETS), package-relative
+
+
+WORLD_SETUPS = {
+    "v1": WorldSetup("v1", 64, "testbed", CLIP_LEN, 1.0, "float32", ("bf16", "bf16"), 30.0,
+                     "dfa2_jax/assets/testbed_classifier.safetensors"),
+    "v2": WorldSetup("v2", 128, "testbed2", None, 2.0, "bfloat16", ("bf16", "fp32-bf16attn"), 40.0,
+                     "dfa2_jax/assets/testbed2_classifier.safetensors"),
+}
 
 
 # ================================================================================================ sizes
@@ -90,6 +145,7 @@ class Sizes:
 
     vae_channels: tuple[int, ...] = (32, 64, 64)
     vae_groups: int = 16
+    vae_mid_attention: bool = True
     clip_hidden: int = 64
     clip_heads: int = 4
     clip_layers: int = 2
@@ -109,6 +165,7 @@ class Sizes:
     chunk: int = 4096  # images per render task
     batch_vae: int = 128
     batch_dit: int = 256
+    batch_flux: int | None = None  # the FLUX transformer's batch when not batch_dit's
     lr_vae: float = 5e-4
     lr_dit: float = 5e-4
     warmup: int = 200
@@ -118,10 +175,34 @@ class Sizes:
     samples: int = 16
     sample_steps: int = 28
     device: str = "cuda"
+    ema_gamma: float | None = None  # None: decay min(0.999, (1 + n) / (10 + n)); else EDM2's power EMA
+    eval_n: int = 200  # held-out captions of the final evaluation
+    eval_batch: int = 100  # captions per pipeline call there
+    reserve_s: float = 25.0  # per pipeline: save + samples + evaluation, kept out of the time boxes
 
     @classmethod
     def full(cls, **kw) -> Sizes:
         return cls(**kw)
+
+    @classmethod
+    def full_v2(cls, **kw) -> Sizes:
+        """World v2 on one H100 in ~9 minutes (module docstring): 1024 image tokens, width 256 = 4 heads x 64."""
+        return cls(**{**dict(vae_channels=(32, 64), vae_mid_attention=False, sd3_layers=6, sd3_heads=4,
+                             sd3_head_dim=64, flux_double=3, flux_single=6, flux_heads=4, flux_head_dim=64,
+                             flux_axes=(8, 28, 28), batch_vae=64, batch_dit=96, batch_flux=64,
+                             minutes=(0.75, 3.0, 3.5),
+                             ema_gamma=6.94, reserve_s=35.0), **kw})
+
+    @classmethod
+    def smoke_v2(cls, **kw) -> Sizes:
+        return cls.smoke(**{**dict(vae_channels=(8, 16), vae_mid_attention=False, dataset=64, val=8, chunk=64,
+                                   batch_vae=4, batch_dit=8, ema_gamma=6.94, eval_n=4, eval_batch=4), **kw})
+
+    @classmethod
+    def preset(cls, world: str, smoke: bool, **kw) -> Sizes:
+        if world == "v1":
+            return (cls.smoke if smoke else cls.full)(**kw)
+        return (cls.smoke_v2 if smoke else cls.full_v2)(**kw)
 
     @classmethod
     def smoke(cls, **kw) -> Sizes:
@@ -129,23 +210,26 @@ class Sizes:
                              t5_heads=4, sd3_layers=2, sd3_heads=2, sd3_head_dim=16, flux_double=1, flux_single=1,
                              flux_heads=2, flux_head_dim=16, flux_axes=(4, 6, 6), dataset=256, val=32, chunk=256,
                              batch_vae=8, batch_dit=16, lr_vae=2e-3, lr_dit=2e-3, warmup=3, log_every=5,
-                             eval_every=0, samples=2, sample_steps=4, device="cpu"), **kw})
+                             eval_every=0, samples=2, sample_steps=4, device="cpu", eval_n=4, eval_batch=4,
+                             reserve_s=5.0), **kw})
 
 
 # ================================================================================================ tokenizers
-def world_words(seed: int = 0) -> list[str]:
+def world_words(seed: int = 0, world: str = "v1") -> list[str]:
     """Every word a world caption can use: the world's vocabularies plus the words of sampled captions (so a
-    template word added to the world later is covered too). Sorted, so tokenizers are reproducible."""
+    template word added to the world later is covered too); v2's row / column digits included. Sorted, so
+    tokenizers are reproducible."""
     from dfa2_jax.testbed import world as W
 
+    w = W.get_world(world)
     words = set()
-    for group in (W.SHAPES, W.COLOURS, W.SIZES, W.BACKGROUNDS, W.POSITION_PHRASES):
+    for group in (w.shapes, w.colour_names, w.sizes, w.background_names, w.position_phrases):
         for item in group:
             words.update(item.split())
     for split in ("train", "heldout"):
-        for s in W.sample_scenes(seed, 2000, split):
+        for s in W.sample_scenes(seed, 2000, split, world=w):
             words.update(W.caption(s).replace(",", " ").split())
-    return sorted(w for w in words if w.isalpha())
+    return sorted(x for x in words if x.isalnum())
 
 
 def _bpe(symbols: list[str], ranks: dict[tuple[str, str], int]) -> list[str]:
@@ -168,7 +252,7 @@ def _bpe(symbols: list[str], ranks: dict[tuple[str, str], int]) -> list[str]:
     return symbols
 
 
-def make_world_clip_tokenizer(folder: str, words: list[str]):
+def make_world_clip_tokenizer(folder: str, words: list[str], clip_len: int = CLIP_LEN):
     """The tiny CLIP tokenizer (:func:`dfa2_jax.tiny_tokenizers.make_clip_tokenizer`) with merges appended so
     that every world word is one token. Each word's merges chain its current BPE pieces left to right; the new
     merges rank after all earlier ones, so they never split a word already made whole."""
@@ -188,7 +272,7 @@ def make_world_clip_tokenizer(folder: str, words: list[str]):
                 known.add(pieces[0])
     tokens += [CLIP_BOS, CLIP_EOS]  # eos keeps the largest id, as in the plain tiny tokenizer
     return write_clip_tokenizer(folder, {t: i for i, t in enumerate(tokens)}, [f"{a} {b}" for a, b in merges],
-                                pad_token=CLIP_EOS, model_max_length=CLIP_LEN)
+                                pad_token=CLIP_EOS, model_max_length=clip_len)
 
 
 def make_world_t5_tokenizer(folder: str, words: list[str]):
@@ -202,58 +286,108 @@ def make_world_t5_tokenizer(folder: str, words: list[str]):
     return write_t5_tokenizer(folder, vocab)
 
 
-def longest_caption() -> str:
-    """The longest caption the world can make (in words): three objects at the longest position phrases, the
-    longest size / colour / shape words and the longest non-default background."""
+def longest_caption(world: str = "v1") -> str:
+    """The longest caption the world can make (in words): max_objects objects at the longest position phrases,
+    the longest size / colour / shape words and the longest non-default background."""
     from dfa2_jax.testbed import world as W
 
+    w = W.get_world(world)
     longest = lambda xs: max(xs, key=lambda s: (len(s.split()), len(s)))  # noqa: E731
-    cells = sorted(range(len(W.POSITION_PHRASES)), key=lambda i: -len(W.POSITION_PHRASES[i].split()))
-    objs = tuple(W.Obj(longest(W.SHAPES), longest(list(W.COLOURS)), longest(W.SIZES), c)
-                 for c in cells[:W.MAX_OBJECTS])
-    bg = longest([b for b in W.BACKGROUNDS if b != W.DEFAULT_BACKGROUND])
-    return W.caption(W.Scene(objs, bg))
+    cells = sorted(range(w.n_cells), key=lambda i: -len(w.position_phrases[i].split()))
+    objs = tuple(W.Obj(longest(w.shapes), longest(w.colour_names), longest(w.sizes), c, w.name)
+                 for c in cells[:w.max_objects])
+    bg = longest([b for b in w.background_names if b != w.default_background])
+    return W.caption(W.Scene(objs, bg, w.name))
 
 
-def tokenize(clip_tok, t5_tok, captions: list[str], t5_len: int) -> tuple[np.ndarray, np.ndarray]:
-    """int32 ids as the pipelines tokenize: CLIP padded to 77, T5 to ``t5_len`` (padding="max_length")."""
+def tokenize(clip_tok, t5_tok, captions: list[str], t5_len: int,
+             clip_len: int = CLIP_LEN) -> tuple[np.ndarray, np.ndarray]:
+    """int32 ids as the pipelines tokenize: CLIP padded to ``clip_len`` (its tokenizer's model_max_length, 77 in
+    v1), T5 to ``t5_len`` (padding="max_length")."""
     kw = dict(padding="max_length", truncation=True, add_special_tokens=True, return_tensors="np")
-    clip = clip_tok(captions, max_length=CLIP_LEN, **kw).input_ids
+    clip = clip_tok(captions, max_length=clip_len, **kw).input_ids
     t5 = t5_tok(captions, max_length=t5_len, **kw).input_ids
     return clip.astype(np.int32), t5.astype(np.int32)
 
 
 # ================================================================================================ data
 def _render_chunk(task):
-    """Pool worker: (seed, n, split, tokenizer folders, t5_len) -> images, captions, clip ids, t5 ids."""
-    seed, n, split, tok_dirs, t5_len = task
+    """Pool worker: (seed, n, split, tokenizer folders, t5_len, clip_len, world, shared memory name or None,
+    first image index) -> images (None when written into the shared memory), captions, clip ids, t5 ids."""
+    seed, n, split, tok_dirs, t5_len, clip_len, world, shm_name, lo = task
     from transformers import AutoTokenizer
 
     from dfa2_jax.testbed.world import make_batch
 
-    images, captions, _ = make_batch(seed, n, split)
+    images, captions, _ = make_batch(seed, n, split, world=world)
+    if shm_name is not None:  # v2: 49 KB per image, too much to pickle back through the pool's pipes
+        from multiprocessing import shared_memory
+
+        shm = shared_memory.SharedMemory(name=shm_name)
+        try:
+            view = np.ndarray((n,) + images.shape[1:], np.uint8, buffer=shm.buf, offset=lo * images[0].nbytes)
+            view[:] = images
+            del view
+        finally:
+            shm.close()
+        images = None
     clip_tok, t5_tok = (AutoTokenizer.from_pretrained(d, local_files_only=True) for d in tok_dirs)
-    return (images, captions) + tokenize(clip_tok, t5_tok, captions, t5_len)
+    return (images, captions) + tokenize(clip_tok, t5_tok, captions, t5_len, clip_len)
 
 
-def render_dataset(seed: int, n: int, split: str, chunk: int, workers: int, tok_dirs, t5_len: int):
+def _shm_room(nbytes: int) -> bool:
+    """Whether /dev/shm (where SharedMemory lives on Linux) has room for ``nbytes`` and 256 MB more: a container's
+    default is 64 MB, and writing past it kills the writer with SIGBUS."""
+    try:
+        st = os.statvfs("/dev/shm")
+    except OSError:
+        return False
+    return st.f_bavail * st.f_frsize >= nbytes + (256 << 20)
+
+
+def render_dataset(seed: int, n: int, split: str, chunk: int, workers: int, tok_dirs, t5_len: int,
+                   clip_len: int = CLIP_LEN, world: str = "v1"):
     """n samples of ``split`` as chunks ``make_batch(seed + k, chunk)`` (the world's streams are independent per
-    seed), rendered and tokenized in a spawn pool when there is more than one chunk."""
-    tasks = [(seed + k, min(chunk, n - k * chunk), split, tok_dirs, t5_len) for k in range(-(-n // chunk))]
-    if len(tasks) == 1 or workers <= 1:
-        parts = [_render_chunk(t) for t in tasks]
-    else:
+    seed), rendered and tokenized in a spawn pool when there is more than one chunk; the pool's workers write
+    their images into one shared-memory block (or, without room in /dev/shm, send them back pickled)."""
+    from dfa2_jax.testbed.world import get_world
+
+    k_tasks = -(-n // chunk)
+    side = get_world(world).image_size
+    if k_tasks == 1 or workers <= 1:
+        parts = [_render_chunk((seed + k, min(chunk, n - k * chunk), split, tok_dirs, t5_len, clip_len, world,
+                                None, k * chunk)) for k in range(k_tasks)]
+        images = np.concatenate([p[0] for p in parts])
+    elif not _shm_room(n * side * side * 3):
         import multiprocessing as mp
 
+        tasks = [(seed + k, min(chunk, n - k * chunk), split, tok_dirs, t5_len, clip_len, world, None, k * chunk)
+                 for k in range(k_tasks)]
         with mp.get_context("spawn").Pool(min(workers, len(tasks))) as pool:
             parts = pool.map(_render_chunk, tasks, chunksize=1)
-    images = np.concatenate([p[0] for p in parts])
+        images = np.concatenate([p[0] for p in parts])
+    else:
+        import multiprocessing as mp
+        from multiprocessing import shared_memory
+
+        shm = shared_memory.SharedMemory(create=True, size=n * side * side * 3)
+        try:
+            tasks = [(seed + k, min(chunk, n - k * chunk), split, tok_dirs, t5_len, clip_len, world, shm.name,
+                      k * chunk) for k in range(k_tasks)]
+            with mp.get_context("spawn").Pool(min(workers, len(tasks))) as pool:
+                parts = pool.map(_render_chunk, tasks, chunksize=1)
+            view = np.ndarray((n, side, side, 3), np.uint8, buffer=shm.buf)
+            images = view.copy()
+            del view
+        finally:
+            shm.close()
+            shm.unlink()
     captions = [c for p in parts for c in p[1]]
     return images, captions, np.concatenate([p[2] for p in parts]), np.concatenate([p[3] for p in parts])
 
 
 # ================================================================================================ models
-def build_vae(sz: Sizes, seed: int):
+def build_vae(sz: Sizes, seed: int, image: int = IMAGE):
     import torch
     from diffusers import AutoencoderKL
 
@@ -262,8 +396,8 @@ def build_vae(sz: Sizes, seed: int):
     return AutoencoderKL(in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * n,
                          up_block_types=("UpDecoderBlock2D",) * n, block_out_channels=sz.vae_channels,
                          layers_per_block=1, act_fn="silu", latent_channels=4, norm_num_groups=sz.vae_groups,
-                         sample_size=IMAGE, scaling_factor=1.0, shift_factor=0.0, use_quant_conv=False,
-                         use_post_quant_conv=False, mid_block_add_attention=True)
+                         sample_size=image, scaling_factor=1.0, shift_factor=0.0, use_quant_conv=False,
+                         use_post_quant_conv=False, mid_block_add_attention=sz.vae_mid_attention)
 
 
 def _clip_config(sz: Sizes, clip_tok):
@@ -271,7 +405,8 @@ def _clip_config(sz: Sizes, clip_tok):
 
     return CLIPTextConfig(vocab_size=len(clip_tok), hidden_size=sz.clip_hidden,
                           intermediate_size=4 * sz.clip_hidden, num_attention_heads=sz.clip_heads,
-                          num_hidden_layers=sz.clip_layers, projection_dim=sz.clip_hidden, max_position_embeddings=77,
+                          num_hidden_layers=sz.clip_layers, projection_dim=sz.clip_hidden,
+                          max_position_embeddings=clip_tok.model_max_length,
                           hidden_act="gelu", eos_token_id=clip_tok.eos_token_id, bos_token_id=clip_tok.bos_token_id,
                           pad_token_id=clip_tok.pad_token_id)
 
@@ -338,17 +473,23 @@ def build_t5(sz: Sizes, t5_tok, seed: int):
     return model.eval().requires_grad_(False)
 
 
-def build_sd3(sz: Sizes, seed: int):
+def latent_size(sz: Sizes, image: int) -> int:
+    """Latent side: the VAE halves the picture at every block but the last."""
+    return image // 2 ** (len(sz.vae_channels) - 1)
+
+
+def build_sd3(sz: Sizes, seed: int, image: int = IMAGE):
     import torch
     from diffusers import SD3Transformer2DModel
 
     torch.manual_seed(seed)
     inner = sz.sd3_heads * sz.sd3_head_dim
-    return SD3Transformer2DModel(sample_size=IMAGE // 4, patch_size=2, in_channels=4, out_channels=4,
+    lat = latent_size(sz, image)
+    return SD3Transformer2DModel(sample_size=lat, patch_size=2, in_channels=4, out_channels=4,
                                  num_layers=sz.sd3_layers, attention_head_dim=sz.sd3_head_dim,
                                  num_attention_heads=sz.sd3_heads, joint_attention_dim=sz.t5_d_model,
                                  caption_projection_dim=inner, pooled_projection_dim=2 * sz.clip_hidden,
-                                 pos_embed_max_size=32, qk_norm="rms_norm")
+                                 pos_embed_max_size=max(32, lat // 2), qk_norm="rms_norm")
 
 
 def build_flux(sz: Sizes, seed: int):
@@ -363,10 +504,10 @@ def build_flux(sz: Sizes, seed: int):
                                   axes_dims_rope=list(sz.flux_axes))
 
 
-def scheduler():
+def scheduler(shift: float = 1.0):
     from diffusers import FlowMatchEulerDiscreteScheduler
 
-    return FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=1.0)
+    return FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=shift)
 
 
 def n_params(model) -> int:
@@ -409,7 +550,8 @@ def check_encoding(pipe, family: str, enc: TextEncoders, clip_tok, t5_tok, capti
     """Our per-batch encoding == the pipeline's ``encode_prompt`` (so training sees what sampling sees)."""
     import torch
 
-    clip_ids, t5_ids = (torch.from_numpy(a).long().to(device) for a in tokenize(clip_tok, t5_tok, captions, t5_len))
+    clip_ids, t5_ids = (torch.from_numpy(a).long().to(device)
+                        for a in tokenize(clip_tok, t5_tok, captions, t5_len, clip_tok.model_max_length))
     if family == "sd3":
         ref = pipe.encode_prompt(captions, captions, captions, device=device, do_classifier_free_guidance=False,
                                  max_sequence_length=t5_len)
@@ -456,12 +598,22 @@ def make_optimizer(model, lr: float):
                              lr=lr, betas=(0.9, 0.99), eps=1e-8, **fused)
 
 
+def ema_decay(step: int, gamma: float | None) -> float:
+    """EMA decay after ``step`` updates. ``gamma`` None: min(0.999, (1 + n) / (10 + n)) (v1). Else EDM2's
+    power-function EMA (Karras et al. 2024, eq. 6-7: beta_t = (1 - 1/t)^(gamma + 1)), whose averaging window
+    grows with t (sigma_rel ~0.1 of the run at gamma 6.94) and so suits a run of unknown length."""
+    if gamma is None:
+        return min(0.999, (1 + step) / (10 + step))
+    return (1.0 - 1.0 / (step + 1)) ** (gamma + 1.0)
+
+
 def train_loop(name: str, model, loss_fn, *, lr: float, warmup: int, budget_s: float | None,
                max_steps: int | None, log_every: int, eval_fn=None, eval_every: int = 0, ema: bool = False,
-               device: str = "cpu") -> dict:
+               device: str = "cpu", ema_gamma: float | None = None) -> dict:
     """Train until the time box (``budget_s``) or ``max_steps`` is used up; progress (for the cosine) is the
-    used fraction. ``loss_fn(step) -> (loss, extras)``. With ``ema`` the model ends holding the EMA weights.
-    Returns the phase log: mean losses every ``log_every`` steps, ``eval_fn()`` results, steps, seconds."""
+    used fraction. ``loss_fn(step) -> (loss, extras)``. With ``ema`` the model ends holding the EMA weights
+    (:func:`ema_decay` profile). Returns the phase log: mean losses every ``log_every`` steps, ``eval_fn()``
+    results, steps, seconds."""
     import torch
 
     params = [p for p in model.parameters() if p.requires_grad]
@@ -482,7 +634,7 @@ def train_loop(name: str, model, loss_fn, *, lr: float, warmup: int, budget_s: f
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         opt.step()
         if ema:
-            decay = min(0.999, (1 + step) / (10 + step))
+            decay = ema_decay(step, ema_gamma)
             torch._foreach_lerp_(ema_params, [p.detach().float() for p in params], 1.0 - decay)
         acc += loss.detach().float()
         acc_n += 1
@@ -516,21 +668,52 @@ def train_loop(name: str, model, loss_fn, *, lr: float, warmup: int, budget_s: f
             "warmup": warmup, "log": log, "eval": evals}
 
 
-PRECISION = {"autocast": True}  # --precision fp32 turns bf16 autocast off
+PRECISION = {"vae": "bf16", "sd3": "bf16", "flux": "bf16"}  # per phase, one of PRECISIONS (set by run())
 
 
-def _autocast(device: str):
+def _autocast(device: str, phase: str = "vae"):
+    """bf16 autocast on CUDA for a "bf16" phase; nothing otherwise (fp32 with TF32 matmuls)."""
     import contextlib
 
     import torch
 
-    if device.startswith("cuda") and PRECISION["autocast"]:
+    if device.startswith("cuda") and PRECISION[phase] == "bf16":
         return torch.autocast("cuda", dtype=torch.bfloat16)
     return contextlib.nullcontext()
 
 
+def bf16_attention(enabled: bool):
+    """FLUX in fp32 with the attention kernel in bf16 (``fp32-bf16attn``): diffusers' FluxAttnProcessor calls
+    ``transformer_flux.dispatch_attention_fn``; this casts its q / k / v to bf16 (so SDPA can take the flash
+    kernel, which has no fp32 variant) and the output back. No bf16 GEMM runs (v1's CUBLAS failure came from
+    bf16 autocast). Only for training: the saved model samples in the dtype it is loaded in."""
+    import contextlib
+
+    if not enabled:
+        return contextlib.nullcontext()
+
+    @contextlib.contextmanager
+    def patched():
+        import torch
+        from diffusers.models.transformers import transformer_flux as tf
+
+        orig = tf.dispatch_attention_fn
+
+        def cast(query, key, value, *args, **kw):
+            bf = torch.bfloat16
+            return orig(query.to(bf), key.to(bf), value.to(bf), *args, **kw).to(query.dtype)
+
+        tf.dispatch_attention_fn = cast
+        try:
+            yield
+        finally:
+            tf.dispatch_attention_fn = orig
+
+    return patched()
+
+
 def to_float_images(u8):
-    """uint8 [B, 64, 64, 3] -> float [B, 3, 64, 64] in [-1, 1] (VaeImageProcessor's normalisation)."""
+    """uint8 [B, S, S, 3] -> float [B, 3, S, S] in [-1, 1] (VaeImageProcessor's normalisation)."""
     return u8.permute(0, 3, 1, 2).float() / 127.5 - 1.0
 
 
@@ -565,10 +748,12 @@ def train_vae(vae, images, val_images, sz: Sizes, budget_s, max_steps, device, s
                       log_every=sz.log_every, eval_fn=eval_fn, eval_every=sz.eval_every, device=device)
 
 
-def encode_latents(vae, images, device, batch: int = 1024, seed: int = 0):
-    """One posterior sample per image (fp32 [N, 4, 16, 16]), in batches."""
+def encode_latents(vae, images, device, batch: int | None = None, seed: int = 0):
+    """One posterior sample per image (fp32 [N, 4, h, w]), in batches (default: 1024 64x64 images' worth of
+    pixels)."""
     import torch
 
+    batch = batch or max(64, 1024 * 64 * 64 // (images.shape[1] * images.shape[2]))
     g = torch.Generator(device=device).manual_seed(seed)
     out = []
     with torch.no_grad():
@@ -596,14 +781,20 @@ def pack(x):
     return x.view(b, c, h // 2, 2, w // 2, 2).permute(0, 2, 4, 1, 3, 5).reshape(b, (h // 2) * (w // 2), c * 4)
 
 
+def shift_sigma(sigma, shift: float):
+    """The scheduler's time shift (FlowMatchEulerDiscreteScheduler): s sigma / (1 + (s - 1) sigma); 1: identity."""
+    return sigma if shift == 1.0 else shift * sigma / (1.0 + (shift - 1.0) * sigma)
+
+
 def train_dit(family: str, model, enc: TextEncoders, data: dict, sz: Sizes, budget_s, max_steps, device, seed,
-              t5_len: int, compile_model: bool = False) -> dict:
+              t5_len: int, compile_model: bool = False, shift: float = 1.0) -> dict:
     """Rectified flow on the normalised latents; ``data``: latents / clip_ids / t5_ids (train and val) and the
-    empty caption's ids (dropout)."""
+    empty caption's ids (dropout). Training sigmas are logit-normal, then shifted as the sampler's (``shift``)."""
     import torch
 
     lat, clip_ids, t5_ids = data["latents"], data["clip_ids"], data["t5_ids"]
     n = lat.shape[0]
+    batch = sz.batch_flux if family == "flux" and sz.batch_flux else sz.batch_dit
     g = torch.Generator(device=device).manual_seed(seed)
     img_ids, txt_ids = flux_ids(lat.shape[2], lat.shape[3], t5_len, device)
     fwd = torch.compile(model) if compile_model else model
@@ -612,21 +803,22 @@ def train_dit(family: str, model, enc: TextEncoders, data: dict, sz: Sizes, budg
         x_t = (1.0 - sigma[:, None, None, None]) * x0 + sigma[:, None, None, None] * noise
         if family == "sd3":
             embeds, pooled = enc.sd3(cids, tids)
-            with _autocast(device):
+            with _autocast(device, "sd3"):
                 pred = fwd(hidden_states=x_t, encoder_hidden_states=embeds, pooled_projections=pooled,
                            timestep=sigma * 1000.0, return_dict=False)[0]
             return pred.float(), noise - x0
         embeds, pooled = enc.flux(cids, tids)
-        with _autocast(device):
+        with _autocast(device, "flux"):
             pred = fwd(hidden_states=pack(x_t), encoder_hidden_states=embeds, pooled_projections=pooled,
                        timestep=sigma, img_ids=img_ids, txt_ids=txt_ids, guidance=None, return_dict=False)[0]
         return pred.float(), pack(noise - x0)
 
     def loss_fn(step):
-        idx = torch.randint(n, (sz.batch_dit,), device=device, generator=g)
+        idx = torch.randint(n, (batch,), device=device, generator=g)
         x0 = lat[idx]
         noise = torch.randn(x0.shape, device=device, generator=g)
         sigma = torch.sigmoid(torch.randn(x0.shape[0], device=device, generator=g))  # logit-normal(0, 1)
+        sigma = shift_sigma(sigma, shift)
         drop = torch.rand(x0.shape[0], device=device, generator=g) < 0.1
         cids = torch.where(drop[:, None], data["empty_clip"], clip_ids[idx])
         tids = torch.where(drop[:, None], data["empty_t5"], t5_ids[idx])
@@ -648,20 +840,23 @@ def train_dit(family: str, model, enc: TextEncoders, data: dict, sz: Sizes, budg
                 total += float(((pred - target) ** 2).mean(dim=tuple(range(1, pred.ndim))).sum())
         return {"val_loss": round(total / vx0.shape[0], 5)}
 
-    return train_loop(family, model, loss_fn, lr=sz.lr_dit, warmup=sz.warmup, budget_s=budget_s,
-                      max_steps=max_steps, log_every=sz.log_every, eval_fn=eval_fn, eval_every=sz.eval_every,
-                      ema=True, device=device)
+    with bf16_attention(family == "flux" and PRECISION["flux"] == "fp32-bf16attn"):
+        return {"batch": batch, **train_loop(family, model, loss_fn, lr=sz.lr_dit, warmup=sz.warmup,
+                                             budget_s=budget_s, max_steps=max_steps, log_every=sz.log_every,
+                                             eval_fn=eval_fn, eval_every=sz.eval_every, ema=True, device=device,
+                                             ema_gamma=sz.ema_gamma)}
 
 
 # ================================================================================================ pipelines
-def make_pipeline(family: str, transformer, vae, enc: TextEncoders, clip_tok, t5_tok):
+def make_pipeline(family: str, transformer, vae, enc: TextEncoders, clip_tok, t5_tok, shift: float = 1.0):
     import diffusers
 
     if family == "sd3":
         return diffusers.StableDiffusion3Pipeline(
-            transformer=transformer, scheduler=scheduler(), vae=vae, text_encoder=enc.clip_l, tokenizer=clip_tok,
-            text_encoder_2=enc.clip_g, tokenizer_2=clip_tok, text_encoder_3=enc.t5, tokenizer_3=t5_tok)
-    return diffusers.FluxPipeline(transformer=transformer, scheduler=scheduler(), vae=vae,
+            transformer=transformer, scheduler=scheduler(shift), vae=vae, text_encoder=enc.clip_l,
+            tokenizer=clip_tok, text_encoder_2=enc.clip_g, tokenizer_2=clip_tok, text_encoder_3=enc.t5,
+            tokenizer_3=t5_tok)
+    return diffusers.FluxPipeline(transformer=transformer, scheduler=scheduler(shift), vae=vae,
                                   text_encoder=enc.clip_flux, tokenizer=clip_tok, text_encoder_2=enc.t5,
                                   tokenizer_2=t5_tok)
 
@@ -670,21 +865,14 @@ def folder_mb(path: str) -> float:
     return sum(os.path.getsize(os.path.join(r, f)) for r, _, fs in os.walk(path) for f in fs) / 2 ** 20
 
 
-def sample_grid(pipe, family: str, captions, refs, t5_len: int, steps: int, device, path: str, **kw) -> None:
-    """Held-out captions through the diffusers pipeline (seeded); rows of world renders above rows of samples,
-    8 per row, 2x nearest upscaling."""
-    import torch
+def save_grid(refs, gen, path: str) -> None:
+    """Rows of world renders above rows of the samples of the same captions, 8 per row, 2x nearest upscaling."""
     from PIL import Image
 
-    g = torch.Generator(device=device).manual_seed(0)
-    with torch.no_grad():
-        out = pipe(list(captions), height=IMAGE, width=IMAGE, num_inference_steps=steps, max_sequence_length=t5_len,
-                   generator=g, output_type="np", **kw).images
-    gen = (np.clip(out, 0, 1) * 255).round().astype(np.uint8)
-    cols = min(8, len(captions))
+    cols = min(8, len(gen))
     tile = lambda im: np.pad(im, ((1, 1), (1, 1), (0, 0)), constant_values=255)  # noqa: E731 (white 1 px frame)
     rows = []
-    for i in range(0, len(captions), cols):
+    for i in range(0, len(gen), cols):
         for src in (refs, gen):
             row = list(src[i:i + cols]) + [np.zeros_like(gen[0])] * (cols - len(src[i:i + cols]))
             rows.append(np.concatenate([tile(im) for im in row], axis=1))
@@ -692,22 +880,153 @@ def sample_grid(pipe, family: str, captions, refs, t5_len: int, steps: int, devi
     Image.fromarray(grid).save(path)
 
 
+def load_saved(family: str, folder: str, device: str):
+    """A saved testbed folder through diffusers' own pipeline class, float32 (bf16-saved weights upcast)."""
+    import diffusers
+    import torch
+
+    cls = diffusers.StableDiffusion3Pipeline if family == "sd3" else diffusers.FluxPipeline
+    pipe = cls.from_pretrained(folder, dtype=torch.float32, local_files_only=True).to(device)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def generate(pipe, info: dict, captions, seeds, steps: int, device: str, batch: int, deadline=None,
+             **kw) -> np.ndarray:
+    """uint8 [n, H, W, 3]: caption i from ``torch.Generator(device).manual_seed(seeds[i])``, with the settings of
+    ``info`` (testbed_info.json: size, T5 length, guidance where the model takes it). ``deadline()`` true stops
+    after the current batch (fewer images come back). A str ``negative_prompt`` is repeated per caption."""
+    import torch
+
+    kw = {"height": info["height"], "width": info["width"], "num_inference_steps": steps,
+          "max_sequence_length": info["max_sequence_length"], **kw}
+    if info.get("guidance_scale") is not None:
+        kw.setdefault("guidance_scale", info["guidance_scale"])
+    out = []
+    for lo in range(0, len(captions), batch):
+        part = list(captions[lo:lo + batch])
+        call = dict(kw)
+        if isinstance(call.get("negative_prompt"), str):
+            call["negative_prompt"] = [call["negative_prompt"]] * len(part)
+        gens = [torch.Generator(device=device).manual_seed(int(s)) for s in seeds[lo:lo + batch]]
+        with torch.no_grad():
+            ims = pipe(part, generator=gens, output_type="np", **call).images
+        out.append((np.clip(ims, 0, 1) * 255).round().astype(np.uint8))
+        if deadline is not None and deadline():
+            break
+    return np.concatenate(out)
+
+
+def score_images(images, captions, classifier: str, world_name: str) -> dict:
+    """Dense prompt accuracy with the testbed classifier (JAX, CPU: JAX_PLATFORMS is cpu for this process):
+    mean over captions, and the share of captions with every attribute right."""
+    from dfa2_jax.testbed import classifier as C
+
+    clf = C.load_classifier(classifier)
+    if clf.config.world != world_name:
+        raise ValueError(f"{classifier}: a classifier of world {clf.config.world!r}, the testbed is {world_name!r}")
+    sc = C.prompt_scores(images, captions, classifier=clf)
+    return {"prompt_accuracy": round(float(sc["accuracy"].mean()), 4),
+            "all_right": round(float(sc["all_right"].mean()), 4),
+            "per_caption": [round(float(a), 4) for a in sc["accuracy"]]}
+
+
+def evaluate_family(family: str, folder: str, captions, refs, sz: Sizes, device: str, out: str, *,
+                    classifier: str | None, world_name: str, samples: bool, deadline) -> tuple[dict, list[str]]:
+    """Load ``folder`` back with diffusers, generate ``captions`` (seed i for caption i, ``sz.sample_steps``
+    steps), score them (``classifier``; None: no scoring) and save the sample grids from the first ``sz.samples``
+    images (FLUX: one more grid with diffusers' true CFG 4 and an empty negative prompt). Returns (log, files)."""
+    t = time.perf_counter()
+    with open(os.path.join(folder, INFO_FILE)) as f:
+        info = json.load(f)
+    pipe = load_saved(family, folder, device)
+    res: dict = {"captions": len(captions), "steps": sz.sample_steps}
+    files = []
+    gen = generate(pipe, info, captions, range(len(captions)), sz.sample_steps, device, sz.eval_batch, deadline)
+    res["generated"] = len(gen)
+    res["generate_s"] = round(time.perf_counter() - t, 2)
+    if len(gen) < len(captions):
+        print(f"[eval {family}] out of time: {len(gen)} of {len(captions)} captions generated", flush=True)
+    if classifier is not None:
+        t2 = time.perf_counter()
+        try:
+            res.update(score_images(gen, list(captions[:len(gen)]), classifier, world_name))
+            res["renders_all_right"] = score_images(refs[:len(gen)], list(captions[:len(gen)]), classifier,
+                                                    world_name)["all_right"]  # the classifier on ground truth
+        except (OSError, ValueError, ImportError, RuntimeError) as e:  # the folders are saved: report, go on
+            res["skipped"] = f"{type(e).__name__}: {e}"
+            print(f"[eval {family}] not scored: {res['skipped']}", flush=True)
+        res["score_s"] = round(time.perf_counter() - t2, 2)
+    if samples:
+        k = min(sz.samples, len(gen))
+        path = os.path.join(out, f"samples_{family}.png")
+        save_grid(refs[:k], gen[:k], path)
+        files.append(path)
+        if family == "flux":
+            path = os.path.join(out, "samples_flux_truecfg.png")
+            cfg = generate(pipe, info, captions[:k], range(k), sz.sample_steps, device, sz.eval_batch,
+                           negative_prompt="", true_cfg_scale=4.0)
+            save_grid(refs[:k], cfg, path)
+            files.append(path)
+    del pipe
+    res["seconds"] = round(time.perf_counter() - t, 2)
+    return res, files
+
+
+def summary_table(log: dict) -> str:
+    """The run in a few lines: per family steps, steps/s, losses, dense prompt accuracy; VAE; wall time."""
+    lines = [f"{'family':<7}{'steps':>7}{'steps/s':>9}{'batch':>7}{'train loss':>12}{'held-out':>10}"
+             f"{'prompt acc':>12}{'all right':>11}{'captions':>10}"]
+    for fam in ("sd3", "flux"):
+        ph = log["phases"].get(fam)
+        if ph is None:
+            continue
+        tail = ph["log"][-max(1, len(ph["log"]) // 10):]  # the last tenth of the logged windows
+        train = sum(e["loss"] for e in tail) / len(tail)
+        held = ph["eval"][-1].get("val_loss", float("nan")) if ph["eval"] else float("nan")
+        ev = log.get("eval", {}).get(fam, {})
+        acc = ev.get("prompt_accuracy")
+        right = ev.get("all_right")
+        lines.append(f"{fam:<7}{ph['steps']:>7}{ph['steps_per_s']:>9.2f}{ph['batch']:>7}"
+                     f"{train:>12.4f}{held:>10.4f}{'-' if acc is None else f'{acc:.4f}':>12}"
+                     f"{'-' if right is None else f'{right:.3f}':>11}{ev.get('generated', 0):>10}")
+    vae = log["phases"].get("vae", {})
+    if "steps" in vae:
+        psnr = vae["eval"][-1].get("val_psnr_db") if vae.get("eval") else None
+        lines.append(f"vae: {vae['steps']} steps, {vae['steps_per_s']:.1f} steps/s, val PSNR {psnr} dB")
+    mbs = ", ".join(f"{k[:-len('_folder_mb')]} {v:.1f} MB" for k, v in log["models"].items()
+                    if k.endswith("_folder_mb"))
+    lines.append(f"folders: {mbs}; wall time {log['timings_s'].get('total', float('nan')):.1f} s "
+                 f"(cap {log['args']['max_total_minutes'] * 60:.0f} s)")
+    for fam, ev in log.get("eval", {}).items():
+        if "all_right" in ev:
+            lines.append(f"{fam}: {ev['all_right']:.3f} of {ev['generated']} held-out captions have every attribute "
+                         f"right (target >= 0.9: {'met' if ev['all_right'] >= 0.9 else 'NOT met'}); mean attribute "
+                         f"accuracy {ev['prompt_accuracy']:.4f}; ground-truth renders {ev['renders_all_right']:.3f}")
+        elif "skipped" in ev:
+            lines.append(f"{fam}: not scored ({ev['skipped']})")
+    return "\n".join(lines)
+
+
 # ================================================================================================ main
 def parse_args(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter)
     ap.add_argument("--out", required=True, help="output folder")
+    ap.add_argument("--world", choices=sorted(WORLD_SETUPS), default="v1",
+                    help="v1: 64x64, 3x3 grid (the shipped testbeds); v2: 128x128, 4x4 grid, 1024 image tokens")
     ap.add_argument("--smoke", action="store_true", help="tiny sizes on the CPU, a handful of steps (< 60 s)")
-    ap.add_argument("--minutes-vae", type=float, default=None, help="VAE time box (default 1.25)")
+    ap.add_argument("--minutes-vae", type=float, default=None, help="VAE time box (default v1 1.25, v2 0.75)")
     ap.add_argument("--minutes-sd3", type=float, default=None, help="SD3 time box (default 3.0)")
-    ap.add_argument("--minutes-flux", type=float, default=None, help="FLUX time box (default 3.0)")
+    ap.add_argument("--minutes-flux", type=float, default=None, help="FLUX time box (default v1 3.0, v2 3.5)")
     ap.add_argument("--max-total-minutes", type=float, default=9.0,
-                    help="cap on the whole run: time boxes shrink to fit it (default 9.0)")
+                    help="cap on the whole run, evaluation included: time boxes shrink to fit it (default 9.0)")
     ap.add_argument("--steps", type=int, default=None, help="exact step count of every phase (no time boxes)")
     ap.add_argument("--steps-vae", type=int, default=None)
     ap.add_argument("--steps-sd3", type=int, default=None)
     ap.add_argument("--steps-flux", type=int, default=None)
     ap.add_argument("--dataset-size", type=int, default=None, help="training images (default 200000; smoke 256)")
-    ap.add_argument("--batch-size", type=int, default=None, help="transformer batch (default 256)")
+    ap.add_argument("--batch-size", type=int, default=None,
+                    help="transformer batch, both families (default v1 256; v2 SD3 96, FLUX 64)")
     ap.add_argument("--log-every", type=int, default=None, help="steps per logged loss (default 25; smoke 5)")
     ap.add_argument("--workers", type=int, default=os.cpu_count() or 1, help="render processes")
     ap.add_argument("--device", default=None, help="torch device (default cuda; smoke cpu)")
@@ -715,15 +1034,26 @@ def parse_args(argv=None):
     ap.add_argument("--compile", action="store_true", help="torch.compile the transformers (off: compile time "
                                                          "eats the time box)")
     ap.add_argument("--samples", type=int, default=None, help="held-out captions in each grid (default 16)")
-    ap.add_argument("--sample-steps", type=int, default=None, help="sampling steps of the grids (default 28)")
+    ap.add_argument("--sample-steps", type=int, default=None,
+                    help="sampling steps of the evaluation and grids (default 28)")
     ap.add_argument("--no-samples", action="store_true", help="skip the sample grids")
+    ap.add_argument("--eval-n", type=int, default=None,
+                    help="held-out captions of the final prompt-accuracy evaluation (default 200; smoke 4; 0: none)")
+    ap.add_argument("--classifier", default=None,
+                    help="testbed classifier weights for the evaluation (default: the world's shipped file)")
     ap.add_argument("--families", default="sd3,flux", help="which pipelines to train: sd3, flux or sd3,flux")
     ap.add_argument("--reuse", default=None,
                     help="a testbed folder (e.g. dfa2_jax/assets/testbed_sd3) whose VAE, text encoders and "
                          "tokenizers are loaded instead of built, and the VAE not trained: a second pipeline "
                          "shares them with the first")
-    ap.add_argument("--precision", choices=("bf16", "fp32"), default="bf16",
-                    help="CUDA: bf16 autocast, or fp32 with TF32 matmuls")
+    ap.add_argument("--precision", choices=PRECISIONS, default=None,
+                    help="CUDA, every phase: bf16 autocast; fp32 with TF32 matmuls; fp32-bf16attn: fp32 with the "
+                         "FLUX attention kernel in bf16 (the VAE and SD3 then run fp32). Default: the world's "
+                         "(v1 bf16; v2 bf16, FLUX fp32-bf16attn)")
+    ap.add_argument("--precision-sd3", choices=("bf16", "fp32"), default=None, help="overrides --precision")
+    ap.add_argument("--precision-flux", choices=PRECISIONS, default=None, help="overrides --precision")
+    ap.add_argument("--weights-dtype", choices=("float32", "bfloat16"), default=None,
+                    help="transformer weights as saved (default v1 float32, v2 bfloat16)")
     args = ap.parse_args(argv)
     fams = tuple(f.strip() for f in args.families.split(",") if f.strip())
     if not fams or any(f not in ("sd3", "flux") for f in fams) or len(set(fams)) != len(fams):
@@ -748,30 +1078,51 @@ def main(argv=None) -> int:
         torch.set_num_threads(threads)
 
 
+def resolve_precision(args, setup: WorldSetup) -> dict[str, str]:
+    """Per phase: --precision-{sd3,flux}, else --precision, else the world's default (the VAE follows SD3)."""
+    glob = args.precision
+    sd3 = args.precision_sd3 or ({"fp32-bf16attn": "fp32"}.get(glob, glob) if glob else setup.precision[0])
+    flux = args.precision_flux or glob or setup.precision[1]
+    vae = {"fp32-bf16attn": "fp32"}.get(glob, glob) if glob else setup.precision[0]
+    return {"vae": vae, "sd3": sd3, "flux": flux}
+
+
 def run(args) -> int:
     clock = Clock(args.max_total_minutes * 60)
-    over = {k: v for k, v in dict(dataset=args.dataset_size, batch_dit=args.batch_size, device=args.device,
+    setup = WORLD_SETUPS[args.world]
+    over = {k: v for k, v in dict(dataset=args.dataset_size, batch_dit=args.batch_size,
+                                   batch_flux=args.batch_size, device=args.device,
                                    log_every=args.log_every, samples=args.samples,
-                                   sample_steps=args.sample_steps).items()
+                                   sample_steps=args.sample_steps, eval_n=args.eval_n).items()
             if v is not None}
-    sz = (Sizes.smoke if args.smoke else Sizes.full)(**over)
+    sz = Sizes.preset(args.world, args.smoke, **over)
     minutes = [m if m is not None else d for m, d in zip((args.minutes_vae, args.minutes_sd3, args.minutes_flux),
                                                           sz.minutes)]
-    default_steps = (20, 40, 40) if args.smoke else (None, None, None)
+    default_steps = ((20, 40, 40) if args.world == "v1" else (20, 20, 20)) if args.smoke else (None, None, None)
     steps = [s if s is not None else (args.steps if args.steps is not None else d)
              for s, d in zip((args.steps_vae, args.steps_sd3, args.steps_flux), default_steps)]
+    weights_dtype = args.weights_dtype or setup.weights_dtype
+    classifier = args.classifier
+    if classifier is None and sz.eval_n:
+        import dfa2_jax
+
+        classifier = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(dfa2_jax.__file__))),
+                                  setup.classifier)
     out = os.path.abspath(args.out)
     os.makedirs(out, exist_ok=True)
     work = tempfile.mkdtemp(prefix="testbed_tok_")
-    log: dict = {"args": vars(args), "sizes": dataclasses.asdict(sz), "phases": {}, "timings_s": {}}
+    log: dict = {"args": vars(args), "world": args.world, "setup": dataclasses.asdict(setup),
+                 "sizes": dataclasses.asdict(sz), "phases": {}, "timings_s": {}}
 
     def save_log():
         with open(os.path.join(out, "train_log.json"), "w") as f:
             json.dump(log, f, indent=1)
 
     # ---- tokenizers and data (before torch: the spawn workers need neither it nor the GPU)
-    PRECISION["autocast"] = args.precision == "bf16"
-    words = world_words(args.seed)
+    PRECISION.update(resolve_precision(args, setup))
+    log["precision"] = dict(PRECISION)
+    words = world_words(args.seed, args.world)
+    longest = longest_caption(args.world)
     if args.reuse:
         from transformers import AutoTokenizer
 
@@ -779,31 +1130,39 @@ def run(args) -> int:
         clip_tok, t5_tok = (AutoTokenizer.from_pretrained(d, local_files_only=True) for d in tok_dirs)
     else:
         tok_dirs = (os.path.join(work, "clip"), os.path.join(work, "t5"))
-        clip_tok = make_world_clip_tokenizer(tok_dirs[0], words)
+        clip_len = setup.clip_len
+        if clip_len is None:  # the longest caption's length, with BOS and EOS, rounded up to 8
+            probe = make_world_clip_tokenizer(tok_dirs[0], words, CLIP_LEN)
+            clip_len = -(-len(probe(longest).input_ids) // 8) * 8
+        clip_tok = make_world_clip_tokenizer(tok_dirs[0], words, clip_len)
         t5_tok = make_world_t5_tokenizer(tok_dirs[1], words)
+    clip_len = clip_tok.model_max_length
     bad = [w for w in words if len(clip_tok.tokenize(w)) != 1 or len(t5_tok.tokenize(w)) != 1]
     if bad:
         raise RuntimeError(f"world words not single tokens in the extended tokenizers: {bad}")
-    longest = longest_caption()
     t5_len = -(-len(t5_tok(longest).input_ids) // 8) * 8
     clip_longest = len(clip_tok(longest).input_ids)
-    if clip_longest > CLIP_LEN:
-        raise RuntimeError(f"the longest world caption is {clip_longest} CLIP tokens (> {CLIP_LEN}): {longest!r}")
+    if clip_longest > clip_len:
+        raise RuntimeError(f"the longest world caption is {clip_longest} CLIP tokens (> {clip_len}): {longest!r}")
     t = time.perf_counter()
     images, captions, clip_ids, t5_ids = render_dataset(args.seed * 1_000_003, sz.dataset, "train", sz.chunk,
-                                                        args.workers, tok_dirs, t5_len)
+                                                        args.workers, tok_dirs, t5_len, clip_len, args.world)
     val_images, val_captions, val_clip, val_t5 = render_dataset(args.seed * 1_000_003 + 999_983, sz.val, "heldout",
-                                                                sz.chunk, 1, tok_dirs, t5_len)
+                                                                sz.chunk, 1, tok_dirs, t5_len, clip_len, args.world)
     from dfa2_jax.testbed.world import make_batch
 
-    sample_refs, sample_caps, _ = make_batch(args.seed + 7, sz.samples, "heldout")
+    n_eval = sz.eval_n if sz.eval_n else (0 if args.no_samples else sz.samples)
+    eval_refs, eval_caps, _ = make_batch(1, n_eval, "heldout", world=args.world)
     log["timings_s"]["render_tokenize"] = round(time.perf_counter() - t, 2)
     log["data"] = {"train_images": len(captions), "unique_train_captions": len(set(captions)),
-                   "val_images": len(val_captions), "t5_max_sequence_length": t5_len, "clip_tokens_longest":
-                   clip_longest, "longest_caption": longest, "world_words": words,
-                   "clip_vocab": len(clip_tok), "t5_vocab": len(t5_tok), "sample_captions": list(sample_caps)}
-    print(f"data: {len(captions)} train + {len(val_captions)} held-out images in "
-          f"{log['timings_s']['render_tokenize']:.1f} s; T5 length {t5_len}", flush=True)
+                   "val_images": len(val_captions), "t5_max_sequence_length": t5_len, "clip_max_length": clip_len,
+                   "clip_tokens_longest": clip_longest, "longest_caption": longest, "world_words": words,
+                   "clip_vocab": len(clip_tok), "t5_vocab": len(t5_tok),
+                   "sample_captions": list(eval_caps[:sz.samples]), "eval_captions": "make_batch(1, "
+                   f"{n_eval}, 'heldout', world={args.world!r}), seed i for caption i"}
+    print(f"data: {len(captions)} train + {len(val_captions)} held-out {setup.image}x{setup.image} images in "
+          f"{log['timings_s']['render_tokenize']:.1f} s; T5 length {t5_len}, CLIP length {clip_len} (longest "
+          f"caption {clip_longest})", flush=True)
 
     import torch
 
@@ -815,7 +1174,8 @@ def run(args) -> int:
     dev_images = torch.from_numpy(images).to(device)
     dev_val_images = torch.from_numpy(val_images).to(device)
     clip_ids_t, t5_ids_t = torch.from_numpy(clip_ids).long().to(device), torch.from_numpy(t5_ids).long().to(device)
-    empty_clip, empty_t5 = (torch.from_numpy(a).long().to(device) for a in tokenize(clip_tok, t5_tok, [""], t5_len))
+    empty_clip, empty_t5 = (torch.from_numpy(a).long().to(device)
+                            for a in tokenize(clip_tok, t5_tok, [""], t5_len, clip_len))
     del images
 
     # ---- models
@@ -824,31 +1184,32 @@ def run(args) -> int:
         vae = vae.to(device)
         clip_flux = build_clip(sz, clip_tok, args.seed + 1, projection=False, config=clip_l.config)
     else:
-        vae = build_vae(sz, args.seed).to(device)
+        vae = build_vae(sz, args.seed, setup.image).to(device)
         clip_l = build_clip(sz, clip_tok, args.seed + 1, projection=True)
         clip_g = build_clip(sz, clip_tok, args.seed + 2, projection=True)
         t5 = build_t5(sz, t5_tok, args.seed + 3)
         clip_flux = build_clip(sz, clip_tok, args.seed + 1, projection=False)
     _tower(clip_flux).load_state_dict(_tower(clip_l).state_dict())  # FLUX's CLIP = SD3's CLIP-L tower
     enc = TextEncoders(clip_l, clip_g, clip_flux, t5).to(device)
-    builders = {"sd3": lambda: build_sd3(sz, args.seed + 4), "flux": lambda: build_flux(sz, args.seed + 5)}
+    builders = {"sd3": lambda: build_sd3(sz, args.seed + 4, setup.image), "flux": lambda: build_flux(sz, args.seed + 5)}
     transformers = {f: builders[f]().to(device) for f in args.families}
-    pipes = {f: make_pipeline(f, transformers[f], vae, enc, clip_tok, t5_tok) for f in transformers}
+    pipes = {f: make_pipeline(f, transformers[f], vae, enc, clip_tok, t5_tok, setup.shift) for f in transformers}
     for f, pipe in pipes.items():
         check_encoding(pipe, f, enc, clip_tok, t5_tok, list(val_captions[:4]) + [""], t5_len, device)
     log["models"] = {"vae_params": n_params(vae), "clip_l_params": n_params(enc.clip_l),
                      "clip_g_params": n_params(enc.clip_g), "t5_params": n_params(enc.t5),
                      **{f"{f}_params": n_params(m) for f, m in transformers.items()}}
     log["timings_s"]["setup"] = round(time.perf_counter() - t, 2)
-    print("params: " + ", ".join(f"{k} {v / 1e6:.2f}M" for k, v in log["models"].items()), flush=True)
+    print("params: " + ", ".join(f"{k} {v / 1e6:.2f}M" for k, v in log["models"].items())
+          + "; precision " + ", ".join(f"{k} {v}" for k, v in PRECISION.items()), flush=True)
     save_log()
 
     # ---- VAE, then the latents of everything and the latent normalisation
-    reserve = 0 if args.no_samples else 25 if not args.smoke else 5  # per pipeline: save + samples
+    # kept out of the time boxes: per pipeline its save, evaluation and grids (all at the end), and 15 s
+    reserve = (sz.reserve_s if (n_eval or not args.no_samples) else 5.0) * len(args.families) + 15
     planned = [m * 60 if ((k == 0 and not args.reuse) or fam in args.families) else 0.0
                for k, (m, fam) in enumerate(zip(minutes, ("vae", "sd3", "flux")))]
-    budget = (clock.budget(planned[0], planned[1] + planned[2], len(args.families) * reserve + 15)
-              if steps[0] is None else None)
+    budget = (clock.budget(planned[0], planned[1] + planned[2], reserve) if steps[0] is None else None)
     if args.reuse:  # the shared VAE as trained with the first pipeline, its latent normalisation included
         log["phases"]["vae"] = {"reused": args.reuse}
         vae.requires_grad_(False)
@@ -872,47 +1233,65 @@ def run(args) -> int:
     del latents, dev_images
     log["phases"]["vae"].update(shift_factor=shift, scaling_factor=scale)
     log["timings_s"]["encode_latents"] = round(time.perf_counter() - t, 2)
-    print(f"latents: shift_factor {shift:.4f} scaling_factor {scale:.4f}", flush=True)
+    print(f"latents {tuple(data['latents'].shape[1:])}: shift_factor {shift:.4f} scaling_factor {scale:.4f}",
+          flush=True)
     save_log()
 
-    # ---- transformers
-    info_common = {"height": IMAGE, "width": IMAGE, "max_sequence_length": t5_len, "num_inference_steps": 28,
-                   "world": "dfa2_jax.testbed.world", "note": "pass max_sequence_length (the T5 length the model "
-                   "was trained at; the pipelines pad to it and do not mask) and height=width=64"}
-    written = []
+    # ---- transformers: train, save (float32 or bfloat16 weights), free
+    info_common = {"height": setup.image, "width": setup.image, "max_sequence_length": t5_len,
+                   "num_inference_steps": 28, "world": "dfa2_jax.testbed.world", "world_name": args.world,
+                   "clip_max_length": clip_len, "clip_tokens_longest": clip_longest, "scheduler_shift": setup.shift,
+                   "weights_dtype": weights_dtype,
+                   "note": "pass max_sequence_length (the T5 length the model was trained at; the pipelines pad to "
+                           f"it and do not mask) and height=width={setup.image}"}
+    if args.world != "v1":  # (v1: the shipped dfa2_jax/assets/testbed_classifier.safetensors)
+        info_common["classifier"] = setup.classifier
+    written, folders = [], {}
     for i, family in enumerate(("sd3", "flux")):
         if family not in transformers:
             continue
-        model = transformers[family]
+        model = transformers.pop(family)
         later = planned[2] if family == "sd3" and steps[2] is None and "flux" in transformers else 0.0
-        budget = clock.budget(planned[1 + i], later, (2 - i) * reserve + 5) if steps[1 + i] is None else None
+        budget = clock.budget(planned[1 + i], later, reserve) if steps[1 + i] is None else None
         log["phases"][family] = train_dit(family, model, enc, data, sz, budget, steps[1 + i], device,
-                                          args.seed + 10 * (i + 1), t5_len, compile_model=args.compile)
+                                          args.seed + 10 * (i + 1), t5_len, compile_model=args.compile,
+                                          shift=setup.shift)
         model.requires_grad_(False)
         t = time.perf_counter()
-        folder = os.path.join(out, f"testbed_{family}")
-        pipe = pipes[family]
+        folder = os.path.join(out, f"{setup.prefix}_{family}")
+        pipe = pipes.pop(family)
+        if weights_dtype == "bfloat16":
+            model.to(torch.bfloat16)  # saved as such; loaders upcast (module docstring)
         pipe.save_pretrained(folder, safe_serialization=True)
         guidance = 4.0 if family == "sd3" else None
-        with open(os.path.join(folder, "testbed_info.json"), "w") as f:
+        with open(os.path.join(folder, INFO_FILE), "w") as f:
             json.dump({"family": family, "guidance_scale": guidance, **info_common,
                        "trained_steps": log["phases"][family]["steps"]}, f, indent=1)
         log["models"][f"{family}_folder_mb"] = round(folder_mb(folder), 2)
         written.append(folder)
-        if not args.no_samples:
-            pipe.set_progress_bar_config(disable=True)
-            path = os.path.join(out, f"samples_{family}.png")
-            kw = {"guidance_scale": guidance} if family == "sd3" else {}
-            sample_grid(pipe, family, sample_caps, sample_refs, t5_len, sz.sample_steps, device, path, **kw)
-            written.append(path)
-            if family == "flux":
-                path = os.path.join(out, "samples_flux_truecfg.png")
-                sample_grid(pipe, family, sample_caps, sample_refs, t5_len, sz.sample_steps, device, path,
-                            negative_prompt=[""] * len(sample_caps), true_cfg_scale=4.0)
-                written.append(path)
-        log["timings_s"][f"{family}_save_samples"] = round(time.perf_counter() - t, 2)
-        print(f"{family}: {folder} ({log['models'][f'{family}_folder_mb']:.1f} MB)", flush=True)
+        folders[family] = folder
+        del pipe, model
+        if device.startswith("cuda"):
+            torch.cuda.empty_cache()
+        log["timings_s"][f"{family}_save"] = round(time.perf_counter() - t, 2)
+        print(f"{family}: {folder} ({log['models'][f'{family}_folder_mb']:.1f} MB, {weights_dtype} transformer)",
+              flush=True)
         save_log()
+    del data
+
+    # ---- evaluation of the saved folders (diffusers' own pipelines) and the sample grids
+    log["eval"] = {}
+    if n_eval:
+        for family, folder in folders.items():
+            t = time.perf_counter()
+            res, files = evaluate_family(
+                family, folder, eval_caps, eval_refs, sz, device, out, classifier=classifier if sz.eval_n else None,
+                world_name=args.world, samples=not args.no_samples,
+                deadline=lambda: clock.elapsed() > clock.max_total_s - 10)
+            log["eval"][family] = res
+            written += files
+            log["timings_s"][f"{family}_eval"] = round(time.perf_counter() - t, 2)
+            save_log()
 
     log["timings_s"]["total"] = round(clock.elapsed(), 2)
     save_log()
@@ -921,10 +1300,12 @@ def run(args) -> int:
             tar.add(p, arcname=os.path.basename(p))
     shutil.rmtree(work, ignore_errors=True)
     for mb_key in ("sd3_folder_mb", "flux_folder_mb"):
-        if log["models"].get(mb_key, 0) > 30:
-            print(f"warning: {mb_key} = {log['models'][mb_key]:.1f} MB > 30 MB", flush=True)
+        if log["models"].get(mb_key, 0) > setup.max_folder_mb:
+            print(f"warning: {mb_key} = {log['models'][mb_key]:.1f} MB > {setup.max_folder_mb:.0f} MB", flush=True)
     print(f"done in {clock.elapsed():.1f} s: {out}/testbed.tar", flush=True)
+    print(summary_table(log), flush=True)
     return 0
+
 
 
 if __name__ == "__main__":

@@ -1,18 +1,23 @@
-"""A small CNN that reads a testbed picture back: for each of the 9 grid cells whether it holds an object and
-that object's shape, colour and size, plus the background — and the "prompt accuracy" metric built on it.
+"""A small CNN that reads a testbed picture back: for each grid cell whether it holds an object and that object's
+shape, colour and size, plus the background — and the "prompt accuracy" metric built on it. One classifier per
+world (:mod:`dfa2_jax.testbed.world`): the config names its world, v1 (9 cells of 64x64 pictures) by default.
 
     >>> from dfa2_jax.testbed import classifier, world
     >>> images, captions, _ = world.make_batch(seed=0, n=8, split="heldout")
     >>> classifier.prompt_accuracy(images, captions)          # float64 [8], 1.0 = every attribute satisfied
     array([1., 1., 1., 1., 1., 1., 1., 1.])
+    >>> images, captions, _ = world.make_batch(0, 8, "heldout", world="v2")
+    >>> classifier.prompt_accuracy(images, captions)          # v2 captions: the shipped v2 classifier
+    array([1., 1., 1., 1., 1., 1., 1., 1.])
 
-Model: one CNN shared by the 9 cells (weight sharing: every cell's object looks the same up to a sub-pixel
-offset) reads a CROP x CROP window centred on the cell — the 21.3 px cell plus a margin, from the image padded
-by edge replication — through three 3x3 convolutions (the last two stride 2), a 1x1 projection and a dense
-layer, then per-cell heads (occupied: 1 logit; shape, colour, size: one softmax each). The background head reads
-the mean of the 9 cells' features. Weights (~0.3 M float32) ship in ``dfa2_jax/assets/testbed_classifier.
-safetensors`` with the config in the file's metadata; ``scripts/train_testbed_classifier.py`` makes them.
-Loading needs numpy + JAX only (converters.safetensors_io), never torch.
+Model: one CNN shared by the cells (weight sharing: every cell's object looks the same up to a sub-pixel
+offset) reads a CROP x CROP window centred on the cell — the cell (v1: 21.3 px, v2: 32 px) plus a margin, from
+the image padded by edge replication — through three 3x3 convolutions (the last two stride 2), a 1x1 projection
+and a dense layer, then per-cell heads (occupied: 1 logit; shape, colour, size: one softmax each). The
+background head reads the mean of the cells' features. Weights (float32) ship with the config in the file's
+metadata: v1 (~0.3 M) in ``dfa2_jax/assets/testbed_classifier.safetensors``, v2 (~0.36 M, ``ClassifierConfig.v2()``)
+in ``testbed2_classifier.safetensors`` (:data:`ASSETS`); ``scripts/train_testbed_classifier.py [--world v2]``
+makes them. Loading needs numpy + JAX only (converters.safetensors_io), never torch.
 
 Prompt accuracy of an image and its caption = satisfied / checked, where per caption object 4 attributes are
 checked — an object is present in the stated cell, and it has the stated shape, colour and size (an absent object
@@ -39,20 +44,30 @@ from flax import nnx
 from dfa2_jax.testbed import world
 from dfa2_jax.testbed.world import is_world_caption
 
-ASSET = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "assets",
-                     "testbed_classifier.safetensors")
+_ASSET_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "assets")
+ASSETS = {"v1": os.path.join(_ASSET_DIR, "testbed_classifier.safetensors"),
+          "v2": os.path.join(_ASSET_DIR, "testbed2_classifier.safetensors")}  # the shipped weights per world
+ASSET = ASSETS["v1"]
 FORMAT = "dfa2-testbed-classifier"
-N_CELLS = world.GRID * world.GRID
-HEADS = (("occupied", 1), ("shape", len(world.SHAPES)), ("colour", len(world.COLOURS)),
-         ("size", len(world.SIZES)))  # per-cell logit groups, in this order
-N_CELL_LOGITS = sum(n for _, n in HEADS)
 MAX_CHUNK = 256  # images per compiled call; smaller batches are padded to the next power of two
+
+
+def heads(w: str | world.WorldSpec = "v1") -> tuple[tuple[str, int], ...]:
+    """Per-cell logit groups of a world's classifier, in this order."""
+    w = world.get_world(w)
+    return (("occupied", 1), ("shape", len(w.shapes)), ("colour", len(w.colours)), ("size", len(w.sizes)))
+
+
+N_CELLS = world.GRID * world.GRID  # v1
+HEADS = heads("v1")
+N_CELL_LOGITS = sum(n for _, n in HEADS)
 
 
 @dataclasses.dataclass(frozen=True)
 class ClassifierConfig:
     """Sizes of :class:`CellClassifier`. ``crop``: window side per cell (px, before the strides), ``pad``: edge
-    padding so every window (with ``max_shift`` px of training jitter) lies inside the padded image."""
+    padding so every window (with ``max_shift`` px of training jitter) lies inside the padded image; ``world``:
+    the world it reads (a name in :data:`world.WORLDS`; files without it are v1)."""
 
     crop: int = 28
     pad: int = 6
@@ -60,6 +75,25 @@ class ClassifierConfig:
     widths: tuple[int, int, int] = (16, 32, 64)
     proj: int = 32
     hidden: int = 128
+    world: str = "v1"
+
+    @classmethod
+    def v2(cls, **override) -> ClassifierConfig:
+        """The v2 world (32 px cells, objects up to 22 px): a 36 px window keeps 5+ px around the largest object
+        at the largest shift and never reaches a neighbour's object (>= 21 px from the cell centre)."""
+        return cls(**{**dict(crop=36, pad=6, max_shift=2, world="v2"), **override})
+
+    @property
+    def spec(self) -> world.WorldSpec:
+        return world.get_world(self.world)
+
+    @property
+    def n_cells(self) -> int:
+        return self.spec.n_cells
+
+    @property
+    def n_cell_logits(self) -> int:
+        return sum(n for _, n in heads(self.world))
 
     def to_json(self) -> str:
         return json.dumps(dataclasses.asdict(self), sort_keys=True)
@@ -76,18 +110,20 @@ class ClassifierConfig:
         return cls(**d)
 
     def crop_starts(self) -> np.ndarray:
-        """int32 [9, 2]: (row, column) of each cell's window in the padded image, row-major cells."""
+        """int32 [n_cells, 2]: (row, column) of each cell's window in the padded image, row-major cells."""
+        w = self.spec
         starts = [int(round(c - self.crop / 2)) + self.pad for c in
-                  (world.cell_centre(i)[0] for i in range(world.GRID))]
+                  (world.cell_centre(i, w)[0] for i in range(w.grid))]
         if min(starts) - self.max_shift < 0 or \
-                max(starts) + self.max_shift + self.crop > world.IMAGE_SIZE + 2 * self.pad:
+                max(starts) + self.max_shift + self.crop > w.image_size + 2 * self.pad:
             raise ValueError(f"crop={self.crop} with max_shift={self.max_shift} needs more than pad={self.pad}")
-        return np.array([(starts[p // world.GRID], starts[p % world.GRID]) for p in range(N_CELLS)], np.int32)
+        return np.array([(starts[p // w.grid], starts[p % w.grid]) for p in range(w.n_cells)], np.int32)
 
 
 # ================================================================================================ model
 class CellClassifier(nnx.Module):
-    """images [B, 64, 64, 3] in [-1, 1] -> (cell logits [B, 9, 16], background logits [B, n_backgrounds])."""
+    """images [B, S, S, 3] in [-1, 1] -> (cell logits [B, n_cells, 16], background logits [B, n_backgrounds]);
+    v1: S = 64, 9 cells; v2: S = 128, 16 cells."""
 
     def __init__(self, config: ClassifierConfig, *, rngs: nnx.Rngs):
         c = config
@@ -99,17 +135,17 @@ class CellClassifier(nnx.Module):
         self.proj = nnx.Conv(w2, c.proj, (1, 1), rngs=rngs)
         side = math.ceil(math.ceil(c.crop / 2) / 2)  # after two stride-2 SAME convolutions
         self.fc = nnx.Linear(side * side * c.proj, c.hidden, rngs=rngs)
-        self.cell_head = nnx.Linear(c.hidden, N_CELL_LOGITS, rngs=rngs)
-        self.bg_head = nnx.Linear(c.hidden, len(world.BACKGROUNDS), rngs=rngs)
+        self.cell_head = nnx.Linear(c.hidden, c.n_cell_logits, rngs=rngs)
+        self.bg_head = nnx.Linear(c.hidden, len(c.spec.backgrounds), rngs=rngs)
 
     def crops(self, x: jax.Array, shifts: jax.Array | None = None) -> jax.Array:
-        """x [B, 64, 64, 3] -> [B, 9, crop, crop, 3]; shifts int [B, 9, 2] move each window (training)."""
+        """x [B, S, S, 3] -> [B, n_cells, crop, crop, 3]; shifts int [B, n_cells, 2] move each window (training)."""
         c = self.config
         xp = jnp.pad(x, ((0, 0), (c.pad, c.pad), (c.pad, c.pad), (0, 0)), mode="edge")
-        starts = jnp.asarray(c.crop_starts())[None]  # [1, 9, 2]
+        starts = jnp.asarray(c.crop_starts())[None]  # [1, n_cells, 2]
         if shifts is not None:
             starts = starts + shifts
-        starts = jnp.broadcast_to(starts, (x.shape[0], N_CELLS, 2))
+        starts = jnp.broadcast_to(starts, (x.shape[0], c.n_cells, 2))
 
         def one(img, st):  # img [H, W, 3], st [2]
             return jax.lax.dynamic_slice(img, (st[0], st[1], 0), (c.crop, c.crop, 3))
@@ -117,13 +153,13 @@ class CellClassifier(nnx.Module):
         return jax.vmap(lambda img, sts: jax.vmap(lambda st: one(img, st))(sts))(xp, starts)
 
     def __call__(self, x: jax.Array, shifts: jax.Array | None = None):
-        b = x.shape[0]
-        h = self.crops(x, shifts).reshape(b * N_CELLS, self.config.crop, self.config.crop, 3)
+        b, n = x.shape[0], self.config.n_cells
+        h = self.crops(x, shifts).reshape(b * n, self.config.crop, self.config.crop, 3)
         h = jax.nn.relu(self.conv1(h))
         h = jax.nn.relu(self.conv2(h))
         h = jax.nn.relu(self.conv3(h))
         h = jax.nn.relu(self.proj(h))
-        h = jax.nn.relu(self.fc(h.reshape(b * N_CELLS, -1))).reshape(b, N_CELLS, -1)  # [B, 9, hidden]
+        h = jax.nn.relu(self.fc(h.reshape(b * n, -1))).reshape(b, n, -1)  # [B, n_cells, hidden]
         return self.cell_head(h), self.bg_head(h.mean(axis=1))
 
 
@@ -133,7 +169,7 @@ def new_module(config: ClassifierConfig = ClassifierConfig(), seed: int = 0) -> 
 
 
 def normalise(images) -> Any:
-    """uint8 [B, 64, 64, 3] -> float32 in [-1, 1] (a jax array)."""
+    """uint8 [B, S, S, 3] -> float32 in [-1, 1] (a jax array)."""
     return jnp.asarray(images, jnp.float32) / 127.5 - 1.0
 
 
@@ -173,12 +209,19 @@ class Classifier:
 
         return apply
 
+    @property
+    def world(self) -> str:
+        return self.config.world
+
     def logits(self, images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """uint8 [N, 64, 64, 3] -> (cell logits float32 [N, 9, 16], background logits [N, n_backgrounds]),
+        """uint8 [N, S, S, 3] -> (cell logits float32 [N, n_cells, 16], background logits [N, n_backgrounds]),
         in chunks of <= MAX_CHUNK images padded to a power of two (few distinct compiled shapes)."""
-        n = len(images)
-        cells = np.zeros((n, N_CELLS, N_CELL_LOGITS), np.float32)
-        bgs = np.zeros((n, len(world.BACKGROUNDS)), np.float32)
+        n, c = len(images), self.config
+        size = c.spec.image_size
+        if images.ndim != 4 or images.shape[1:] != (size, size, 3):
+            raise ValueError(f"images: shape {images.shape}, expected [N, {size}, {size}, 3] (world {c.world})")
+        cells = np.zeros((n, c.n_cells, c.n_cell_logits), np.float32)
+        bgs = np.zeros((n, len(c.spec.backgrounds)), np.float32)
         for lo in range(0, n, MAX_CHUNK):
             part = images[lo:lo + MAX_CHUNK]
             m = len(part)
@@ -190,10 +233,18 @@ class Classifier:
         return cells, bgs
 
 
-def load_classifier(path: str | os.PathLike | None = None) -> Classifier:
-    """Read a classifier from a safetensors file (default: the shipped asset). Every missing, unused or
-    misshapen tensor is an error naming it and the file. Cached per path."""
-    return _load(os.path.abspath(os.fspath(path if path is not None else ASSET)))
+def load_classifier(path: str | os.PathLike | None = None, *, world: str = "v1") -> Classifier:
+    """Read a classifier from a safetensors file (default: the shipped asset of ``world``). Every missing, unused
+    or misshapen tensor is an error naming it and the file. Cached per path."""
+    return _load(os.path.abspath(os.fspath(path if path is not None else asset_path(world))))
+
+
+def asset_path(world_name: str = "v1") -> str:
+    """The shipped weights file of a world's classifier."""
+    world.get_world(world_name)
+    if world_name not in ASSETS:
+        raise FileNotFoundError(f"no shipped testbed classifier for world {world_name!r} (shipped: {list(ASSETS)})")
+    return ASSETS[world_name]
 
 
 @functools.lru_cache(maxsize=4)
@@ -201,7 +252,8 @@ def _load(path: str) -> Classifier:
     from converters.safetensors_io import CheckpointError, SafetensorsFile
 
     if not os.path.isfile(path):
-        hint = " (run scripts/train_testbed_classifier.py to make it)" if path == os.path.abspath(ASSET) else ""
+        flag = {os.path.abspath(p): ("" if w == "v1" else f" --world {w}") for w, p in ASSETS.items()}
+        hint = (f" (run scripts/train_testbed_classifier.py{flag[path]} to make it)" if path in flag else "")
         raise FileNotFoundError(f"{path}: no testbed classifier weights{hint}")
     with SafetensorsFile(path) as f:
         meta = dict(f.metadata)
@@ -232,37 +284,47 @@ def _load(path: str) -> Classifier:
 
 
 # ================================================================================================ labels
-def targets(scenes: Sequence[world.Scene]) -> dict[str, np.ndarray]:
-    """Ground truth of scenes: ``occupied`` int32 [N, 9] (0/1), ``shape``/``colour``/``size`` int32 [N, 9]
-    (indices into SHAPES / COLOURS / SIZES, -1 in empty cells), ``background`` int32 [N]."""
+def _scenes_world(scenes: Sequence[world.Scene], default: str = "v1") -> world.WorldSpec:
+    names = {s.world for s in scenes}
+    if len(names) > 1:
+        raise ValueError(f"scenes of several worlds: {sorted(names)}")
+    return world.get_world(names.pop() if names else default)
+
+
+def targets(scenes: Sequence[world.Scene], world_name: str = "v1") -> dict[str, np.ndarray]:
+    """Ground truth of scenes (all of one world; ``world_name`` only names it for an empty list):
+    ``occupied`` int32 [N, n_cells] (0/1), ``shape``/``colour``/``size`` int32 [N, n_cells] (indices into the
+    world's shapes / colours / sizes, -1 in empty cells), ``background`` int32 [N]."""
+    w = _scenes_world(scenes, world_name)
     n = len(scenes)
-    out = {k: np.full((n, N_CELLS), -1, np.int32) for k in ("shape", "colour", "size")}
-    out["occupied"] = np.zeros((n, N_CELLS), np.int32)
+    out = {k: np.full((n, w.n_cells), -1, np.int32) for k in ("shape", "colour", "size")}
+    out["occupied"] = np.zeros((n, w.n_cells), np.int32)
     out["background"] = np.zeros((n,), np.int32)
-    colours, bgs = list(world.COLOURS), list(world.BACKGROUNDS)
+    colours, bgs = w.colour_names, w.background_names
     for i, s in enumerate(scenes):
         out["background"][i] = bgs.index(s.background)
         for o in s.objects:
             out["occupied"][i, o.position] = 1
-            out["shape"][i, o.position] = world.SHAPES.index(o.shape)
+            out["shape"][i, o.position] = w.shapes.index(o.shape)
             out["colour"][i, o.position] = colours.index(o.colour)
-            out["size"][i, o.position] = world.SIZES.index(o.size)
+            out["size"][i, o.position] = w.sizes.index(o.size)
     return out
 
 
-def split_logits(cell_logits):
-    """[..., 16] -> dict of the per-cell logit groups (HEADS order; ``occupied`` keeps its last axis of 1)."""
+def split_logits(cell_logits, world_name: str = "v1"):
+    """[..., 16] -> dict of the per-cell logit groups (:func:`heads` order; ``occupied`` keeps its last axis of
+    1)."""
     out, lo = {}, 0
-    for name, n in HEADS:
+    for name, n in heads(world_name):
         out[name] = cell_logits[..., lo:lo + n]
         lo += n
     return out
 
 
-def decode(cell_logits: np.ndarray, bg_logits: np.ndarray) -> dict[str, np.ndarray]:
+def decode(cell_logits: np.ndarray, bg_logits: np.ndarray, world_name: str = "v1") -> dict[str, np.ndarray]:
     """Logits -> predictions in the layout of :func:`targets` (shape / colour / size predicted in every cell,
     occupied or not; ``occupied`` from logit > 0)."""
-    g = split_logits(np.asarray(cell_logits))
+    g = split_logits(np.asarray(cell_logits), world_name)
     pred = {"occupied": (g["occupied"][..., 0] > 0).astype(np.int32)}
     for k in ("shape", "colour", "size"):
         pred[k] = np.argmax(g[k], axis=-1).astype(np.int32)
@@ -286,9 +348,10 @@ def attribute_accuracy(pred: dict[str, np.ndarray], truth: dict[str, np.ndarray]
 
 
 # ================================================================================================ metric
-def to_world_images(images) -> np.ndarray:
-    """uint8 [N, 64, 64, 3] from uint8 [N, H, W, 3] (H, W >= 64) or a sequence of PIL images / uint8 HxWx3
-    arrays; anything larger is resized down to 64x64 with PIL's box filter (an area average)."""
+def to_world_images(images, world_name: str = "v1") -> np.ndarray:
+    """uint8 [N, S, S, 3] (S: the world's image_size, 64 in v1) from uint8 [N, H, W, 3] (H, W >= S) or a
+    sequence of PIL images / uint8 HxWx3 arrays; anything larger is resized down to SxS with PIL's box filter (an
+    area average)."""
     from PIL import Image
 
     if isinstance(images, np.ndarray) and images.ndim == 4:
@@ -297,7 +360,7 @@ def to_world_images(images) -> np.ndarray:
         raise ValueError(f"images: expected uint8 [N, H, W, 3], got an array of shape {images.shape}")
     else:
         items = list(images)
-    size = world.IMAGE_SIZE
+    size = world.get_world(world_name).image_size
     out = np.empty((len(items), size, size, 3), np.uint8)
     for i, im in enumerate(items):
         if isinstance(im, Image.Image):
@@ -318,18 +381,21 @@ def to_world_images(images) -> np.ndarray:
     return out
 
 
-def classify(images, *, classifier: Classifier | None = None) -> dict[str, np.ndarray]:
-    """Predictions (:func:`decode` layout) for images accepted by :func:`to_world_images`."""
-    clf = classifier or load_classifier()
-    x = to_world_images(images)
+def classify(images, *, classifier: Classifier | None = None, world_name: str = "v1") -> dict[str, np.ndarray]:
+    """Predictions (:func:`decode` layout) for images accepted by :func:`to_world_images`; the classifier's world
+    (default: the shipped classifier of ``world_name``) sets the image size."""
+    clf = classifier or load_classifier(world=world_name)
+    c = clf.config
+    x = to_world_images(images, c.world)
     if len(x) == 0:
-        return decode(np.zeros((0, N_CELLS, N_CELL_LOGITS)), np.zeros((0, len(world.BACKGROUNDS))))
-    return decode(*clf.logits(x))
+        return decode(np.zeros((0, c.n_cells, c.n_cell_logits)), np.zeros((0, len(c.spec.backgrounds))), c.world)
+    return decode(*clf.logits(x), c.world)
 
 
 def score(pred: dict[str, np.ndarray], scenes: Sequence[world.Scene]) -> dict[str, np.ndarray]:
     """Prompt-accuracy counts per image: ``satisfied`` and ``checked`` (int [N]), ``spurious`` (objects seen in
-    cells the caption leaves empty, int [N]) and ``accuracy`` = satisfied / checked (float64 [N])."""
+    cells the caption leaves empty, int [N]), ``accuracy`` = satisfied / checked (float64 [N]) and ``all_right``
+    (bool [N]: every attribute of the caption satisfied and nothing spurious)."""
     truth = targets(scenes)
     occ = truth["occupied"] == 1
     present = (pred["occupied"] == 1) & occ
@@ -340,28 +406,40 @@ def score(pred: dict[str, np.ndarray], scenes: Sequence[world.Scene]) -> dict[st
     spurious = ((pred["occupied"] == 1) & ~occ).sum(1)
     checked = 4 * occ.sum(1) + 1 + spurious
     return {"satisfied": sat.astype(np.int64), "checked": checked.astype(np.int64),
-            "spurious": spurious.astype(np.int64), "accuracy": sat / checked}
+            "spurious": spurious.astype(np.int64), "accuracy": sat / checked, "all_right": sat == checked}
+
+
+def prompt_scores(images, captions: Sequence[str], *, classifier: Classifier | None = None) -> dict[str, np.ndarray]:
+    """:func:`score` of ``images`` against ``captions`` (the arguments of :func:`prompt_accuracy`)."""
+    if isinstance(captions, str):
+        captions = [captions]
+    captions = list(captions)
+    if classifier is not None:
+        w = classifier.config.world
+    else:  # the shipped classifier of the captions' world (v1 when the first caption belongs to none)
+        w = (world.detect_world(captions[0]) if captions else None) or "v1"
+        classifier = load_classifier(world=w)
+    scenes = []
+    for i, c in enumerate(captions):
+        try:
+            scenes.append(world.parse_caption(c, w))
+        except ValueError as e:
+            raise ValueError(f"caption {i}: {e}") from None
+    x = to_world_images(images, w)
+    if len(x) != len(scenes):
+        raise ValueError(f"{len(x)} images but {len(scenes)} captions")
+    return score(classify(x, classifier=classifier), scenes)
 
 
 def prompt_accuracy(images, captions: Sequence[str], *, classifier: Classifier | None = None) -> np.ndarray:
     """Fraction of each caption's attributes that its image satisfies, float64 [N] (module docstring). ``images``:
-    uint8 [N, 64, 64, 3] or larger (box-resized to 64), or N PIL images; ``captions``: N world captions
-    (:func:`world.parse_caption`; a caption it rejects raises its ValueError, prefixed with the index)."""
-    if isinstance(captions, str):
-        captions = [captions]
-    captions = list(captions)
-    scenes = []
-    for i, c in enumerate(captions):
-        try:
-            scenes.append(world.parse_caption(c))
-        except ValueError as e:
-            raise ValueError(f"caption {i}: {e}") from None
-    x = to_world_images(images)
-    if len(x) != len(scenes):
-        raise ValueError(f"{len(x)} images but {len(scenes)} captions")
-    return score(classify(x, classifier=classifier), scenes)["accuracy"]
+    uint8 [N, S, S, 3] or larger (box-resized to S = the world's image_size), or N PIL images; ``captions``: N
+    captions of the classifier's world (:func:`world.parse_caption`; a caption it rejects raises its ValueError,
+    prefixed with the index). Default classifier: the shipped one of the first caption's world (v1 or v2)."""
+    return prompt_scores(images, captions, classifier=classifier)["accuracy"]
 
 
-__all__ = ["ASSET", "ClassifierConfig", "Classifier", "CellClassifier", "new_module", "load_classifier",
-           "save_weights", "targets", "decode", "split_logits", "attribute_accuracy", "to_world_images", "classify",
-           "score", "prompt_accuracy", "is_world_caption", "normalise"]
+__all__ = ["ASSET", "ASSETS", "asset_path", "heads", "ClassifierConfig", "Classifier", "CellClassifier", "new_module",
+           "load_classifier", "save_weights", "targets", "decode", "split_logits", "attribute_accuracy",
+           "to_world_images", "classify", "score", "prompt_scores", "prompt_accuracy", "is_world_caption",
+           "normalise"]
