@@ -280,16 +280,21 @@ def testbed_prompt_accuracy(prompts: Sequence[str], images: dict[str, Sequence],
     no classifier weights). ``classifier``: a weights file (default: the shipped one)."""
     from dfa2_jax.testbed import world
 
-    for i, p in enumerate(prompts):
-        try:
-            world.parse_caption(p)
-        except ValueError as e:
+    worlds = [world.detect_world(p) for p in prompts]
+    for i, (p, w) in enumerate(zip(prompts, worlds)):
+        if w is None:
+            try:
+                world.parse_caption(p)  # the v1 parser's message names the first bad word
+            except ValueError as e:
+                return {"prompt_accuracy": None,
+                        "prompt_accuracy_skipped": f"prompt {i} is not a testbed world caption: {e}"}
+        if w != worlds[0]:
             return {"prompt_accuracy": None,
-                    "prompt_accuracy_skipped": f"prompt {i} is not a testbed world caption: {e}"}
+                    "prompt_accuracy_skipped": f"prompt {i} is a {w} world caption, prompt 0 a {worlds[0]} one"}
     from dfa2_jax.testbed import classifier as tc
 
     try:
-        clf = tc.load_classifier(classifier)
+        clf = tc.load_classifier(classifier, world=worlds[0])
     except (FileNotFoundError, ValueError) as e:  # no weights, a bad weights file
         return {"prompt_accuracy": None, "prompt_accuracy_skipped": f"testbed classifier: {e}"}
     per = {}
@@ -301,7 +306,7 @@ def testbed_prompt_accuracy(prompts: Sequence[str], images: dict[str, Sequence],
     entry: dict[str, Any] = {
         "what": "fraction of each caption's attributes the image satisfies (per object: present in its cell, "
                 "shape, colour, size; the background; each object seen in a cell the caption leaves empty is one "
-                "more failed attribute), read by the testbed classifier on the image box-resized to 64x64",
+                "more failed attribute), read by the testbed classifier of the captions' world on the image box-resized to its size",
         "classifier": clf.path,
         **{kind: [float(v) for v in acc] for kind, acc in per.items()},
         "mean": {kind: float(np.mean(acc)) for kind, acc in per.items()},
