@@ -85,8 +85,10 @@ def run_jax(model: str, resolutions: list[int], iters: int, smoke: bool) -> list
     return results
 
 
-def run_torch(model: str, resolutions: list[int], iters: int, smoke: bool, compile_mode: str | None) -> list[dict]:
-    """diffusers' model eager (``compile_mode`` None) or under ``torch.compile(mode=compile_mode)``."""
+def run_torch(model: str, resolutions: list[int], iters: int, smoke: bool, compile_mode: str | None,
+              compile_backend: str = "inductor") -> list[dict]:
+    """diffusers' model eager (``compile_mode`` None) or under ``torch.compile(mode=compile_mode)`` with
+    ``compile_backend`` (a backend other than inductor takes no mode)."""
     import contextlib
 
     import diffusers
@@ -115,7 +117,8 @@ def run_torch(model: str, resolutions: list[int], iters: int, smoke: bool, compi
     init_s = time.perf_counter() - t0
     fw = "torch" if compile_mode is None else "torch-compile"
     if compile_mode is not None:
-        m = torch.compile(m, mode=compile_mode)
+        m = (torch.compile(m, mode=compile_mode) if compile_backend == "inductor" else
+             torch.compile(m, backend=compile_backend))
     results = []
     for res in resolutions:
         if cuda:
@@ -178,6 +181,8 @@ def main() -> None:
                     help="comma list of jax (ours), torch (diffusers eager), torch-compile (diffusers + torch.compile)")
     ap.add_argument("--torch-compile-mode", default="default",
                     help="torch.compile's mode (e.g. max-autotune-no-cudagraphs)")
+    ap.add_argument("--torch-compile-backend", default="inductor",
+                    help="torch.compile's backend (default inductor; 'eager' checks the plumbing in seconds)")
     ap.add_argument("--smoke", action="store_true", help="tiny models (2 blocks, 4 heads × 16), float32, CPU ok")
     ap.add_argument("--out", default=None, help="folder for results.json and logs")
     ap.add_argument("--worker", default=None, help=argparse.SUPPRESS)
@@ -196,7 +201,7 @@ def main() -> None:
             res = run_jax(model, resolutions, args.iters, args.smoke)
         else:
             res = run_torch(model, resolutions, args.iters, args.smoke,
-                            args.torch_compile_mode if fw == "torch-compile" else None)
+                            args.torch_compile_mode if fw == "torch-compile" else None, args.torch_compile_backend)
         print("RESULT " + json.dumps(res), flush=True)
         return
     env = dict(os.environ, XLA_PYTHON_CLIENT_PREALLOCATE="false", PYTHONUNBUFFERED="1")
@@ -206,7 +211,8 @@ def main() -> None:
     for model in models:
         for fw in frameworks:
             cmd = [sys.executable, os.path.abspath(__file__), "--worker", f"{fw}:{model}", "--res", args.res,
-                   "--iters", str(args.iters), "--torch-compile-mode", args.torch_compile_mode] + \
+                   "--iters", str(args.iters), "--torch-compile-mode", args.torch_compile_mode,
+                   "--torch-compile-backend", args.torch_compile_backend] + \
                 (["--smoke"] if args.smoke else [])
             proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
             if args.out:
