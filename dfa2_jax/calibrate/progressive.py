@@ -31,8 +31,8 @@ from dfa2_jax.runtime import arrow_heads, check_attention_impl, uses_kernel
 from dfa2_jax.sample import velocity, zero_state
 from dfa2_jax.scheduler import euler_step
 
-# The host side of the in-jit solver call: the active calibration session (set by ``run_step``).
-_session_lock = threading.Lock()
+# The host side of the in-jit solver call: the active calibration run (set by ``run_step``).
+_run_lock = threading.Lock()
 _active: list[Callable[[int, int, np.ndarray], np.ndarray]] = []
 
 
@@ -150,7 +150,7 @@ def calibration_step(graphdef, params, x, cond, t, sigma, sigma_next, state, ste
 def run_step(choose: Callable[[int, int, np.ndarray], np.ndarray], *args, **kwargs):
     """``calibration_step`` with ``choose(step, layer, rse [H, M]) -> choice [H]`` answering the solver calls."""
     kwargs["impl"] = check_attention_impl(kwargs.get("impl"))
-    with _session_lock:
+    with _run_lock:
         _active.append(choose)
         try:
             out = calibration_step(*args, **kwargs)
