@@ -1,5 +1,5 @@
 """Test-only oracles: slow, obviously-right twins of library code (the mask as loops, masked attention, the
-sampler as a Python loop of jitted steps)."""
+sampler as a Python loop of jitted steps) and a stand-in for a diffusion model's imperfect pictures."""
 
 from __future__ import annotations
 
@@ -75,3 +75,13 @@ def denoise_loop(graphdef, state, latents, cond, timesteps, sigmas, *, family: s
         if callback is not None:
             callback(i, x)
     return x
+
+
+def degrade(images: np.ndarray, seed: int) -> np.ndarray:
+    """A 3-tap [1, 2, 1]/4 blur (σ ≈ 0.7 px) plus Gaussian noise of σ = 6: roughly a diffusion model's output."""
+    x = images.astype(np.float64)
+    p = np.pad(x, ((0, 0), (1, 1), (1, 1), (0, 0)), mode="edge")
+    x = (p[:, :-2] + 2 * p[:, 1:-1] + p[:, 2:]) / 4
+    x = (x[:, :, :-2] + 2 * x[:, :, 1:-1] + x[:, :, 2:]) / 4
+    x = x + np.random.default_rng(seed).normal(0, 6, x.shape)
+    return np.clip(np.rint(x), 0, 255).astype(np.uint8)

@@ -14,6 +14,7 @@ from PIL import Image
 from dfa2_jax.testbed import classifier as tc
 from dfa2_jax.testbed import world
 from dfa2_jax.testbed.world import Obj, Scene, caption, render
+from tests.oracles import degrade
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -22,15 +23,6 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 def heldout():
     return world.make_batch(0, 300, "heldout")
 
-
-def _degrade(images: np.ndarray, seed: int) -> np.ndarray:
-    """A 3-tap [1, 2, 1]/4 blur (σ ≈ 0.7 px) plus Gaussian noise of σ = 6: roughly a diffusion model's output."""
-    x = images.astype(np.float64)
-    p = np.pad(x, ((0, 0), (1, 1), (1, 1), (0, 0)), mode="edge")
-    x = (p[:, :-2] + 2 * p[:, 1:-1] + p[:, 2:]) / 4
-    x = (x[:, :, :-2] + 2 * x[:, :, 1:-1] + x[:, :, 2:]) / 4
-    x = x + np.random.default_rng(seed).normal(0, 6, x.shape)
-    return np.clip(np.rint(x), 0, 255).astype(np.uint8)
 
 
 def test_shipped_weights_small_and_loadable():
@@ -50,7 +42,7 @@ def test_accuracy_on_heldout_renders(heldout):
 
 def test_accuracy_on_degraded_renders(heldout):
     images, _, scenes = heldout
-    acc = tc.attribute_accuracy(tc.classify(_degrade(images, 1)), tc.targets(scenes))
+    acc = tc.attribute_accuracy(tc.classify(degrade(images, 1)), tc.targets(scenes))
     for k in ("occupied", "shape", "colour", "size", "background"):
         assert acc[k] >= 0.95, acc
 
@@ -62,7 +54,7 @@ def test_prompt_accuracy_of_ground_truth_and_wrong_captions(heldout):
     assert right.mean() >= 0.98 and (right >= 0.75).all()
     wrong = tc.prompt_accuracy(images, captions[1:] + captions[:1])  # each image scored against another caption
     assert wrong.mean() < 0.6 and (wrong < right).mean() > 0.9
-    assert tc.prompt_accuracy(_degrade(images, 2), captions).mean() >= 0.96
+    assert tc.prompt_accuracy(degrade(images, 2), captions).mean() >= 0.96
 
 
 def test_prompt_accuracy_exact_scores():

@@ -16,6 +16,7 @@ from dfa2_jax.testbed import classifier as tc
 from dfa2_jax.testbed import world
 from dfa2_jax.testbed.world import (V1, V2, Obj, Scene, caption, detect_world, get_world, is_heldout,
                                     is_world_caption, make_batch, parse_caption, render, render_batch)
+from tests.oracles import degrade
 
 
 # ============================================================================================ the spec
@@ -203,15 +204,6 @@ def heldout2():
     return make_batch(0, 300, "heldout", world="v2")
 
 
-def _degrade(images: np.ndarray, seed: int) -> np.ndarray:
-    """A 3-tap [1, 2, 1]/4 blur plus Gaussian noise of sigma 6 (tests/test_testbed_classifier.py)."""
-    x = images.astype(np.float64)
-    p = np.pad(x, ((0, 0), (1, 1), (1, 1), (0, 0)), mode="edge")
-    x = (p[:, :-2] + 2 * p[:, 1:-1] + p[:, 2:]) / 4
-    x = (x[:, :, :-2] + 2 * x[:, :, 1:-1] + x[:, :, 2:]) / 4
-    x = x + np.random.default_rng(seed).normal(0, 6, x.shape)
-    return np.clip(np.rint(x), 0, 255).astype(np.uint8)
-
 
 def test_v2_classifier_shipped():
     path = tc.ASSETS["v2"]
@@ -228,7 +220,7 @@ def test_v2_classifier_accuracy(heldout2):
     truth = tc.targets(scenes_)
     assert truth["occupied"].shape == (300, 16)
     clean = tc.attribute_accuracy(tc.classify(images, classifier=clf), truth)
-    degraded = tc.attribute_accuracy(tc.classify(_degrade(images, 1), classifier=clf), truth)
+    degraded = tc.attribute_accuracy(tc.classify(degrade(images, 1), classifier=clf), truth)
     for k in ("occupied", "shape", "colour", "size", "background"):
         assert clean[k] >= 0.99, clean
         assert degraded[k] >= 0.97, degraded
