@@ -34,7 +34,7 @@ from dfa2_jax.models.configs import FluxConfig, SD3Config, TransformerConfig
 from dfa2_jax.pipeline import flux_image_ids
 from dfa2_jax.plan import Plan, model_info_for
 from dfa2_jax.plan.flops import DEFAULT_BLOCKS, kept_fraction, layer_text_len, layer_weights, plan_stats
-from dfa2_jax.runtime import uses_kernel
+from dfa2_jax.runtime import kernel_call
 from dfa2_jax.sample import PlanArrays
 from dfa2_jax.scheduler import FlowMatchEulerConfig, calculate_shift, set_timesteps
 from dfa2_jax.transformer import flux_rope
@@ -359,11 +359,11 @@ def arrow_implementation(attention_impl: str, q) -> str:
     "triton (interpret)" or "xla" (the jnp reference)."""
     from pallas_kernels import resolve_implementation
 
-    if not uses_kernel(attention_impl, q):
+    implementation, interpret = kernel_call(attention_impl, q)
+    if implementation == "xla":
         return "xla"
-    if attention_impl == "interpret":
-        return "triton (interpret)"
-    return resolve_implementation(q, attention_impl)
+    name = resolve_implementation(q, implementation, interpret=interpret)
+    return f"{name} (interpret)" if interpret and name != "xla" else name
 
 
 __all__ = ["ATTENTION_SHAPES", "AttentionShape", "CACHE_PEAK", "CASES", "Case", "FAMILIES", "GUIDANCE", "LAMBDA_MAX",

@@ -84,7 +84,7 @@ def check_attention_impl(impl: str | None) -> str:
     return impl
 
 
-def _kernel_call(impl: str, q) -> tuple[str, bool]:
+def kernel_call(impl: str, q) -> tuple[str, bool]:
     """(pallas_kernels ``implementation``, ``interpret``) for this call. Head dims the kernels cannot load (not a
     power of two >= 16) take the reference ("xla")."""
     d = q.shape[-1]
@@ -97,7 +97,7 @@ def _kernel_call(impl: str, q) -> tuple[str, bool]:
 
 def uses_kernel(impl: str, q) -> bool:
     """Whether ``impl`` runs a Pallas kernel (not the jnp reference) on operands like ``q``."""
-    implementation, interpret = _kernel_call(impl, q)
+    implementation, interpret = kernel_call(impl, q)
     return implementation != "xla" and resolve_implementation(q, implementation, interpret=interpret) != "xla"
 
 
@@ -107,7 +107,7 @@ def arrow_heads(q, k, v, half_windows, layout: TokenLayout, cache, impl: str, sc
     Under a context mesh each device runs its own batch rows and heads (:func:`per_device`). ``schedule``: the
     kernel's precomputed launch schedule for this call, one row per device ([devices, ...]: a layer's slice of
     :meth:`PlanRuntime._schedule`'s tables), or None to compute it in the call."""
-    implementation, interpret = _kernel_call(impl, q)
+    implementation, interpret = kernel_call(impl, q)
 
     def local(q, k, v, *rest):  # rest: ([cache,] half_windows[, schedule]), per_device's operand order
         *cache, hw = rest[:-1] if schedule is not None else rest
@@ -186,7 +186,7 @@ class PlanRuntime:
             return None
         key = (q.shape, q.dtype, layout, has_cache)
         if key not in self._schedules:
-            implementation, interpret = _kernel_call(self.spec.impl, q)
+            implementation, interpret = kernel_call(self.spec.impl, q)
 
             def tables(shape, bands):
                 return arrow_schedules(jax.ShapeDtypeStruct(shape, q.dtype), bands, text_len=layout.text_len,
