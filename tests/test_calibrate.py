@@ -6,7 +6,8 @@ import numpy as np
 import pytest
 
 from dfa2_jax.plan import flops
-from dfa2_jax.calibrate.calibrate import CalibrationError, calibrate
+from dfa2_jax.plan.methods import parse_method
+from dfa2_jax.calibrate.calibrate import CalibrationError, calibrate, layerwise_choice, savings_table
 from dfa2_jax.tiny import tiny_pipelines
 
 PROMPTS = ["a red circle at the top left", "a blue square in the centre"]
@@ -94,7 +95,8 @@ def test_larger_delta_never_keeps_more(pipes):
 def test_deterministic_and_resumable(pipes, tmp_path):
     kw = dict(resolution=32, steps=4, delta=0.3, candidates="arrow:2,cache,wars:2", savings="exact",
               progress=False, max_sequence_length=8)
-    a = calibrate(pipes["flux"], PROMPTS, **kw).plan
+    full = calibrate(pipes["flux"], PROMPTS, **kw)
+    a = full.plan
     b = calibrate(pipes["flux"], PROMPTS, **kw).plan
     a.save(tmp_path / "a.json")
     b.save(tmp_path / "b.json")
@@ -102,7 +104,10 @@ def test_deterministic_and_resumable(pipes, tmp_path):
     ck = str(tmp_path / "calib.npz")
     partial = calibrate(pipes["flux"], PROMPTS, checkpoint=ck, stop_after=2, **kw)
     assert partial.plan is None
-    resumed = calibrate(pipes["flux"], PROMPTS, checkpoint=ck, resume=True, **kw).plan
+    assert np.isfinite(partial.rse[:2]).all() and np.isnan(partial.rse[2:]).all()
+    res = calibrate(pipes["flux"], PROMPTS, checkpoint=ck, resume=True, **kw)
+    np.testing.assert_array_equal(res.rse, full.rse)  # the steps before the stop come from the checkpoint
+    resumed = res.plan
     resumed.save(tmp_path / "c.json")
     assert (tmp_path / "c.json").read_bytes() == (tmp_path / "a.json").read_bytes()
     with pytest.raises(CalibrationError, match="other settings"):
@@ -118,6 +123,59 @@ def test_plan_stats_match_flops(pipes):
     assert res.summary["solves"] == 2 * len(res.plan.model["layers"]) and res.summary["solver_time_s"] >= 0
 
 
+def test_layerwise_choice():
+    rse = np.array([[0.1, 0.3, 0.01], [0.2, 0.3, 0.02]])  # [H=2, M=3]: sums 0.3, 0.6, 0.03
+    sav = np.array([0.5, 0.9, 0.2])
+    assert layerwise_choice(rse, sav, 0.7).tolist() == [1, 1]  # the most-saving candidate that fits
+    assert layerwise_choice(rse, sav, 0.5).tolist() == [0, 0]
+    assert layerwise_choice(rse, sav, 0.05).tolist() == [2, 2]
+    assert layerwise_choice(rse, sav, 0.01).tolist() == [-1, -1]  # none fits: full
+    assert layerwise_choice(rse, np.array([0.0, 0.0, 0.0]), 1.0).tolist() == [-1, -1]  # no saving: full
+    assert layerwise_choice(np.array([[np.nan, 0.1]]), np.array([0.9, 0.1]), 1.0).tolist() == [1]
+
+
+def _check_choices(res, delta, pipe, *, layerwise):
+    """The plan's choice at every (step >= 1, layer) against the recorded RSE table: within δ, and (layerwise)
+    one method per layer, none more saving within δ."""
+    plan, rse = res.plan, res.rse
+    steps, layers, heads, m = rse.shape
+    assert (steps, layers, heads) == np.asarray(plan.assignment).shape and m == len(plan.methods) - 1
+    assert np.isfinite(rse).all() and (rse >= 0).all()
+    info = plan.model
+    sav = savings_table(tuple(parse_method(n) for n in plan.methods[1:]), info["layers"], plan.calibration["image_tokens"],
+                        info["text_tokens"], pipe.transformer.config.family == "flux", savings="exact")
+    a = np.asarray(plan.assignment)
+    for t in range(1, steps):
+        for layer in range(layers):
+            ch = a[t, layer] - 1
+            used = sum(rse[t, layer, h, c] for h, c in enumerate(ch) if c >= 0)
+            assert used <= delta * (1 + 1e-6)
+            if layerwise:
+                assert len(set(ch.tolist())) == 1
+                better = [c for c in range(m) if sav[layer][c] > (sav[layer][ch[0]] if ch[0] >= 0 else 0)]
+                assert all(rse[t, layer, :, c].sum() > delta for c in better)
+
+
+@pytest.mark.parametrize("strategy", ["headwise", "layerwise"])
+def test_strategies_keep_within_delta(pipes, strategy):
+    delta = 0.3
+    res = calibrate(pipes["sd3"], PROMPTS, resolution=32, steps=4, delta=delta, candidates="arrow:2,cache,wars:2",
+                    savings="exact", progress=False, max_sequence_length=8, strategy=strategy)
+    _check_choices(res, delta, pipes["sd3"], layerwise=strategy == "layerwise")
+    assert res.plan.calibration["solver"] == {"headwise": "cp-sat", "layerwise": "layerwise-greedy"}[strategy]
+    assert res.summary["attention_flops_kept"] < 1.0
+
+
+def test_c_inf_drops_the_per_head_bound(pipes):
+    """c = inf: no per-head pre-filter, so never less saving than c = 1 under the same δ."""
+    kw = dict(resolution=32, steps=3, delta=0.2, candidates="arrow:2,cache", savings="exact", progress=False,
+              max_sequence_length=8)
+    tight = calibrate(pipes["sd3"], PROMPTS, c=1.0, **kw)
+    free = calibrate(pipes["sd3"], PROMPTS, c=float("inf"), **kw)
+    assert free.plan.calibration["c"] is None and tight.plan.calibration["c"] == 1.0
+    assert free.summary["attention_flops_kept"] <= tight.summary["attention_flops_kept"] + 1e-12
+
+
 @pytest.mark.parametrize("kwargs,match", [
     ({"delta": 0.0}, "delta=0.0 must be"),
     ({"delta": -1.0}, "delta=-1.0 must be"),
@@ -126,6 +184,8 @@ def test_plan_stats_match_flops(pipes):
     ({"resolution": 30}, "divisible by 4"),
     ({"candidates": "arrow:8,window:3"}, "unknown method 'window:3'"),
     ({"batch": 1}, "batch=1 < 2 prompts"),
+    ({"c": float("nan")}, "c=nan must be a number > 0"),
+    ({"strategy": "greedy"}, "strategy='greedy': expected one of headwise, layerwise"),
 ])
 def test_bad_inputs(pipes, kwargs, match):
     kw = dict(prompts=PROMPTS, resolution=32, steps=3, delta=0.2, candidates="arrow:2,cache", progress=False,

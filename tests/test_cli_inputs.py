@@ -182,7 +182,8 @@ CASES = [
      "--batch 1: the progressive pass needs all 2 prompts"),
     ("calibrate-prompts-missing", ["calibrate", "--model", "testbed-sd3", "--prompts", "{in}/none.txt", "--delta",
                                    "0.1", "-o", "{out}/p.json"], False, "--prompts {in}/none.txt: no such file"),
-    ("calibrate-c-zero", CAL + ["--c", "0", "-o", "{out}/p.json"], False, "--c 0: must be a finite number > 0"),
+    ("calibrate-c-zero", CAL + ["--c", "0", "-o", "{out}/p.json"], False, "--c 0: must be a number > 0"),
+    ("calibrate-c-nan", CAL + ["--c", "nan", "-o", "{out}/p.json"], False, "--c nan: must be a number > 0"),
     ("calibrate-latency-table-missing", CAL + ["--latency-table", "{in}/none.json", "-o", "{out}/p.json"], False,
      "--latency-table {in}/none.json: no such file"),
     # eval

@@ -4,6 +4,11 @@ Savings per (layer, candidate) come from the exact attention-FLOP accounting of 
 actual token layout: visited tiles of the kernel's block size (``savings="tiles"``, default, what the Pallas
 kernel runs), exact mask pairs (``"exact"``), or a measured latency table ``{method: latency / full}``.
 
+Two ways to choose (``strategy``): ``"headwise"`` (DiTFastAttnV2: per head, CP-SAT maximises the saving with
+Σ_h RSE ≤ δ and each head's RSE < c·δ/H) and ``"layerwise"`` (DiTFastAttn V1's greedy choice in the same
+budget: one method for every head of the layer, the most-saving candidate whose Σ_h RSE ≤ δ, else full).
+Either way the RSE table of every (step, layer, head, candidate) is kept (``CalibrationResult.rse``).
+
 Resumable: after every step the latents, the per-layer state, the assignment so far and the settings' hash are
 written to one ``.npz`` (temp file + rename). ``resume=True`` continues from it and gives the same plan as an
 uninterrupted run (same inputs, same compiled steps, same solver answers).
@@ -33,7 +38,8 @@ from dfa2_jax.calibrate.solver import solve
 from dfa2_jax.plan import Plan, model_info_for
 
 DEFAULT_CANDIDATES = ("arrow:8", "arrow:16", "arrow:32", "cache")
-CKPT_VERSION = 1
+STRATEGIES = ("headwise", "layerwise")
+CKPT_VERSION = 2
 
 
 class CalibrationError(ValueError):
@@ -96,8 +102,26 @@ def load_latency_table(path: str) -> dict[str, float]:
 
 @dataclasses.dataclass
 class CalibrationResult:
-    plan: Plan
+    """``plan`` (None when stopped early), ``summary`` (kept FLOPs, method counts, timings) and ``rse``: float32
+    [steps, layers, heads, candidates], the RSE of each candidate against the full output where the pass ran
+    (step 0 included; candidates in ``plan.methods[1:]`` order); NaN for steps not run."""
+
+    plan: Plan | None
     summary: dict
+    rse: np.ndarray | None = None
+
+
+def layerwise_choice(rse: np.ndarray, savings: np.ndarray, delta: float) -> np.ndarray:
+    """DiTFastAttn V1's choice for one layer: every head takes the most-saving candidate m with
+    Σ_h rse[h, m] ≤ δ (ties: the earlier candidate); -1 (full) for every head when none fits. -> int32 [H]."""
+    rse, savings = np.asarray(rse, np.float64), np.asarray(savings, np.float64)
+    total = np.where(np.isnan(rse), np.inf, rse).sum(axis=0)  # [M]
+    best = -1
+    for m in np.argsort(-savings, kind="stable"):
+        if total[m] <= delta and savings[m] > 0:
+            best = int(m)
+            break
+    return np.full(rse.shape[0], best, np.int32)
 
 
 def _settings_key(**kw) -> str:
@@ -152,7 +176,7 @@ def calibrate(pipe, prompts: Sequence[str], *, resolution, steps: int, delta: fl
               stop_after: int | None = None, time_limit_s: float = 10.0,
               max_sequence_length: int | None = None, mesh=None, fsdp: bool = False,
               attention_impl: str = "auto", negative_prompt: str | Sequence[str] | None = None,
-              true_cfg_scale: float | None = None) -> CalibrationResult:
+              true_cfg_scale: float | None = None, strategy: str = "headwise") -> CalibrationResult:
     """Calibrate a plan for ``pipe`` (an SD3Pipeline / FluxPipeline) on ``prompts``.
 
     ``resolution``: int or (height, width) in pixels. ``batch``: the most prompts run together; the progressive
@@ -166,7 +190,8 @@ def calibrate(pipe, prompts: Sequence[str], *, resolution, steps: int, delta: fl
     are computed (:func:`dfa2_jax.runtime.check_attention_impl`; "auto": the Pallas kernel on a GPU, the banded
     jnp form elsewhere). ``negative_prompt`` (one string, or one per prompt): SD3's CFG negative prompt, or with
     ``true_cfg_scale`` > 1 FLUX's true CFG (the pipelines' ``prepare``), under which ``cfg_share`` candidates
-    become valid; ``true_cfg_scale`` is FLUX's only.
+    become valid; ``true_cfg_scale`` is FLUX's only. ``c``: the per-head bound (``math.inf``: none). ``strategy``:
+    ``"headwise"`` (V2, CP-SAT per head) or ``"layerwise"`` (V1's greedy per layer; ``c`` unused), module docstring.
     """
     attention_impl = check_attention_impl(attention_impl)
     t_start = time.perf_counter()
@@ -175,8 +200,10 @@ def calibrate(pipe, prompts: Sequence[str], *, resolution, steps: int, delta: fl
         raise CalibrationError("prompts: at least one prompt (a string) is needed")
     if not (isinstance(delta, (int, float)) and math.isfinite(delta) and delta > 0):
         raise CalibrationError(f"delta={delta!r} must be a finite number > 0")
-    if not (math.isfinite(c) and c > 0):
-        raise CalibrationError(f"c={c!r} must be a finite number > 0")
+    if not (isinstance(c, (int, float)) and not math.isnan(c) and c > 0):
+        raise CalibrationError(f"c={c!r} must be a number > 0 (inf: no per-head bound)")
+    if strategy not in STRATEGIES:
+        raise CalibrationError(f"strategy={strategy!r}: expected one of {', '.join(STRATEGIES)}")
     if steps < 2:
         raise CalibrationError(f"steps={steps}: at least 2 (step 0 is always full)")
     if batch is not None and batch < len(prompts):
@@ -203,13 +230,16 @@ def calibrate(pipe, prompts: Sequence[str], *, resolution, steps: int, delta: fl
     sav = savings_table(cands, layer_names, prep.n_img, prep.text_len, text_first, savings=savings, blocks=blocks)
     methods = ["full"] + [m.name for m in cands]
     key = _settings_key(model=tr.config.to_diffusers(), dtype=str(tr.dtype), prompts=prompts, size=(h, w),
-                        steps=steps, delta=delta, c=c, candidates=methods, seed=seed, g=guidance_scale,
+                        steps=steps, delta=delta, c=c if strategy == "headwise" else None, candidates=methods,
+                        seed=seed, g=guidance_scale,
                         savings=savings if isinstance(savings, (str, dict)) else str(savings), blocks=blocks,
                         text=prep.text_len,
                         # only when used, so that checkpoints of runs without them keep their key
                         **({"negative": negative_prompt} if negative_prompt is not None else {}),
+                        **({"strategy": strategy} if strategy != "headwise" else {}),
                         **({"true_cfg": _true_cfg(prep)} if _true_cfg(prep) is not None else {}))
     assignment = np.zeros((steps, len(layer_names), heads), np.int32)
+    rse_log = np.full((steps, len(layer_names), heads, len(cands)), np.nan, np.float32)
     solver_time = [0.0]
     start = 0
     x = prep.latents
@@ -219,6 +249,8 @@ def calibrate(pipe, prompts: Sequence[str], *, resolution, steps: int, delta: fl
         x, state, meta = _load_ckpt(checkpoint, key)
         start = meta["next_step"]
         assignment = np.asarray(meta["assignment"], np.int32)
+        saved = np.asarray(meta["rse"], np.float32)[:start]
+        rse_log[:start] = np.where(saved < 0, np.nan, saved)
         solver_time[0] = meta["solver_time"]
     else:
         state = initial_state(tr.graphdef, tr.state, x, prep.cond, cands, family=tr.family, do_cfg=prep.do_cfg)
@@ -247,16 +279,21 @@ def calibrate(pipe, prompts: Sequence[str], *, resolution, steps: int, delta: fl
                    unit="layer")
 
     def choose(step: int, layer: int, rse: np.ndarray) -> np.ndarray:
+        rse_log[step, layer] = rse
         if step == 0:  # the plan format: step 0 is full for every head
             if bar is not None:
                 bar.update(1)
             return np.full(heads, -1, np.int32)
-        res = solve(rse, sav[layer], delta, c, num_heads=heads, time_limit_s=time_limit_s)
-        solver_time[0] += res.solver_time_s
-        assignment[step, layer] = res.choice + 1
+        if strategy == "layerwise":
+            choice = layerwise_choice(rse, sav[layer], delta)
+        else:
+            res = solve(rse, sav[layer], delta, c, num_heads=heads, time_limit_s=time_limit_s)
+            solver_time[0] += res.solver_time_s
+            choice = res.choice
+        assignment[step, layer] = choice + 1
         if bar is not None:
             bar.update(1)
-        return res.choice
+        return choice
 
     end = steps if stop_after is None else min(steps, start + stop_after)
     # under the mesh, attention runs per device (dfa2_jax.models.attention.per_device)
@@ -270,15 +307,17 @@ def calibrate(pipe, prompts: Sequence[str], *, resolution, steps: int, delta: fl
                 if checkpoint:
                     _save_ckpt(checkpoint, x, state, {"version": CKPT_VERSION, "key": key, "next_step": t + 1,
                                                       "assignment": assignment.tolist(),
+                                                      "rse": np.nan_to_num(rse_log, nan=-1.0).tolist(),
                                                       "solver_time": solver_time[0]})
     finally:
         if bar is not None:
             bar.close()
     if end < steps:
-        return CalibrationResult(None, {"stopped_after_step": end})
+        return CalibrationResult(None, {"stopped_after_step": end}, rse_log)
     info = model_info_for(tr.config, prep.text_len)
-    calibration = {"delta": delta, "c": c, "prompts": len(prompts), "resolution": [h, w], "seed": seed,
-                   "solver": "cp-sat", "metric": "rse", "candidates": methods[1:],
+    calibration = {"delta": delta, "c": c if math.isfinite(c) else None, "prompts": len(prompts), "resolution": [h, w], "seed": seed,
+                   "solver": "cp-sat" if strategy == "headwise" else "layerwise-greedy", "metric": "rse",
+                   "candidates": methods[1:],
                    "savings": savings if isinstance(savings, str) else "latency-table",
                    "blocks": list(blocks) if savings == "tiles" else None, "image_tokens": prep.n_img,
                    "guidance_scale": _effective_guidance(prep)}
@@ -293,4 +332,4 @@ def calibrate(pipe, prompts: Sequence[str], *, resolution, steps: int, delta: fl
     wall = time.perf_counter() - t_start
     summary = {**plan.stats, "wall_time_s": wall, "solver_time_s": solver_time[0],
                "solves": int((steps - 1) * len(layer_names))}
-    return CalibrationResult(plan, summary)
+    return CalibrationResult(plan, summary, rse_log)

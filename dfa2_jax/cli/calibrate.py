@@ -51,8 +51,8 @@ def resolve(args: argparse.Namespace) -> dict:
         raise ValueError(f"the model's default steps {steps}: calibration needs --steps >= 2")
     if not (math.isfinite(args.delta) and args.delta > 0):
         raise ValueError(f"--delta {args.delta:g}: must be a finite number > 0 (the RSE budget per layer and step)")
-    if not (math.isfinite(args.c) and args.c > 0):
-        raise ValueError(f"--c {args.c:g}: must be a finite number > 0")
+    if not (not math.isnan(args.c) and args.c > 0):
+        raise ValueError(f"--c {args.c:g}: must be a number > 0 (inf: no per-head bound)")
     guidance = check_guidance(model, args.guidance)
     do_cfg = check_cfg_flags(model, guidance, args.negative_prompt, args.true_cfg_scale)
     try:
@@ -92,7 +92,8 @@ def run(args: argparse.Namespace) -> int:
                         batch=args.batch, savings=kw["savings"], checkpoint=ckpt, resume=args.resume,
                         progress=not args.no_progress, mesh=args.mesh, fsdp=args.fsdp,
                         max_sequence_length=kw["max_sequence_length"], attention_impl=args.attention_impl,
-                        negative_prompt=args.negative_prompt, true_cfg_scale=args.true_cfg_scale)
+                        negative_prompt=args.negative_prompt, true_cfg_scale=args.true_cfg_scale,
+                        strategy=args.strategy)
     except KeyboardInterrupt:
         ours = os.path.isfile(ckpt) and (args.resume or os.path.getmtime(ckpt) >= started)  # not a stale one
         step = _checkpoint_step(ckpt) if ours else None
@@ -125,7 +126,10 @@ def add_parser(sub) -> argparse.ArgumentParser:
     add_cfg_args(cal)
     cal.add_argument("--delta", type=float, required=True, help="RSE budget per (layer, step), > 0")
     cal.add_argument("--c", type=float, default=1.5,
-                     help="pre-filter: keep (head, method) with RSE < c·δ/H (default 1.5)")
+                     help="pre-filter: keep (head, method) with RSE < c·δ/H (default 1.5; inf: none)")
+    cal.add_argument("--strategy", default="headwise", choices=["headwise", "layerwise"],
+                     help="headwise: a method per head by CP-SAT (DiTFastAttnV2); layerwise: one method per layer, "
+                          "the most-saving one within δ (DiTFastAttn V1's greedy choice) (default headwise)")
     cal.add_argument("--candidates", default="arrow:8,arrow:16,arrow:32,cache",
                      help="comma-separated: arrow:K, cache, wars:K, cfg_share, cfg_share+arrow:K (default "
                           "arrow:8,arrow:16,arrow:32,cache)")
