@@ -1149,6 +1149,7 @@ def run(args) -> int:
                                                         args.workers, tok_dirs, t5_len, clip_len, args.world)
     val_images, val_captions, val_clip, val_t5 = render_dataset(args.seed * 1_000_003 + 999_983, sz.val, "heldout",
                                                                 sz.chunk, 1, tok_dirs, t5_len, clip_len, args.world)
+    from dfa2_jax.defaults import GenerationDefaults, write_defaults
     from dfa2_jax.testbed.world import make_batch
 
     n_eval = sz.eval_n if sz.eval_n else (0 if args.no_samples else sz.samples)
@@ -1267,6 +1268,9 @@ def run(args) -> int:
         with open(os.path.join(folder, INFO_FILE), "w") as f:
             json.dump({"family": family, "guidance_scale": guidance, **info_common,
                        "trained_steps": log["phases"][family]["steps"]}, f, indent=1)
+        write_defaults(folder, GenerationDefaults(setup.image, setup.image, 28, guidance, t5_len, "float32"),
+                       comment="Generation defaults of this pipeline folder (dfa2_jax/defaults.py): the settings it "
+                               "was trained for, from testbed_info.json; float32 as load_testbed() loads it.")
         log["models"][f"{family}_folder_mb"] = round(folder_mb(folder), 2)
         written.append(folder)
         folders[family] = folder

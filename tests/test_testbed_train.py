@@ -107,6 +107,7 @@ def test_smoke_v2_training(tmp_path, capsys):
     bfloat16 transformer weights, FLUX trained in fp32 with bf16 attention; evaluated and summarised at the end."""
     import struct
 
+    from dfa2_jax.defaults import read_defaults
     from dfa2_jax.testbed import classifier as tc
 
     out = tmp_path / "out"
@@ -121,6 +122,8 @@ def test_smoke_v2_training(tmp_path, capsys):
         assert (info["height"], info["width"], info["num_inference_steps"]) == (128, 128, 28)
         assert info["max_sequence_length"] == 56 and info["clip_max_length"] == 56 and info["world_name"] == "v2"
         assert info["guidance_scale"] == (4.0 if family == "sd3" else None) and info["weights_dtype"] == "bfloat16"
+        assert read_defaults(folder) == {"height": 128, "width": 128, "num_inference_steps": 28, "dtype": "float32",
+                                         "guidance_scale": info["guidance_scale"], "max_sequence_length": 56}
         assert json.loads((folder / "scheduler" / "scheduler_config.json").read_text())["shift"] == 2.0
         assert json.loads((folder / "tokenizer" / "tokenizer_config.json").read_text())["model_max_length"] == 56
         weights = folder / "transformer" / "diffusion_pytorch_model.safetensors"
