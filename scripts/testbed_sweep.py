@@ -100,16 +100,6 @@ def samples_png(path: str, renders, dense, compressed: dict[float, list], rows: 
     img.save(path, format="PNG")
 
 
-def method_mix(plan) -> dict:
-    """Fractions of (step >= 1, layer, head) slots per method, and per step / per layer (steps >= 1)."""
-    a = np.asarray(plan.assignment)[1:]  # step 0 is always full
-    names = list(plan.methods)
-    frac = lambda x: {n: float(np.mean(x == i)) for i, n in enumerate(names)}  # noqa: E731
-    return {"overall": frac(a),
-            "per_step": [frac(a[t]) for t in range(a.shape[0])],  # index t = step t + 1
-            "per_layer": [frac(a[:, li]) for li in range(a.shape[1])]}
-
-
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--out", default="docs/testbed")
@@ -131,6 +121,7 @@ def main(argv=None) -> int:
     from dfa2_jax.calibrate.calibrate import calibrate
     from dfa2_jax.evaluate import initial_noise, psnr, ssim, write_json_atomic
     from dfa2_jax.plan.flops import plan_stats
+    from dfa2_jax.plan.report import method_mix
     from dfa2_jax.testbed import classifier, load_testbed, world
 
     t_all = time.perf_counter()

@@ -70,11 +70,27 @@ def instances(draw, max_heads=6, max_methods=4):
 @given(instances())
 def test_cp_sat_equals_brute_force(inst):
     rse, savings, delta, c, num_heads = inst
-    got = solve(rse, savings, delta, c, num_heads=num_heads)
+    got = solve(rse, savings, delta, c, num_heads=num_heads, enumerate_max=0)  # CP-SAT on every instance
     ref = brute_force(rse, savings, delta, c, num_heads=num_heads)
     assert got.optimal and ref.optimal
     _same(got, ref)
     _assert_feasible(got, rse, savings, delta, c, num_heads)
+    _same(solve(rse, savings, delta, c, num_heads=num_heads), ref)  # small ones enumerated: the same answer
+
+
+def test_small_instances_need_no_cp_sat(monkeypatch):
+    """A layer-step of a few heads is enumerated: CP-SAT is not started (a binding budget, 4 heads x 3 methods)."""
+    from dfa2_jax.calibrate import solver
+
+    def no_cp_sat(*a, **k):
+        raise AssertionError("CP-SAT started")
+
+    monkeypatch.setattr(solver, "_CpSat", no_cp_sat)
+    rse = np.array([[0.05, 0.02, 0.01]] * 4)
+    res = solve(rse, [0.9, 0.5, 0.2], 0.1, c=INF)
+    assert res.optimal and res.rse_sum <= 0.1 and res.choice.tolist() == [1, 1, 1, 1]  # 2.0 beats 0.9 + 0.9
+    with pytest.raises(AssertionError, match="CP-SAT started"):
+        solve(rse, [0.9, 0.5, 0.2], 0.1, c=INF, enumerate_max=0)
 
 
 @settings(max_examples=60, deadline=None, derandomize=True)

@@ -26,6 +26,19 @@ def _mix(assign: np.ndarray, n_methods: int) -> np.ndarray:
     return 100.0 * c / max(1, assign.size)
 
 
+def method_mix(plan: Plan) -> dict:
+    """Fractions of the (step >= 1, layer, head) slots per method name: ``overall``, ``per_step`` (index t is
+    step t + 1) and ``per_layer`` (step 0 is always full, so it is left out)."""
+    a = np.asarray(plan.assignment)[1:]
+    names = list(plan.methods)
+
+    def frac(x):
+        return {n: float(np.mean(x == i)) for i, n in enumerate(names)}
+
+    return {"overall": frac(a), "per_step": [frac(a[t]) for t in range(a.shape[0])],
+            "per_layer": [frac(a[:, li]) for li in range(a.shape[1])]}
+
+
 def summary(plan: Plan, source: str, res, n_img: int, layer: str | None = None) -> str:
     from dfa2_jax.plan.flops import DEFAULT_BLOCKS, kept_table, plan_stats
 
@@ -184,4 +197,4 @@ def render_heatmap(plan: Plan, n_img: int, path: str, *, layer: str | None = Non
     return size
 
 
-__all__ = ["summary", "render_heatmap", "heatmap_size", "method_colours", "short_layer", "layer_index"]
+__all__ = ["summary", "method_mix", "render_heatmap", "heatmap_size", "method_colours", "short_layer", "layer_index"]
