@@ -390,9 +390,14 @@ def study_c(st: Study, res: dict) -> None:
             raise SystemExit("--studies c needs the delta study before it, or --c-delta")
         delta = min(rows, key=lambda r: abs(r["tiles_removed"] - 0.5))["delta"]
     out = []
+    swept = {r["delta"]: r for r in res.get("delta", {}).get("rows", [])}
     for c in [float(x) for x in st.args.c_values.split(",")]:
-        cal = st.calibrate(delta, candidates=st.args.candidates, c=c)
-        out.append({"c": c if math.isfinite(c) else "inf", **st.run_plan(cal.plan, f"v2_delta_{delta:g}_c_{c:g}")})
+        if c == 1.5 and delta in swept:  # the δ sweep's own plan (default c)
+            row = {k: v for k, v in swept[delta].items() if k not in ("delta", "calibration_s")}
+        else:
+            row = st.run_plan(st.calibrate(delta, candidates=st.args.candidates, c=c).plan,
+                              f"v2_delta_{delta:g}_c_{c:g}")
+        out.append({"c": c if math.isfinite(c) else "inf", **row})
     res["c"] = {"delta": delta, "rows": out}
     xs = [r["tiles_removed"] for r in out]
     plot(os.path.join(st.args.out, "c.png"), f"per-head coefficient c at delta={delta:g}", "attention tiles removed",
