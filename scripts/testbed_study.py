@@ -35,7 +35,8 @@ Studies (``--studies``, default all, in this order):
   (every head of every layer reuses its output on odd steps); V2 and V1 are interpolated to caching's cost.
 
 Writes to ``--out``: ``study.json`` (everything), ``study.md`` (the tables), plots ``delta.png``,
-``delta_mix.png``, ``rse.png``, ``c.png``, ``locality.png``, ``compare.png``, and ``plans/*.json``.
+``delta_mix.png``, ``rse.png``, ``c.png``, ``locality.png``, ``compare.png`` (``--replot study.json`` redraws
+them), and ``plans/*.json``. ``--previous study.json`` keeps an earlier run's studies that are not rerun.
 """
 
 from __future__ import annotations
@@ -78,9 +79,7 @@ def plot(path: str, title: str, xlabel: str, ylabel: str, series: list[dict], *,
     from PIL import Image, ImageDraw, ImageFont
 
     w, h = size
-    left, right, top, bottom = 62, 16, 26, 58
-    img = Image.new("RGB", (w, h), (255, 255, 255))
-    d = ImageDraw.Draw(img)
+    left, right, top, bottom = 62, 16, 34, 58
     font = ImageFont.load_default()
     xs = [v for s in series for v in s["x"] if np.isfinite(v)]
     ys = [v for s in series for v in s["y"] if np.isfinite(v)]
@@ -90,6 +89,19 @@ def plot(path: str, title: str, xlabel: str, ylabel: str, series: list[dict], *,
         x0, x1 = x0 - 0.5, x0 + 0.5
     if y1 <= y0:
         y0, y1 = y0 - 0.5, y0 + 0.5
+    # 5% margins, so that points on the range's edge stay inside the frame
+    x0, x1 = x0 - 0.05 * (x1 - x0), x1 + 0.05 * (x1 - x0)
+    y0, y1 = y0 - 0.05 * (y1 - y0), y1 + 0.05 * (y1 - y0)
+    rows, lx = 1, 0
+    for s in series:  # legend rows needed at this width
+        step = 16 + 6 * len(s["label"])
+        if lx and lx + step > w - left:
+            rows, lx = rows + 1, 0
+        lx += step
+    bottom += 16 * (rows - 1)
+    h += 16 * (rows - 1)
+    img = Image.new("RGB", (w, h), (255, 255, 255))
+    d = ImageDraw.Draw(img)
     px = lambda x: left + (x - x0) / (x1 - x0) * (w - left - right)  # noqa: E731
     py = lambda y: h - bottom - (y - y0) / (y1 - y0) * (h - top - bottom)  # noqa: E731
     d.rectangle([left, top, w - right, h - bottom], outline=(0, 0, 0))
@@ -99,10 +111,10 @@ def plot(path: str, title: str, xlabel: str, ylabel: str, series: list[dict], *,
     for t in _ticks(y0, y1):
         d.line([left - 4, py(t), left, py(t)], fill=(0, 0, 0))
         d.text((4, py(t) - 6), f"{t:.3g}", fill=(0, 0, 0), font=font)
-    d.text((left, 6), title, fill=(0, 0, 0), font=font)
+    d.text((4, 4), title, fill=(0, 0, 0), font=font)
     d.text((left + (w - left - right) // 2 - 3 * len(xlabel), h - bottom + 20), xlabel, fill=(0, 0, 0), font=font)
     d.text((4, top - 14), ylabel, fill=(0, 0, 0), font=font)
-    lx = left + 6
+    lx, ly = left + 6, h - bottom + 40
     for i, s in enumerate(series):
         col = PALETTE[s.get("colour", i) % len(PALETTE)]
         pts = [(px(x), py(y)) for x, y in zip(s["x"], s["y"]) if np.isfinite(x) and np.isfinite(y)]
@@ -111,9 +123,12 @@ def plot(path: str, title: str, xlabel: str, ylabel: str, series: list[dict], *,
         r = s.get("radius", 3)
         for x, y in pts:
             d.ellipse([x - r, y - r, x + r, y + r], fill=col)
-        d.rectangle([lx, h - 16, lx + 8, h - 8], fill=col)
-        d.text((lx + 11, h - 18), s["label"], fill=(0, 0, 0), font=font)
-        lx += 16 + 6 * len(s["label"])
+        step = 16 + 6 * len(s["label"])
+        if lx > left + 6 and lx + step > w:
+            lx, ly = left + 6, ly + 16
+        d.rectangle([lx, ly + 2, lx + 8, ly + 10], fill=col)
+        d.text((lx + 11, ly), s["label"], fill=(0, 0, 0), font=font)
+        lx += step
     img.save(path, format="PNG")
 
 
@@ -327,15 +342,6 @@ def study_delta(st: Study, res: dict) -> None:
                **st.run_plan(cal.plan, f"v2_delta_{delta:g}")}
         rows.append(row)
     res["delta"] = {"candidates": st.args.candidates.split(","), "rows": rows}
-    names = ["full"] + st.args.candidates.split(",")
-    plot(os.path.join(st.args.out, "delta.png"), "delta sweep: quality vs attention tiles removed",
-         "attention tiles removed", "prompt accuracy / SSIM",
-         [{"label": "prompt acc.", "x": [r["tiles_removed"] for r in rows], "y": [r["prompt_accuracy"] for r in rows]},
-          {"label": "SSIM", "x": [r["tiles_removed"] for r in rows], "y": [r["ssim_mean"] for r in rows]},
-          {"label": "dense acc.", "x": [0.0, max(r["tiles_removed"] for r in rows)],
-           "y": [st.dense_acc.mean()] * 2, "colour": 7}], ylim=(0.0, 1.02))
-    stacked_bars(os.path.join(st.args.out, "delta_mix.png"), "method mix per delta (steps >= 1)",
-                 [f"{r['delta']:g}" for r in rows], [r["method_mix"]["overall"] for r in rows], names)
 
 
 # ---- RSE vs final quality
@@ -369,16 +375,6 @@ def study_rse(st: Study, res: dict) -> None:
         out[f"spearman_{key}"] = {"rho": rho, "ci95": [lo, hi]}
         log(f"Spearman ρ(RSE, {key} loss) = {rho:.3f} [{lo:.3f}, {hi:.3f}] over {len(rows)} perturbations")
     res["rse"] = out
-    series = []
-    for i, c in enumerate(cands):
-        sel = [r for r in rows if r["method"] == c]
-        if sel:
-            series.append({"label": c, "x": [math.log10(max(r["rse_mean"], 1e-12)) for r in sel],
-                           "y": [r["psnr_mean"] for r in sel], "lines": False, "colour": i})
-    rho = out["spearman_psnr"]
-    plot(os.path.join(st.args.out, "rse.png"),
-         f"single-head perturbations: RSE vs final PSNR (Spearman rho {rho['rho']:.2f} [{rho['ci95'][0]:.2f}, "
-         f"{rho['ci95'][1]:.2f}])", "log10 mean RSE of the head (dense trajectory)", "PSNR vs dense, dB", series)
 
 
 # ---- the per-head coefficient c
@@ -399,11 +395,6 @@ def study_c(st: Study, res: dict) -> None:
                               f"v2_delta_{delta:g}_c_{c:g}")
         out.append({"c": c if math.isfinite(c) else "inf", **row})
     res["c"] = {"delta": delta, "rows": out}
-    xs = [r["tiles_removed"] for r in out]
-    plot(os.path.join(st.args.out, "c.png"), f"per-head coefficient c at delta={delta:g}", "attention tiles removed",
-         "prompt accuracy / SSIM",
-         [{"label": "prompt acc.", "x": xs, "y": [r["prompt_accuracy"] for r in out], "lines": False},
-          {"label": "SSIM", "x": xs, "y": [r["ssim_mean"] for r in out], "lines": False}], ylim=(0.0, 1.02))
 
 
 # ---- locality across prompts
@@ -499,16 +490,6 @@ def study_locality(st: Study, res: dict) -> None:
     summ["text_to_img_profile_r_median"] = float(np.nanmedian([r["text_to_img_profile_r"] for r in rows]))
     res["locality"] = {"summary": summ, "rows": rows}
     log("locality: " + ", ".join(f"{k} {v:.3f}" for k, v in summ.items() if isinstance(v, float)))
-    xs = list(range(len(rows)))
-    series = [{"label": f"{m.name} in-band share", "x": xs, "y": [r[f"{m.name}_share"] for r in rows], "colour": i}
-              for i, m in enumerate(arrows)]
-    series.append({"label": "band profile r", "x": xs, "y": [r[f"{arrows[-1].name}_profile_r"] for r in rows],
-                   "colour": 6, "lines": False})
-    series.append({"label": "img->text profile r", "x": xs, "y": [r["img_to_text_profile_r"] for r in rows],
-                   "colour": 7, "lines": False})
-    plot(os.path.join(st.args.out, "locality.png"),
-         f"locality per head ({n} prompts, steps {want}); x: layer*{heads}+head", "(layer, head)",
-         "share / Pearson r", series, size=(720, 400), ylim=(-0.2, 1.02))
 
 
 # ---- V2 vs V1 vs layer caching at equal cost
@@ -538,15 +519,75 @@ def study_compare(st: Study, res: dict) -> None:
     log(f"at {100 * target:.1f}% tiles removed: " + "; ".join(
         f"{n}: PSNR {v['psnr_mean']:.2f}, SSIM {v['ssim_mean']:.4f}, acc {v['prompt_accuracy']:.4f}"
         for n, v in at.items()))
-    series = []
-    for i, (name, rows) in enumerate((("V2 head-wise", v2), ("V1 layer-wise", v1))):
-        rows = sorted(rows, key=lambda r: r["tiles_removed"])
-        series.append({"label": name, "x": [r["tiles_removed"] for r in rows], "y": [r["psnr_mean"] for r in rows],
-                       "colour": i})
-    series.append({"label": "layer caching", "x": [target], "y": [cache_row["psnr_mean"]], "lines": False,
-                   "colour": 2, "radius": 5})
-    plot(os.path.join(st.args.out, "compare.png"), "equal attention cost: PSNR vs dense", "attention tiles removed",
-         "PSNR dB (100 = identical)", series)
+
+
+def draw_plots(res: dict, out: str) -> list[str]:
+    """The figures of the studies in ``res`` (a study.json), into ``out``. Returns the files written."""
+    written = []
+
+    def path(name):
+        written.append(os.path.join(out, name))
+        return written[-1]
+
+    if "delta" in res:
+        rows = res["delta"]["rows"]
+        xs = [r["tiles_removed"] for r in rows]
+        plot(path("delta.png"), "delta sweep: quality vs attention tiles removed", "attention tiles removed",
+             "prompt accuracy / SSIM",
+             [{"label": "prompt acc.", "x": xs, "y": [r["prompt_accuracy"] for r in rows]},
+              {"label": "SSIM", "x": xs, "y": [r["ssim_mean"] for r in rows]},
+              {"label": "dense prompt acc.", "x": [0.0, max(xs)], "y": [res["dense_prompt_accuracy"]] * 2,
+               "colour": 7}], ylim=(0.0, 1.0))
+        names = ["full"] + res["delta"]["candidates"]
+        stacked_bars(path("delta_mix.png"), "method mix per delta (steps >= 1)", [f"{r['delta']:g}" for r in rows],
+                     [r["method_mix"]["overall"] for r in rows], names)
+    if "rse" in res:
+        r = res["rse"]
+        series = []
+        for i, c in enumerate(r["candidates"]):
+            sel = [x for x in r["rows"] if x["method"] == c]
+            if sel:
+                series.append({"label": c, "x": [math.log10(max(x["rse_mean"], 1e-12)) for x in sel],
+                               "y": [x["psnr_mean"] for x in sel], "lines": False, "colour": i})
+        rho = r["spearman_psnr"]
+        fmt = lambda v: f"{float(v):.2f}"  # noqa: E731  (nan is stored as a string)
+        plot(path("rse.png"), f"single-head perturbations: RSE vs final PSNR (Spearman rho {fmt(rho['rho'])} "
+             f"[{fmt(rho['ci95'][0])}, {fmt(rho['ci95'][1])}])", "log10 mean RSE of the head (dense trajectory)",
+             "PSNR vs dense, dB", series)
+    if "c" in res:
+        rows = res["c"]["rows"]
+        xs = [r["tiles_removed"] for r in rows]
+        series = [{"label": f"c={r['c']}", "x": [r["tiles_removed"]], "y": [r["psnr_mean"]], "lines": False,
+                   "colour": i, "radius": 5} for i, r in enumerate(rows)]
+        plot(path("c.png"), f"per-head coefficient c at delta={res['c']['delta']:g}", "attention tiles removed",
+             "PSNR vs dense, dB", series)
+    if "locality" in res:
+        rows, summ = res["locality"]["rows"], res["locality"]["summary"]
+        bands = list(summ["bands"])
+        xs = list(range(len(rows)))
+        heads = 1 + max(r["head"] for r in rows)
+        series = [{"label": f"{b} share", "x": xs, "y": [r[f"{b}_share"] for r in rows], "colour": i}
+                  for i, b in enumerate(bands)]
+        series.append({"label": f"{bands[-1]} profile r", "x": xs, "y": [r[f"{bands[-1]}_profile_r"] for r in rows],
+                       "colour": 6, "lines": False})
+        series.append({"label": "img->text profile r", "x": xs, "y": [r["img_to_text_profile_r"] for r in rows],
+                       "colour": 7, "lines": False})
+        plot(path("locality.png"), f"per head: in-band share of image-image mass, and how alike prompts are "
+             f"({summ['prompts']} prompts, steps {summ['steps']})", f"layer * {heads} + head", "share / Pearson r",
+             series, size=(760, 420), ylim=(-0.2, 1.0))
+    if "compare" in res:
+        c = res["compare"]
+        series = []
+        for i, (name, rows) in enumerate((("V2 head-wise", res.get("delta", {}).get("rows", [])),
+                                          ("V1 layer-wise", c["v1"]))):
+            rows = sorted(rows, key=lambda r: r["tiles_removed"])
+            series.append({"label": name, "x": [r["tiles_removed"] for r in rows],
+                           "y": [r["psnr_mean"] for r in rows], "colour": i})
+        series.append({"label": "layer caching, every other step", "x": [c["layer_cache"]["tiles_removed"]],
+                       "y": [c["layer_cache"]["psnr_mean"]], "lines": False, "colour": 2, "radius": 5})
+        plot(path("compare.png"), "equal attention cost: PSNR vs dense", "attention tiles removed",
+             "PSNR dB", series)
+    return written
 
 
 STUDIES = {"delta": study_delta, "rse": study_rse, "c": study_c, "locality": study_locality,
@@ -621,6 +662,10 @@ def parse_args(argv=None):
     ap.add_argument("--steps", type=int, default=None, help="default: the testbed's")
     ap.add_argument("--batch", type=int, default=64, help="captions per pipeline call")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--replot", default=None, help="a study.json: only draw its figures into --out")
+    ap.add_argument("--previous", default=None,
+                    help="a study.json of an earlier run on the same model and settings: its studies that are not "
+                         "rerun are kept (the c and compare studies read the δ sweep from it)")
     ap.add_argument("--attention-impl", default="xla",
                     help="how compressed heads run (default xla: the same images as the kernels, no kernel compiles)")
     args = ap.parse_args(argv)
@@ -646,6 +691,16 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     from dfa2_jax.evaluate import write_json_atomic
 
+    if args.replot:
+        import json
+
+        with open(args.replot, encoding="utf-8") as f:
+            res = json.load(f)
+        os.makedirs(args.out, exist_ok=True)
+        for p in draw_plots(res, args.out):
+            print(p)
+        return 0
+
     t0 = time.perf_counter()
     os.makedirs(os.path.join(args.out, "plans"), exist_ok=True)
     st = Study(args)
@@ -654,6 +709,17 @@ def main(argv=None) -> int:
            "steps": st.settings.num_inference_steps, "calibration_captions": len(st.cal),
            "evaluation_captions": len(st.ev), "dense_prompt_accuracy": float(st.dense_acc.mean()),
            "attention_impl": args.attention_impl, "seed": args.seed, "timings_s": {"dense": st.t_dense}}
+    if args.previous:
+        import json
+
+        with open(args.previous, encoding="utf-8") as f:
+            prev = json.load(f)
+        same = ("model", "image_tokens", "steps", "calibration_captions", "evaluation_captions", "seed")
+        diff = [k for k in same if prev.get(k) != res[k]]
+        if diff:
+            raise SystemExit(f"--previous {args.previous}: made with other settings ({', '.join(diff)})")
+        res.update({k: prev[k] for k in STUDIES if k in prev and k not in args.studies})
+        res["timings_s"].update({k: v for k, v in prev.get("timings_s", {}).items() if k in res})
     for name in args.studies:
         t = time.perf_counter()
         STUDIES[name](st, res)
@@ -663,6 +729,7 @@ def main(argv=None) -> int:
             f.write(markdown(res))
     res["timings_s"]["total"] = time.perf_counter() - t0
     write_json_atomic(os.path.join(args.out, "study.json"), res)
+    draw_plots(res, args.out)
     text = markdown(res)
     with open(os.path.join(args.out, "study.md"), "w", encoding="utf-8") as f:
         f.write(text)
