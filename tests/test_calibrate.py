@@ -163,6 +163,7 @@ def test_strategies_keep_within_delta(pipes, strategy):
                     savings="exact", progress=False, max_sequence_length=8, strategy=strategy)
     _check_choices(res, delta, pipes["sd3"], layerwise=strategy == "layerwise")
     assert res.plan.calibration["solver"] == {"headwise": "cp-sat", "layerwise": "layerwise-greedy"}[strategy]
+    assert res.plan.calibration["c"] == (1.5 if strategy == "headwise" else None)
     assert res.summary["attention_flops_kept"] < 1.0
 
 

@@ -315,8 +315,9 @@ def calibrate(pipe, prompts: Sequence[str], *, resolution, steps: int, delta: fl
     if end < steps:
         return CalibrationResult(None, {"stopped_after_step": end}, rse_log)
     info = model_info_for(tr.config, prep.text_len)
-    calibration = {"delta": delta, "c": c if math.isfinite(c) else None, "prompts": len(prompts), "resolution": [h, w], "seed": seed,
-                   "solver": "cp-sat" if strategy == "headwise" else "layerwise-greedy", "metric": "rse",
+    headwise = strategy == "headwise"
+    calibration = {"delta": delta, "c": c if headwise and math.isfinite(c) else None, "prompts": len(prompts), "resolution": [h, w], "seed": seed,
+                   "solver": "cp-sat" if headwise else "layerwise-greedy", "metric": "rse",
                    "candidates": methods[1:],
                    "savings": savings if isinstance(savings, str) else "latency-table",
                    "blocks": list(blocks) if savings == "tiles" else None, "image_tokens": prep.n_img,
