@@ -619,8 +619,9 @@ def markdown(res: dict) -> str:
         out += ["## RSE vs final quality", ""]
         for k in ("psnr", "ssim", "prompt_accuracy"):
             s = r[f"spearman_{k}"]
-            out.append(f"- Spearman ρ(mean RSE, {k} loss) = {s['rho']:.3f}, 95% CI [{s['ci95'][0]:.3f}, "
-                       f"{s['ci95'][1]:.3f}] over {len(r['rows'])} perturbations")
+            lo, hi = s["ci95"]  # nan is stored as a string in study.json
+            out.append(f"- Spearman ρ(mean RSE, {k} loss) = {float(s['rho']):.3f}, 95% CI [{float(lo):.3f}, "
+                       f"{float(hi):.3f}] over {len(r['rows'])} perturbations")
         out.append("")
     if "c" in res:
         out += [f"## c at δ = {res['c']['delta']:g}", ""] + table(res["c"]["rows"], "c", "c") + [""]
@@ -662,7 +663,7 @@ def parse_args(argv=None):
     ap.add_argument("--steps", type=int, default=None, help="default: the testbed's")
     ap.add_argument("--batch", type=int, default=64, help="captions per pipeline call")
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--replot", default=None, help="a study.json: only draw its figures into --out")
+    ap.add_argument("--replot", default=None, help="a study.json: only draw its figures and tables into --out")
     ap.add_argument("--previous", default=None,
                     help="a study.json of an earlier run on the same model and settings: its studies that are not "
                          "rerun are kept (the c and compare studies read the δ sweep from it)")
@@ -699,6 +700,8 @@ def main(argv=None) -> int:
         os.makedirs(args.out, exist_ok=True)
         for p in draw_plots(res, args.out):
             print(p)
+        with open(os.path.join(args.out, "study.md"), "w", encoding="utf-8") as f:
+            f.write(markdown(res))
         return 0
 
     t0 = time.perf_counter()
