@@ -1,9 +1,10 @@
 """The Mosaic GPU arrow-attention kernel (Hopper) in GPU interpret mode on the CPU, against the jnp reference.
 
 GPU interpret mode simulates the warpgroups, shared memory, barriers and TMA copies; its matmuls are jnp.dot on
-the same shared-memory tiles (the interpreter has no transposed wgmma operand). Three persistent CTAs over a
-dozen tiles exercise the cross-tile ring, both Q/O buffer parities and cached tiles. Each case takes 10–20 s,
-so the cases are fixed rather than drawn. The compiled GPU kernel is checked against the same reference at the
+the same shared-memory tiles (the interpreter has no transposed wgmma operand). Persistent CTAs over 9 to 24 tiles
+exercise the cross-tile ring, both Q/O buffer parities, cached tiles and, two CTAs over 24 and 9 tiles, CTAs taking
+every other tile with equal and unequal shares. The interpreter compiles the kernel once per warpgroup of each
+CTA, so a case takes several seconds per CTA and the cases are fixed rather than drawn. The compiled GPU kernel is checked against the same reference at the
 benchmark shapes by scripts/bench_arrow.py (docs/PERFORMANCE.md).
 """
 
@@ -21,7 +22,7 @@ from pallas_kernels import (MosaicGpuConfig, TritonConfig, arrow_attention, arro
 from pallas_kernels import mosaic_gpu as mgpu
 
 TOL = {jnp.bfloat16: 2e-2, jnp.float16: 4e-3}  # max |kernel − reference|, as tests/test_arrow_kernel.py
-SMALL = MosaicGpuConfig(block_q=64, block_kv=64, max_concurrent_steps=2, num_ctas=3)
+SMALL = MosaicGpuConfig(block_q=64, block_kv=64, max_concurrent_steps=2, num_ctas=2)
 
 
 def _inputs(seed, shape, dtype):
@@ -29,17 +30,17 @@ def _inputs(seed, shape, dtype):
     return tuple(jax.random.normal(x, shape, jnp.float32).astype(dtype) for x in ks)
 
 
-@pytest.mark.parametrize("s, text_len, text_first, windows, use_cache, dtype, grouped", [
-    (300, 40, True, [-1, 5, 0, 1], True, jnp.float16, True),     # FLUX layout, padding, a cached head
-    (250, 21, False, [3, 0, -1, 200], True, jnp.bfloat16, True),  # SD3 layout, text block straddling, w > image
-    (200, 0, True, [0, 2, -1, 7], False, jnp.float16, True),     # no text; w = 0 without cache: a width-0 band
-    (200, 17, True, [-1, 5, 0], True, jnp.bfloat16, False),      # one loop per range instead of per mask kind
+@pytest.mark.parametrize("s, text_len, text_first, windows, use_cache, dtype, grouped, ctas", [
+    (300, 40, True, [-1, 5, 0, 1], True, jnp.float16, True, 2),     # FLUX layout, padding, a cached head
+    (250, 21, False, [3, 0, -1, 200], True, jnp.bfloat16, True, 1),  # SD3 layout, text block straddling, w > image
+    (200, 0, True, [0, 2, -1, 7], False, jnp.float16, True, 1),     # no text; w = 0 without cache: a width-0 band
+    (200, 17, True, [-1, 5, 0], True, jnp.bfloat16, False, 1),      # one loop per range instead of per mask kind
 ])
-def test_matches_reference(s, text_len, text_first, windows, use_cache, dtype, grouped):
+def test_matches_reference(s, text_len, text_first, windows, use_cache, dtype, grouped, ctas):
     q, k, v, c = _inputs(s, (2, s, len(windows), 64), dtype)
     cache = c if use_cache else None
     hw = jnp.asarray(windows, jnp.int32)
-    config = dataclasses.replace(SMALL, group_by_mask=grouped)
+    config = dataclasses.replace(SMALL, group_by_mask=grouped, num_ctas=ctas)
     out = arrow_attention(q, k, v, hw, text_len=text_len, text_first=text_first, cache=cache, interpret=True,
                           config=config)
     ref = arrow_attention_reference(q, k, v, hw, text_len=text_len, text_first=text_first, cache=cache)
@@ -99,8 +100,8 @@ def test_backend_choice():
 
 def test_mosaic_gpu_implementation_by_argument():
     """implementation="mosaic_gpu" reaches the Mosaic GPU kernel without a config (the heuristic one), in GPU
-    interpret mode, and equals the reference."""
-    q, k, v, c = _inputs(11, (1, 200, 2, 64), jnp.bfloat16)
+    interpret mode, and equals the reference (one query tile per head: two tiles, so two CTAs)."""
+    q, k, v, c = _inputs(11, (1, 120, 2, 64), jnp.bfloat16)
     hw = jnp.asarray([4, 0], jnp.int32)
     kw = dict(text_len=17, text_first=True, cache=c)
     out = arrow_attention(q, k, v, hw, implementation="mosaic_gpu", interpret=True, **kw)
@@ -151,7 +152,8 @@ def test_cache_is_updated_in_place_on_the_gpu(use_cache):
 
 def test_schedules_are_the_per_call_tables_and_drive_the_kernel():
     """``schedules`` stacks exactly the per-call program tables, and a call given its row computes what the call
-    computing its own table does (bit for bit: the same launch order); a wrong-shaped schedule is refused."""
+    computing its own table does (bit for bit: the same launch order) and equals the reference (9 tiles over 2
+    CTAs: unequal shares); a wrong-shaped schedule is refused."""
     s, text_len = 260, 30
     windows = jnp.asarray([[-1, 4, 0], [2, 0, 9]], jnp.int32)  # two calls (layers), three heads
     q, k, v, c = _inputs(7, (1, s, 3, 64), jnp.bfloat16)
@@ -164,5 +166,8 @@ def test_schedules_are_the_per_call_tables_and_drive_the_kernel():
     call = dict(text_len=text_len, text_first=True, cache=c, interpret=True, config=SMALL)
     with_schedule = arrow_attention(q, k, v, windows[1], schedule=stacked[1], **call)
     np.testing.assert_array_equal(np.asarray(with_schedule), np.asarray(arrow_attention(q, k, v, windows[1], **call)))
+    ref = arrow_attention_reference(q, k, v, windows[1], text_len=text_len, text_first=True, cache=c)
+    err = float(np.max(np.abs(np.asarray(with_schedule, np.float32) - np.asarray(ref, np.float32))))
+    assert err <= TOL[jnp.bfloat16], err
     with pytest.raises(ValueError, match="schedule must be int32"):
         arrow_attention(q, k, v, windows[1], schedule=stacked, **call)
