@@ -65,6 +65,15 @@ def tiny_folders(tmp_path_factory):
     return out
 
 
+@pytest.fixture(scope="session")
+def tiny_pipes(tmp_path_factory):
+    """dfa2_jax.tiny.tiny_pipelines(seed=0), built once per test process ({"sd3": ..., "flux": ...}; a test that
+    changes weights restores them)."""
+    from dfa2_jax.tiny import tiny_pipelines
+
+    return tiny_pipelines(str(tmp_path_factory.mktemp("tiny")), seed=0)
+
+
 def inputs_for(model, name: str, batch: int = 2, seed: int = 0, height: int = 16, width: int = 12,
                text_len: int = 7) -> dict[str, np.ndarray]:
     """Random diffusers-layout forward inputs (non-square latent, text length not a power of two)."""

@@ -8,14 +8,24 @@ import pytest
 from dfa2_jax.plan import flops
 from dfa2_jax.plan.methods import parse_method
 from dfa2_jax.calibrate.calibrate import CalibrationError, calibrate, layerwise_choice, savings_table
-from dfa2_jax.tiny import tiny_pipelines
 
 PROMPTS = ["a red circle at the top left", "a blue square in the centre"]
 
 
 @pytest.fixture(scope="module")
-def pipes(tmp_path_factory):
-    return tiny_pipelines(str(tmp_path_factory.mktemp("tiny")), seed=0)
+def pipes(tiny_pipes):
+    return tiny_pipes
+
+
+@pytest.fixture
+def flux_pipe(pipes):
+    """The tiny FLUX pipeline for a test that plants heads in it: its weights are restored afterwards."""
+    from flax import nnx
+
+    state = pipes["flux"].transformer.state
+    saved = nnx.to_pure_dict(state)
+    yield pipes["flux"]
+    nnx.replace_by_pure_dict(state, saved)
 
 
 def _set_head(state, path_prefix, h, head_dim, kernel=None, bias=None):
@@ -61,8 +71,8 @@ def _planted_flux(pipe, local_heads, *, constant_v=False):
                 flat[site + (norm, "scale")][...] = np.full(d, 30.0, np.float32)  # sharp softmax
 
 
-def test_planted_local_heads_get_arrow_and_global_heads_full(tmp_path):
-    pipe = tiny_pipelines(str(tmp_path), seed=3)["flux"]
+def test_planted_local_heads_get_arrow_and_global_heads_full(flux_pipe):
+    pipe = flux_pipe
     _planted_flux(pipe, local_heads={0, 2})
     # 1 row of 32 image tokens: the flattened image index is the column, the rotary axis we planted.
     res = calibrate(pipe, PROMPTS, resolution=(4, 128), steps=3, delta=0.4, candidates="arrow:2,arrow:4",
@@ -72,8 +82,8 @@ def test_planted_local_heads_get_arrow_and_global_heads_full(tmp_path):
     assert (a[:, :, [1, 3]] == 0).all(), a
 
 
-def test_static_outputs_get_cache(tmp_path):
-    pipe = tiny_pipelines(str(tmp_path), seed=4)["flux"]
+def test_static_outputs_get_cache(flux_pipe):
+    pipe = flux_pipe
     _planted_flux(pipe, local_heads=set(), constant_v=True)
     res = calibrate(pipe, PROMPTS, resolution=(4, 128), steps=3, delta=0.05, candidates="arrow:4,cache",
                     savings="exact", progress=False, max_sequence_length=8)
@@ -197,10 +207,10 @@ def test_bad_inputs(pipes, kwargs, match):
         calibrate(pipes["flux"], prompts, **kw)
 
 
-def test_kernel_candidates_give_the_same_plan(tmp_path):
+def test_kernel_candidates_give_the_same_plan(flux_pipe):
     """The arrow candidates through the Pallas kernel (interpret mode here; the GPU default) give the plan
     the banded jnp form gives: planted local/global heads, so the RSEs are far from the decision bounds."""
-    pipe = tiny_pipelines(str(tmp_path), seed=3)["flux"]
+    pipe = flux_pipe
     _planted_flux(pipe, local_heads={1})
     kw = dict(resolution=(4, 128), steps=3, delta=0.4, candidates="arrow:2,arrow:4", savings="exact",
               progress=False, max_sequence_length=8)

@@ -218,10 +218,8 @@ def test_metrics_status(tmp_path, monkeypatch):
 
 # ============================================================================================ evaluate
 @pytest.fixture(scope="module")
-def tiny(tmp_path_factory):
-    from dfa2_jax.tiny import tiny_pipelines
-
-    return tiny_pipelines(str(tmp_path_factory.mktemp("tiny")), seed=0)
+def tiny(tiny_pipes):
+    return tiny_pipes
 
 
 def random_plan(pipe, steps, methods, seed=0) -> Plan:

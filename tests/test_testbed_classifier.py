@@ -146,10 +146,8 @@ def test_no_torch_needed():
 
 # ============================================================================================ dfa2 eval
 @pytest.fixture(scope="module")
-def flux(tmp_path_factory):
-    from dfa2_jax.tiny import tiny_pipelines
-
-    return tiny_pipelines(str(tmp_path_factory.mktemp("tiny")), seed=0)["flux"]
+def flux(tiny_pipes):
+    return tiny_pipes["flux"]
 
 
 def _plan(pipe, steps):
