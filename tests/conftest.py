@@ -6,6 +6,11 @@ import os
 
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
+# The suite compiles thousands of small programs and runs each a few times: skipping LLVM's optimisation passes
+# (XLA's own HLO passes still run) makes it about a third faster on a CPU. Subprocesses inherit the setting; an
+# XLA_FLAGS that already names the level is left alone.
+if "--xla_backend_optimization_level" not in os.environ.get("XLA_FLAGS", ""):
+    os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_backend_optimization_level=0").strip()
 
 import jax  # noqa: E402
 import numpy as np  # noqa: E402

@@ -24,8 +24,8 @@ CACHE = {"JAX_COMPILATION_CACHE_DIR": os.path.join(tempfile.gettempdir(), "dfa2_
 
 
 def _run(script: str, *args: str, cwd: Path, devices: int = 1, timeout: float = 600) -> str:
-    env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}",
-               **CACHE)
+    flags = f"{os.environ.get('XLA_FLAGS', '')} --xla_force_host_platform_device_count={devices}".strip()
+    env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS=flags, **CACHE)  # the suite's flags (conftest) kept
     proc = subprocess.run([sys.executable, str(SCRIPTS / script), *args], env=env, capture_output=True, text=True,
                           timeout=timeout, cwd=cwd)
     assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]

@@ -213,20 +213,28 @@ def test_plan_state_only_for_layers_that_read_it():
         RuntimeSpec.from_codes(np.full((2, 1, 1), M.CFG_SHARE), cfg=False)
 
 
-# One compile per drawn case instead of one per primitive and shape (the functions run op by op otherwise).
-_reference_jit = jax.jit(arrow_attention_reference, static_argnames=("text_len", "text_first"))
+# One compile per drawn case instead of one per primitive and shape (the function runs op by op otherwise).
 _banded_jit = jax.jit(arrow_attention_banded, static_argnums=(3,), static_argnames=("text_len", "text_first", "block"))
+
+
+def _masked_attention_f64(q, k, v, mask):
+    """Attention in float64 numpy with one [S, S] mask for every head: q, k, v [B, S, H, D] -> [B, S, H, D]."""
+    q, k, v = (np.asarray(x, np.float64) for x in (q, k, v))
+    logits = np.where(mask, np.einsum("bqhd,bkhd->bhqk", q, k) * q.shape[-1] ** -0.5, -np.inf)
+    p = np.exp(logits - logits.max(-1, keepdims=True))
+    return np.einsum("bhqk,bkhd->bqhd", p / p.sum(-1, keepdims=True), v)
 
 
 @given(n_img=st.integers(1, 70), text=st.integers(0, 9), text_first=st.booleans(), hw=st.integers(-1, 80),
        block=st.sampled_from([1, 4, 16, 64]), seed=st.integers(0, 3))
 @settings(max_examples=60, deadline=None)
 def test_banded_arrow_equals_masked_reference(n_img, text, text_first, hw, block, seed):
+    """The banded form against masked attention over the official mask formula (loops), in float64 numpy."""
     rng = np.random.default_rng(seed)
     q, k, v = (jnp.asarray(rng.standard_normal((2, n_img + text, 3, 8)), jnp.float32) for _ in range(3))
-    ref = _reference_jit(q, k, v, jnp.full((3,), hw, jnp.int32), text_len=text, text_first=text_first)
+    ref = _masked_attention_f64(q, k, v, brute_force_mask(n_img + text, text, text_first, hw))
     out = _banded_jit(q, k, v, hw, text_len=text, text_first=text_first, block=block)
-    np.testing.assert_allclose(np.asarray(out), np.asarray(ref), rtol=2e-5, atol=2e-5)
+    np.testing.assert_allclose(np.asarray(out), ref, rtol=2e-5, atol=2e-5)
 
 
 def test_runtime_through_the_pallas_kernel_in_interpret_mode():
