@@ -154,16 +154,16 @@ def per_device_check() -> None:
         print(f"OK per_device_tables {spec or 'none'} local {lb}x{lh}", flush=True)
 
 
-def collectives_check() -> None:
-    """The layouts the modes promise, read off the compiled FLUX step: seq (Ulysses) moves q/k/v and the
-    attention outputs with all-to-alls and needs no all-reduce; heads (Megatron) sums the row-split projections
-    with all-reduces and needs no all-to-all; data needs neither."""
+def collectives_check(setup) -> None:
+    """The layouts the modes promise, read off the compiled FLUX step (``setup``: :func:`_flux`'s): seq (Ulysses)
+    moves q/k/v and the attention outputs with all-to-alls and needs no all-reduce; heads (Megatron) sums the
+    row-split projections with all-reduces and needs no all-to-all; data needs neither."""
     from flax import nnx
 
     from dfa2_jax.sample import velocity
     from dfa2_jax.parallel.sharded import place_inputs
 
-    tr, cond, latents, t, s, kw, n_img = _flux()
+    tr, cond, latents, t, s, kw, n_img = setup
     layers = len(tr.attention_layer_names())
     for spec in ("seq=4", "heads=4", "data=4"):
         mesh = make_mesh(spec)
@@ -185,16 +185,17 @@ def collectives_check() -> None:
 
 
 def main() -> int:
-    """``_sharding_check.py [part]``: part ``calibrate``, ``helpers`` (per-device attention and the collectives),
-    ``flux`` or ``sd3`` (the sampler's modes); none runs helpers, flux and sd3."""
+    """``_sharding_check.py [part]``: part ``calibrate``, ``flux`` (per-device attention, the collectives and the
+    sampler's FLUX modes) or ``sd3`` (the sampler's SD3 modes); none runs flux and sd3."""
     assert jax.device_count() == 4, jax.devices()
     part = sys.argv[1] if len(sys.argv) > 1 else "all"
     if part == "calibrate":
         return calibration_check()
-    if part in ("helpers", "all"):
+    flux = _flux() if part in ("flux", "all") else None
+    if flux is not None:
         per_device_check()
-        collectives_check()
-    for name, setup in (("flux", _flux), ("flux_cfg", _flux_true_cfg), ("sd3", _sd3)):
+        collectives_check(flux)
+    for name, setup in (("flux", lambda: flux), ("flux_cfg", _flux_true_cfg), ("sd3", _sd3)):
         if part not in (name.split("_")[0], "all"):
             continue
         tr, cond, latents, t, s, kw, n_img = setup()

@@ -85,11 +85,11 @@ def test_param_specs():
 
 
 PARTS = {
-    "helpers": {"per_device data=2,heads=2", "per_device heads=4", "per_device data=4", "per_device seq=4",
-                "collectives seq=4", "collectives heads=4", "collectives data=4",
-                "per_device_tables data=2,heads=2", "per_device_tables heads=4", "per_device_tables data=4",
-                "per_device_tables seq=4", "per_device_tables none"},
-    "flux": {"flux data=4", "flux heads=4", "flux heads=2", "flux data=2,heads=2", "flux data=4 fsdp",
+    "flux": {"per_device data=2,heads=2", "per_device heads=4", "per_device data=4", "per_device seq=4",
+             "collectives seq=4", "collectives heads=4", "collectives data=4",
+             "per_device_tables data=2,heads=2", "per_device_tables heads=4", "per_device_tables data=4",
+             "per_device_tables seq=4", "per_device_tables none",
+             "flux data=4", "flux heads=4", "flux heads=2", "flux data=2,heads=2", "flux data=4 fsdp",
              "flux heads=4 kernel", "flux data=2,heads=2 kernel", "flux seq=4", "flux data=2,seq=2",
              "flux data=2,seq=2 fsdp", "flux seq=4 kernel", "flux_cfg cfg=2,data=2", "flux_cfg cfg=2,heads=2"},
     "sd3": {"sd3 data=4", "sd3 heads=4", "sd3 cfg=2,data=2", "sd3 cfg=2,heads=2", "sd3 data=2,heads=2 fsdp",
@@ -99,7 +99,8 @@ PARTS = {
 
 @pytest.mark.parametrize("part", sorted(PARTS))
 def test_parallel_modes_match_single_device(part):
-    """Each part in its own process on 4 fake CPU devices (parts run side by side under xdist)."""
+    """Each part in its own process on 4 fake CPU devices (parts run side by side under xdist); the FLUX part also
+    checks the per-device attention helpers and the collectives of each mode on its model."""
     script = Path(__file__).with_name("_sharding_check.py")
     env = dict(os.environ, JAX_PLATFORMS="cpu")  # the script adds its flags (4 host devices)
     proc = subprocess.run([sys.executable, str(script), part], env=env, capture_output=True, text=True, timeout=600,
