@@ -2,8 +2,9 @@
 
 Same arguments, semantics (:mod:`pallas_kernels.reference`) and visit schedule (:mod:`pallas_kernels.common`) as
 the Triton kernel (:mod:`pallas_kernels.triton`); what differs is how the tiles run. The kernel is persistent
-(one CTA per SM, each taking every n-th tile of the longest-first launch order); a tile is 2 × ``block_q`` query
-rows of one (batch, head), and each CTA runs three warpgroups, FlashAttention-3 style:
+(one CTA per SM, each running its own list of tiles, longest first: by default a cost-balanced assignment, see
+:func:`assign_ctas`); a tile is 2 × ``block_q`` query rows of one (batch, head), and each CTA runs three
+warpgroups, FlashAttention-3 style:
 
 * a memory warpgroup streams each tile's Q (double-buffered) and key/value blocks with TMA into a ring of
   ``max_concurrent_steps`` shared-memory slots, running ahead across tile boundaries; the block sequence (text
@@ -14,8 +15,9 @@ rows of one (batch, head), and each CTA runs three warpgroups, FlashAttention-3 
   schedule barrier that lets one warpgroup's softmax overlap the other's matmuls;
 * only edge blocks (band edges, text/image boundary, padding) are masked element-wise; interior band blocks and
   pure-text blocks run the unmasked body;
-* a cached head (half-window 0 with ``cache`` given) loads no K/V: its cache tile takes the place of Q and is
-  stored back as the output.
+* a cached head (half-window 0 with ``cache`` given) costs nothing: the output is written over the cache, so its
+  tiles are left out of the schedule (with ``balance=False``, the older schedule, its cache tile takes the place
+  of Q and is stored back).
 
 Inputs must be bfloat16 or float16 with head_dim a multiple of 64 (wgmma operand tiles); the sequence is padded
 to a multiple of 2 × ``block_q`` and ``block_kv``. :func:`supported` says whether a call can take this path; the
@@ -42,21 +44,28 @@ _MASK_VALUE = -0.7 * float(np.finfo(np.float32).max)  # finite: see pallas_kerne
 _COMPUTE_WGS = 2
 _MASK_KINDS = ("clean", "band", "general")  # per range of the program table: which mask its blocks need
 _MGPU_DTYPES = (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
+# The cost model of the balanced schedule, in unmasked key-block steps: a masked step (element-wise mask on the
+# scores) and a tile's fixed part (its Q wait, the output's normalisation and store).
+_MASKED_STEP_COST = 1.5
+_TILE_COST = 3.0
+_HEADER = 2  # header columns of the program table's first num_ctas rows: (first row, tile count) of each CTA
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
 class MosaicGpuConfig:
     """block_q: query rows per compute warpgroup (a tile holds two); block_kv: keys per streamed block;
     max_concurrent_steps: shared-memory ring slots for K and V (≥ 2); num_ctas: persistent CTAs (0: one per
-    SM), each taking every num_ctas-th tile of the launch order; group_by_mask: the compute warpgroups loop once
-    per mask kind (clean, band, general: a smaller module, faster to compile) instead of once per key-block range
-    of the visit schedule."""
+    SM); group_by_mask: the compute warpgroups loop once per mask kind (clean, band, general: a smaller module,
+    faster to compile) instead of once per key-block range of the visit schedule; balance: tiles go to the CTAs
+    by estimated cost, longest first onto the least-loaded CTA, and cached tiles are skipped (False: every
+    num_ctas-th tile of the longest-first order, cached tiles copied — the earlier schedule, kept to compare)."""
 
     block_q: int = 64
     block_kv: int = 128
     max_concurrent_steps: int = 2
     num_ctas: int = 0  # persistent CTAs; 0 = one per SM
     group_by_mask: bool = True
+    balance: bool = True
 
     def __post_init__(self):
         for name in ("block_q", "block_kv"):
@@ -68,8 +77,9 @@ class MosaicGpuConfig:
             raise ValueError(f"MosaicGpuConfig.max_concurrent_steps={self.max_concurrent_steps!r} must be an int >= 2")
         if not (isinstance(self.num_ctas, int) and self.num_ctas >= 0):
             raise ValueError(f"MosaicGpuConfig.num_ctas={self.num_ctas!r} must be an int >= 0 (0: one per SM)")
-        if not isinstance(self.group_by_mask, bool):
-            raise ValueError(f"MosaicGpuConfig.group_by_mask={self.group_by_mask!r} must be a bool")
+        for name in ("group_by_mask", "balance"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"MosaicGpuConfig.{name}={getattr(self, name)!r} must be a bool")
 
     @property
     def tile_q(self) -> int:
@@ -104,9 +114,9 @@ def supported(q, *, interpret: bool = False) -> bool:
 
 def _kernel(table_ref, q_ref, k_ref, v_ref, *refs, cfg: MosaicGpuConfig, head_dim: int, seq_len: int,
             text_len: int, text_first: bool, scale: float, has_cache: bool, num_ranges: int, masked: tuple[str, ...],
-            n_prog: int, n_cta: int, interpret: bool):
-    """One persistent CTA: rows cta, cta + n_cta, … of the table (:func:`program_table`), each a 2·block_q-row
-    query tile. Warpgroups
+            interpret: bool):
+    """One persistent CTA: its rows of the table (:func:`program_table`: the header row ``cta`` names them), each a
+    2·block_q-row query tile. Warpgroups
     0 and 1 compute (block_q rows each), warpgroup 2 issues every TMA load: each tile's Q (or, for a cached
     head, its cache tile) into a double-buffered Q/O slot, then its K/V blocks into the ring. Its step counter
     runs across tiles, so the next tile's loads overlap the current tile's last steps and its output store."""
@@ -123,7 +133,7 @@ def _kernel(table_ref, q_ref, k_ref, v_ref, *refs, cfg: MosaicGpuConfig, head_di
     dtype = q_ref.dtype
     cta = lax.axis_index("cta")
     wg = lax.axis_index("wg")
-    n_tiles = (n_prog - 1 - cta) // n_cta + 1  # rows cta, cta + n_cta, … of the table (n_cta <= n_prog)
+    first_row, n_tiles = table_ref[cta, 0], table_ref[cta, 1]  # this CTA's rows of the table, longest first
     # GPU interpret mode (CPU tests) lacks four GPU-only pieces: layout annotations (identity there), layout-typed
     # iotas, run_state and transposed wgmma operands. There the two matmuls are jnp.dot on the same shared-memory
     # tiles; the TMA ring, barriers, visit schedule, masks and cache copies are the GPU code's.
@@ -154,7 +164,7 @@ def _kernel(table_ref, q_ref, k_ref, v_ref, *refs, cfg: MosaicGpuConfig, head_di
         return kb
 
     def tile_info(j):
-        p = cta + j * n_cta
+        p = first_row + j
         col = lambda c: table_ref[p, c]
         lo = [col(5 + 2 * r) for r in order]
         hi = [col(6 + 2 * r) for r in order]
@@ -364,13 +374,41 @@ def num_ctas(n_prog: int, config: MosaicGpuConfig) -> int:
     return max(1, min(n, n_prog))
 
 
+def assign_ctas(cost, n_cta: int, *, balance: bool = True):
+    """CTA of each program: ``cost`` float32 [P] in launch order (longest first; 0 = no work) -> int32 [P], −1 for
+    a program left out.
+
+    balance: longest processing time first — each program goes to the least-loaded CTA so far, taken ``n_cta // 2``
+    programs at a time (the chunk's longest onto the least loaded; a sequential loop of P / (n_cta / 2) steps
+    rather than P, and on the benchmark plans the same makespan as one at a time), zero-cost programs left out.
+    Without balance: round-robin, program p on CTA p mod n_cta (every program, zero-cost ones too)."""
+    p = cost.shape[0]
+    if not balance:
+        return lax.rem(jnp.arange(p, dtype=jnp.int32), jnp.int32(n_cta))
+    k = max(1, n_cta // 2)
+    n_chunks = -(-p // k)
+    jobs = jnp.pad(cost.astype(jnp.float32), (0, n_chunks * k - p)).reshape(n_chunks, k)
+
+    def chunk(load, c):
+        least = jnp.argsort(load, stable=True)[:k].astype(jnp.int32)  # least-loaded CTAs first
+        return load.at[least].add(c), least
+
+    _, cta = lax.scan(chunk, jnp.zeros((n_cta,), jnp.float32), jobs)
+    return jnp.where(cost > 0, cta.reshape(-1)[:p], -1)
+
+
 def program_table(half_window, *, batch: int, seq_len: int, s_pad: int, text_len: int, text_first: bool,
-                  has_cache: bool, tile_q: int, block_kv: int):
-    """int32 [programs, 5 + 2·ranges]: (batch, head, query tile, half-window, cached, range bounds…) per program,
-    in launch order (most key blocks first; ties in the Triton kernel's order: text-row tiles of every head, then
-    head by head), and the static mask kind of each range ("clean", "general", "band"). Persistent CTA c runs
-    rows c, c + n_cta, … (round-robin). Computed with jnp from the runtime half-windows (a few thousand rows:
-    negligible next to the kernel)."""
+                  has_cache: bool, tile_q: int, block_kv: int, n_cta: int = 1, balance: bool = True):
+    """The kernel's schedule: int32 [n_cta + programs, 5 + 2·ranges], and the static mask kind of each range
+    ("clean", "general", "band").
+
+    Rows n_cta… are the programs (batch, head, query tile, half-window, cached, range bounds…) grouped by CTA,
+    each CTA's longest first; header row c (c < n_cta) holds CTA c's first row and tile count in its first two
+    columns. Launch order (ties in the Triton kernel's order: text-row tiles of every head, then head by head:
+    L2 reuse), then longest first, then :func:`assign_ctas`: with ``balance`` by estimated cost (key-block steps,
+    masked ones weighted, plus a fixed part per tile; cached tiles cost nothing and are left out), else by key
+    blocks and round-robin. Computed with jnp from the runtime half-windows (a few thousand rows: negligible next
+    to the kernel)."""
     h = half_window.shape[0]
     n_qt = s_pad // tile_q
     tq0, tq1 = text_blocks(seq_len, text_len, text_first, tile_q)
@@ -385,22 +423,35 @@ def program_table(half_window, *, batch: int, seq_len: int, s_pad: int, text_len
         cols += [r_lo, r_hi]
     cols = [jnp.broadcast_to(c, prog.shape).astype(jnp.int32) for c in cols]
     table = jnp.stack(cols, axis=1)
-    # Longest job first: stable sort by the number of key blocks, so the full-attention tiles run first and the
-    # short arrow tiles fill in behind them (equal work keeps the head-by-head order: L2 reuse).
     steps = jnp.broadcast_to(sum(r_hi - r_lo for (r_lo, r_hi), _ in ranges), prog.shape)
-    table = table[jnp.argsort(-steps, stable=True)]
+    if balance:
+        work = sum((r_hi - r_lo) * (_MASKED_STEP_COST if m else 1.0) for (r_lo, r_hi), m in ranges)
+        cost = jnp.where(jnp.broadcast_to(cached, prog.shape), 0.0, jnp.broadcast_to(work + _TILE_COST, prog.shape))
+    else:
+        cost = steps.astype(jnp.float32) + 1.0  # every tile runs, cached ones too
+    # Longest job first (stable: equal work keeps the head-by-head order), then each CTA's rows together.
+    order = jnp.argsort(-cost, stable=True)
+    table, cost = table[order], cost[order]
+    cta = assign_ctas(cost, n_cta, balance=balance)
+    key = jnp.where(cta < 0, n_cta, cta)
+    table = table[jnp.argsort(key, stable=True)]
+    counts = jnp.zeros((n_cta + 1,), jnp.int32).at[key].add(1)[:n_cta]
+    header = jnp.zeros((n_cta, table.shape[1]), jnp.int32)
+    header = header.at[:, 0].set(n_cta + jnp.cumsum(counts) - counts).at[:, 1].set(counts)
     # Mask kind per range (visit_ranges' fixed order): ranges 3 and 5 are band edges of image-only tiles (image
     # rows and image keys: the band test alone, plus padding); the other masked ranges need the general test.
     kinds = tuple("clean" if not m else ("band" if j in (3, 5) else "general") for j, (_, m) in enumerate(ranges))
-    return table, kinds
+    return jnp.concatenate([header, table]), kinds
 
 
 def table_args(shape, config: MosaicGpuConfig, *, text_len: int, text_first: bool, has_cache: bool) -> dict:
     """:func:`program_table`'s static arguments for q of ``shape`` [B, S, H, D]."""
-    bsz, s = shape[0], shape[1]
+    bsz, s, h = shape[0], shape[1], shape[2]
     unit = math.lcm(config.tile_q, config.block_kv)
-    return dict(batch=bsz, seq_len=s, s_pad=pl.cdiv(s, unit) * unit, text_len=text_len, text_first=text_first,
-                has_cache=has_cache, tile_q=config.tile_q, block_kv=config.block_kv)
+    s_pad = pl.cdiv(s, unit) * unit
+    return dict(batch=bsz, seq_len=s, s_pad=s_pad, text_len=text_len, text_first=text_first, has_cache=has_cache,
+                tile_q=config.tile_q, block_kv=config.block_kv,
+                n_cta=num_ctas(bsz * h * (s_pad // config.tile_q), config), balance=config.balance)
 
 
 def schedules(q, half_windows, *, text_len: int, text_first: bool, has_cache: bool,
@@ -427,8 +478,7 @@ def _mgpu_call(q, k, v, half_window, cache, schedule, *, text_len, text_first, s
     s_pad = kw["s_pad"]
     pad = ((0, 0), (0, s_pad - s), (0, 0), (0, 0))
     q, k, v = (jnp.pad(x, pad) if s_pad != s else x for x in (q, k, v))
-    n_prog = bsz * h * (s_pad // config.tile_q)
-    n_cta = num_ctas(n_prog, config)
+    n_cta = kw["n_cta"]
     if schedule is None:
         table, masked = program_table(half_window, **kw)
     else:  # the table's shape and the static mask kinds only: nothing traced twice
@@ -454,7 +504,7 @@ def _mgpu_call(q, k, v, half_window, cache, schedule, *, text_len, text_first, s
         if s_pad != s:  # the padded copy must not run before this call's q exists (see pad_cache)
             cache = pad_cache(cache, q, pad)
         args.append(jax.new_ref(cache, memory_space=plgpu.GMEM))
-    body = functools.partial(_kernel, n_prog=n_prog, n_cta=n_cta, cfg=config, head_dim=d, seq_len=s,
+    body = functools.partial(_kernel, cfg=config, head_dim=d, seq_len=s,
                              text_len=text_len, text_first=text_first,
                              scale=sm_scale * _LOG2E, has_cache=has_cache, num_ranges=len(masked), masked=masked,
                              interpret=bool(interpret))

@@ -10,7 +10,10 @@ full, all arrow:8 / :16 / :32, the benchmark's mixed plan (25% cached heads, the
 68% of the FLOPs removed) and ``--mixes`` random head mixes at the same kept fraction (each head full, arrow:8 /
 :16 / :32 or cached at random, seeds 1..N, redrawn until the kept fraction is within ±1% of the mixed plan's
 target), each checked against the reference too. Each figure is the median of ``--iters`` timed calls after
-warm-up, each call on fresh random inputs (drawn outside the timed region). Columns: ms; effective TFLOP/s =
+warm-up, each call on fresh random inputs (drawn outside the timed region). The Mosaic GPU kernel is timed with
+its launch schedule computed beforehand (``arrow_schedules``), as the sampler does once per step for all its
+layers; what computing schedules costs is printed on its own line per config (one call's, and a FLUX.1 step's 57
+at once). Columns: ms; effective TFLOP/s =
 dense FLOPs (4·B·H·S²·D) / time; TFLOP/s on the kept tiles; speedup vs the dense baseline; kept fraction of
 (block_q × block_k) tiles (dfa2_jax.plan.flops.arrow_tiles / total_tiles, cached heads 0); the ideal speedup
 1/kept. Last per shape and backend: the mixed plan's speedup and the worst of the random mixes'.
@@ -19,6 +22,7 @@ dense FLOPs (4·B·H·S²·D) / time; TFLOP/s on the kept tiles; speedup vs the 
 from __future__ import annotations
 
 import argparse
+import functools
 
 import jax
 import jax.numpy as jnp
@@ -26,7 +30,8 @@ import numpy as np
 
 from dfa2_jax.benchmarking import ATTENTION_SHAPES, SMALL_ATTENTION_SHAPES, TINY_BLOCKS, median, time_calls
 from dfa2_jax.plan.flops import DEFAULT_BLOCKS, arrow_tiles, total_tiles
-from pallas_kernels import MosaicGpuConfig, TritonConfig, arrow_attention, arrow_attention_reference, autotune
+from pallas_kernels import (MosaicGpuConfig, TritonConfig, arrow_attention, arrow_attention_reference, arrow_schedules,
+                            autotune)
 from pallas_kernels.triton import heuristic_config
 from pallas_kernels.tuning import tuned_config
 
@@ -113,6 +118,15 @@ def time_fn(fn, make_inputs, iters, warmup):
     return median(time_calls(fn, make_inputs, iters=iters, warmup=warmup))
 
 
+def schedule_seconds(schedules, windows, n_calls: int, iters: int = 20) -> float:
+    """Median seconds of computing ``n_calls`` launch schedules at once (jitted; ``schedules`` maps half-windows
+    [L, H] to the tables)."""
+    fn = jax.jit(schedules)
+    w = jnp.tile(jnp.asarray(windows, jnp.int32)[None], (n_calls, 1))
+    jax.block_until_ready(fn(w))
+    return median(time_calls(lambda w: fn(w), lambda seed: (w,), iters=iters, warmup=2))
+
+
 def triton_fa_rows(name, make_inputs, s, d, dense_flops, iters, warmup):
     """jax's Pallas-Triton FlashAttention example (dense, 128×64 tiles) on the sequence padded to 128: what the
     Triton backend reaches on a plain dense kernel (padding keys attended: a speed reference only)."""
@@ -168,15 +182,19 @@ def mgpu_rows(name, make_inputs, b, s, h, d, dense_flops, iters, warmup):
 
 
 
+MOSAIC_FLAGS = {"ranges": "group_by_mask", "rr": "balance"}  # spec suffix -> the MosaicGpuConfig field it turns off
+
+
 def mosaic_config(spec: str) -> MosaicGpuConfig:
-    """``block_q/block_kv/ring[/num_ctas][/ranges]``: ``ranges`` loops once per key-block range instead of once
-    per mask kind (``MosaicGpuConfig.group_by_mask=False``)."""
+    """``block_q/block_kv/ring[/num_ctas][/ranges][/rr]``: ``ranges`` loops once per key-block range instead of
+    once per mask kind (``MosaicGpuConfig.group_by_mask=False``); ``rr``: the round-robin schedule instead of the
+    cost-balanced one (``balance=False``)."""
     parts = spec.split("/")
-    grouped = parts[-1] != "ranges"
-    if not grouped:
-        parts.pop()
+    off = {}
+    while parts and parts[-1] in MOSAIC_FLAGS:
+        off[MOSAIC_FLAGS[parts.pop()]] = False
     try:
-        return MosaicGpuConfig(*map(int, parts), group_by_mask=grouped)
+        return MosaicGpuConfig(*map(int, parts), **off)
     except (TypeError, ValueError) as e:
         raise SystemExit(f"--mosaic-configs {spec!r}: {e}") from None
 
@@ -200,7 +218,8 @@ def main(argv=None):
                    "implementation= argument): triton (the Pallas-Triton kernel), mosaic_gpu (the Mosaic GPU "
                    "kernel, Hopper; in interpret mode on CPU; 'mosaic' is accepted as an alias)")
     p.add_argument("--mosaic-configs", default="64/128/2", help="Mosaic GPU configs to time, comma-separated "
-                   "block_q/block_kv/max_concurrent_steps[/num_ctas][/ranges]; 'heuristic' = the per-head-dim default")
+                   "block_q/block_kv/max_concurrent_steps[/num_ctas][/ranges][/rr] (rr: the round-robin schedule); "
+                   "'heuristic' = the per-head-dim default")
     args = p.parse_args(argv)
     iters = args.iters or (2 if args.small else 20)
     warmup = args.warmup or (1 if args.small else 3)
@@ -261,8 +280,9 @@ def main(argv=None):
                 for spec in args.mosaic_configs.split(","):
                     mcfg = (MosaicGpuConfig(block_q=64, block_kv=64 if args.small else 128, max_concurrent_steps=2)
                             if spec == "heuristic" else mosaic_config(spec))
-                    name = f"M{mcfg.block_q}/{mcfg.block_kv}/{mcfg.max_concurrent_steps}"
-                    kernels[name + ("" if mcfg.group_by_mask else "/ranges") + " "] = ("mosaic_gpu", mcfg)
+                    label = f"M{mcfg.block_q}/{mcfg.block_kv}/{mcfg.max_concurrent_steps}" + "".join(
+                        f"/{flag}" for flag, field in MOSAIC_FLAGS.items() if not getattr(mcfg, field))
+                    kernels[label + " "] = ("mosaic_gpu", mcfg)
             else:
                 raise SystemExit(f"--backends: unknown backend {backend!r} (triton, mosaic_gpu; alias mosaic)")
         failed = set()
@@ -283,14 +303,23 @@ def main(argv=None):
         t_dense = time_fn(dense, make_inputs, iters, warmup)
         dense_name = "cuDNN" if dense_impl == "cudnn" else f"dense {dense_impl}"
         rows.append((name, f"dense {dense_impl}", t_dense, dense_flops, 1.0))
+        sched_lines = []
         for prefix, (impl, cfg) in kernels.items():
+            schedules = functools.partial(arrow_schedules, q, text_len=t, text_first=text_first, has_cache=True,
+                                          implementation=impl, config=cfg, interpret=args.interpret)
+            if impl == "mosaic_gpu":
+                cost = {n_calls: 1e3 * schedule_seconds(schedules, modes["mixed"], n_calls) for n_calls in (1, 57)}
+                sched_lines.append(f"  {prefix}launch schedules of the mixed plan: one call's {cost[1]:.3f} ms, "
+                                   f"57 calls' at once {cost[57]:.3f} ms")
             for mode, w in modes.items():
                 if prefix + mode in failed:
                     continue
                 hw = jnp.asarray(w)
-                fn = jax.jit(lambda q, k, v, c, hw=hw, impl=impl, cfg=cfg: arrow_attention(
+                table = schedules(hw[None])
+                table = None if table is None else jax.block_until_ready(table[0])
+                fn = jax.jit(lambda q, k, v, c, hw=hw, impl=impl, cfg=cfg, table=table: arrow_attention(
                     q, k, v, hw, text_len=t, text_first=text_first, cache=c, implementation=impl,
-                    interpret=args.interpret, config=cfg))
+                    interpret=args.interpret, config=cfg, schedule=table))
                 rows.append((name, prefix + mode, time_fn(fn, make_inputs, iters, warmup), dense_flops,
                              kept_fraction(w, n, t, text_first, blocks)))
         if args.mgpu:
@@ -303,6 +332,7 @@ def main(argv=None):
                 ideal = f"{1 / kept:6.2f}" if kept > 0 else "   inf"
                 print(f"  {r[1]:22s} {ms:9.3f} ms  eff {eff:7.1f} TFLOP/s  kept-work {eff * kept:7.1f} TFLOP/s  "
                       f"speedup {r_dense / r[2]:5.2f}x  kept {kept:5.3f}  ideal {ideal}x")
+        print("\n".join(sched_lines))
         times = {r[1]: r[2] for r in rows if r[0] == name}
         for prefix in kernels:
             if prefix + "mixed" not in times:

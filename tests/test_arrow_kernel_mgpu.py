@@ -2,10 +2,11 @@
 
 GPU interpret mode simulates the warpgroups, shared memory, barriers and TMA copies; its matmuls are jnp.dot on
 the same shared-memory tiles (the interpreter has no transposed wgmma operand). Persistent CTAs over 9 to 24 tiles
-exercise the cross-tile ring, both Q/O buffer parities, cached tiles and, two CTAs over 24 and 9 tiles, CTAs taking
-every other tile with equal and unequal shares. The interpreter compiles the kernel once per warpgroup of each
-CTA, so a case takes several seconds per CTA and the cases are fixed rather than drawn. The compiled GPU kernel is checked against the same reference at the
-benchmark shapes by scripts/bench_arrow.py (docs/PERFORMANCE.md).
+exercise the cross-tile ring, both Q/O buffer parities, cached tiles (left out of the balanced schedule, copied by
+the round-robin one) and, two CTAs over 24 and 9 tiles, CTAs with equal and unequal shares. The interpreter
+compiles the kernel once per warpgroup of each CTA, so a case takes several seconds per CTA and the cases are fixed
+rather than drawn. The compiled GPU kernel is checked against the same reference at the benchmark shapes by
+scripts/bench_arrow.py (docs/PERFORMANCE.md).
 """
 
 from __future__ import annotations
@@ -30,17 +31,17 @@ def _inputs(seed, shape, dtype):
     return tuple(jax.random.normal(x, shape, jnp.float32).astype(dtype) for x in ks)
 
 
-@pytest.mark.parametrize("s, text_len, text_first, windows, use_cache, dtype, grouped, ctas", [
-    (300, 40, True, [-1, 5, 0, 1], True, jnp.float16, True, 2),     # FLUX layout, padding, a cached head
-    (250, 21, False, [3, 0, -1, 200], True, jnp.bfloat16, True, 1),  # SD3 layout, text block straddling, w > image
-    (200, 0, True, [0, 2, -1, 7], False, jnp.float16, True, 1),     # no text; w = 0 without cache: a width-0 band
-    (200, 17, True, [-1, 5, 0], True, jnp.bfloat16, False, 1),      # one loop per range instead of per mask kind
+@pytest.mark.parametrize("s, text_len, text_first, windows, use_cache, dtype, grouped, ctas, balance", [
+    (300, 40, True, [-1, 5, 0, 1], True, jnp.float16, True, 2, True),     # FLUX layout, padding, a cached head
+    (250, 21, False, [3, 0, -1, 200], True, jnp.bfloat16, True, 1, True),  # SD3 layout, text straddling, w > image
+    (200, 0, True, [0, 2, -1, 7], False, jnp.float16, True, 1, True),     # no text; w = 0 without cache: a width-0 band
+    (200, 17, True, [-1, 5, 0], True, jnp.bfloat16, False, 1, False),     # a loop per range; round-robin, cache copied
 ])
-def test_matches_reference(s, text_len, text_first, windows, use_cache, dtype, grouped, ctas):
+def test_matches_reference(s, text_len, text_first, windows, use_cache, dtype, grouped, ctas, balance):
     q, k, v, c = _inputs(s, (2, s, len(windows), 64), dtype)
     cache = c if use_cache else None
     hw = jnp.asarray(windows, jnp.int32)
-    config = dataclasses.replace(SMALL, group_by_mask=grouped, num_ctas=ctas)
+    config = dataclasses.replace(SMALL, group_by_mask=grouped, num_ctas=ctas, balance=balance)
     out = arrow_attention(q, k, v, hw, text_len=text_len, text_first=text_first, cache=cache, interpret=True,
                           config=config)
     ref = arrow_attention_reference(q, k, v, hw, text_len=text_len, text_first=text_first, cache=cache)
@@ -54,19 +55,58 @@ def test_matches_reference(s, text_len, text_first, windows, use_cache, dtype, g
         np.testing.assert_array_equal(np.asarray(out)[:, :, cached], np.asarray(c)[:, :, cached])
 
 
-def test_program_table_covers_every_tile_once_longest_first():
-    hw = jnp.asarray([-1, 0, 9, 40, 3], jnp.int32)
-    s, s_pad, tile, bkv = 700, 768, 128, 64
-    table, kinds = mgpu.program_table(hw, batch=2, seq_len=s, s_pad=s_pad, text_len=50, text_first=True,
-                                      has_cache=True, tile_q=tile, block_kv=bkv)
+def _table_parts(table, n_cta):
+    """(rows of each CTA in its order, every row) of a program table."""
     t = np.asarray(table)
-    assert sorted(map(tuple, t[:, :3].tolist())) == [(b, h, q) for b in range(2) for h in range(5)
-                                                    for q in range(s_pad // tile)]
-    steps = (t[:, 6::2] - t[:, 5::2]).sum(axis=1)
-    assert (np.diff(steps) <= 0).all()  # longest first
-    assert (steps[t[:, 4] == 1] == 0).all() and (t[t[:, 4] == 1, 1] == 1).all()  # cached: head 1, no blocks
-    assert (steps[t[:, 1] == 0] == s_pad // bkv).all()  # a full head visits every key block
+    header, rows = t[:n_cta], t[n_cta:]
+    per_cta = [t[first:first + count] for first, count in header[:, :2]]
+    assert (header[:, 2:] == 0).all() and sum(header[:, 1]) <= len(rows)
+    return per_cta, rows
+
+
+@pytest.mark.parametrize("balance", [True, False])
+def test_program_table_covers_every_tile_once_longest_first(balance):
+    hw = jnp.asarray([-1, 0, 9, 40, 3], jnp.int32)
+    s, s_pad, tile, bkv, n_cta = 700, 768, 128, 64, 4
+    table, kinds = mgpu.program_table(hw, batch=2, seq_len=s, s_pad=s_pad, text_len=50, text_first=True,
+                                      has_cache=True, tile_q=tile, block_kv=bkv, n_cta=n_cta, balance=balance)
+    per_cta, rows = _table_parts(table, n_cta)
+    assert sorted(map(tuple, rows[:, :3].tolist())) == [(b, h, q) for b in range(2) for h in range(5)
+                                                       for q in range(s_pad // tile)]
+    steps = lambda r: (r[:, 6::2] - r[:, 5::2]).sum(axis=1)
+    assert (steps(rows[rows[:, 4] == 1]) == 0).all() and (rows[rows[:, 4] == 1, 1] == 1).all()  # cached: head 1
+    assert (steps(rows[rows[:, 1] == 0]) == s_pad // bkv).all()  # a full head visits every key block
+    scheduled = np.concatenate(per_cta)
+    if balance:  # every tile with work exactly once, cached tiles left out (the output is the cache already)
+        assert sorted(map(tuple, scheduled[:, :3].tolist())) == sorted(map(tuple, rows[rows[:, 4] == 0, :3].tolist()))
+    else:  # round-robin over the longest-first order, cached tiles too: CTA c runs rows c, c + n_cta, …
+        assert len(scheduled) == len(rows)
+        longest_first = np.concatenate([r[None] for i in range(len(rows)) for r in [per_cta[i % n_cta][i // n_cta]]])
+        assert (np.diff(steps(longest_first)) <= 0).all()
+    for r in per_cta:
+        assert (np.diff(steps(r)) <= 0).all()  # each CTA's tiles longest first
     assert kinds == ("clean", "general", "general", "band", "clean", "band")
+
+
+@pytest.mark.parametrize("n_cta, seed", [(8, 0), (16, 1), (33, 2), (132, 3)])
+def test_balanced_assignment_is_longest_processing_time_first(n_cta, seed):
+    """assign_ctas' chunked assignment against one-at-a-time LPT (numpy) on plan-like costs (a few long text/full
+    tiles, many short band tiles, zero-cost cached ones): its makespan is within 2% of LPT's, below round-robin's,
+    under Graham's bound (mean load + longest job), and every program with work is on one CTA."""
+    rng = np.random.default_rng(seed)
+    cost = np.concatenate([np.full(rng.integers(4, 40), 135.0), rng.choice([0.0, 9.0, 14.0, 24.0, 40.0], 900),
+                           np.full(rng.integers(20, 200), 135.0)])
+    cost = np.sort(cost)[::-1].astype(np.float32)
+    cta = np.asarray(mgpu.assign_ctas(jnp.asarray(cost), n_cta))
+    assert ((cta >= 0) == (cost > 0)).all() and cta.max() < n_cta
+    load = np.bincount(cta[cta >= 0], weights=cost[cta >= 0], minlength=n_cta)
+    lpt = np.zeros(n_cta)
+    for c in cost:
+        lpt[np.argmin(lpt)] += c
+    rr = np.bincount(np.asarray(mgpu.assign_ctas(jnp.asarray(cost), n_cta, balance=False)), weights=cost,
+                     minlength=n_cta)
+    assert load.max() <= 1.02 * lpt.max(), (load.max(), lpt.max())
+    assert load.max() <= rr.max() and load.max() <= cost.sum() / n_cta + cost.max()
 
 
 def test_jax_compat_resolves_interpret_params():
@@ -125,6 +165,8 @@ def test_supported_and_errors():
         with pytest.raises(ValueError, match=match):
             MosaicGpuConfig(**bad)
     assert mgpu.heuristic_config(128) == MosaicGpuConfig(64, 128, 2)
+    with pytest.raises(ValueError, match="balance=0"):
+        MosaicGpuConfig(balance=0)
     assert mgpu.num_ctas(10, MosaicGpuConfig(num_ctas=4)) == 4 and mgpu.num_ctas(3, MosaicGpuConfig(num_ctas=4)) == 3
 
 
