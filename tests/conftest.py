@@ -154,3 +154,24 @@ def assert_pipeline_output_matches(out, ref_latents, ref_images, label: str) -> 
     assert img.shape == np.asarray(ref_images).shape, f"{label}: images {img.shape} vs {np.asarray(ref_images).shape}"
     psnr = psnr01(img, ref_images)
     assert psnr >= PSNR_MIN, f"{label}: decoded image PSNR {psnr:.1f} dB"
+
+
+def assert_flux_shares_sd3_encoders(world: str) -> None:
+    """The shipped FLUX-style testbed of ``world`` was trained with ``scripts/train_testbed.py --reuse`` on the
+    SD3-style one: its VAE, T5 encoder and tokenizers are the same files, and its CLIP (FLUX's pooled text) is the
+    SD3 CLIP-L tower less the text projection."""
+    from safetensors.numpy import load_file
+
+    from dfa2_jax.testbed import testbed_path
+
+    flux, sd3 = testbed_path("flux", world), testbed_path("sd3", world)
+    for a, b, name in (("vae", "vae", "diffusion_pytorch_model.safetensors"),
+                       ("text_encoder_2", "text_encoder_3", "model.safetensors"),
+                       ("tokenizer", "tokenizer", "tokenizer.json"), ("tokenizer_2", "tokenizer_3", "tokenizer.json")):
+        with open(os.path.join(flux, a, name), "rb") as fa, open(os.path.join(sd3, b, name), "rb") as fb:
+            assert fa.read() == fb.read(), f"{flux}/{a}/{name} differs from {sd3}/{b}/{name}"
+    clip, clip_l = ({k.removeprefix("text_model."): v
+                     for k, v in load_file(os.path.join(d, "text_encoder", "model.safetensors")).items()}
+                    for d in (flux, sd3))
+    assert set(clip) == set(clip_l) - {"text_projection.weight"}
+    assert all(np.array_equal(clip[k], clip_l[k]) for k in clip)

@@ -10,7 +10,7 @@ import os
 import numpy as np
 import pytest
 
-from tests.conftest import assert_pipeline_output_matches, diffusers_outputs
+from tests.conftest import assert_flux_shares_sd3_encoders, assert_pipeline_output_matches, diffusers_outputs
 
 # prompt accuracy of a 4-step generation of world.make_batch(0, 4, "heldout") with seed 0, measured on CPU with
 # jax 0.10.2: 0.859 (per caption 0.778, 1.0, 0.889, 0.769). Other caption sets / seeds measured 0.77-0.95.
@@ -180,26 +180,13 @@ def flux_testbed():
 
 
 def test_flux_loads_and_shares_the_sd3_encoders(flux_testbed):
-    from dfa2_jax.testbed import testbed_path
-
     pipe, _ = flux_testbed
     cfg = pipe.transformer.config
     assert pipe.family == "flux" and pipe.vae_scale_factor == 4
     assert (cfg.num_layers, cfg.num_single_layers, cfg.num_attention_heads, cfg.attention_head_dim) == (3, 6, 4, 32)
     assert not cfg.guidance_embeds and cfg.axes_dims_rope == (4, 14, 14)
     assert pipe.transformer.num_params() == 3_392_784  # docs/testbed/train_log_flux.json models.flux_params
-    # trained with scripts/train_testbed.py --reuse dfa2_jax/assets/testbed_sd3: one VAE, CLIP-L tower and T5
-    flux, sd3 = testbed_path("flux"), testbed_path("sd3")
-    for a, b in (("vae", "vae"), ("text_encoder_2", "text_encoder_3")):
-        name = "diffusion_pytorch_model.safetensors" if a == "vae" else "model.safetensors"
-        assert open(os.path.join(flux, a, name), "rb").read() == open(os.path.join(sd3, b, name), "rb").read()
-    from safetensors.numpy import load_file
-
-    clip, clip_l = ({k.removeprefix("text_model."): v
-                     for k, v in load_file(os.path.join(d, "text_encoder", "model.safetensors")).items()}
-                    for d in (flux, sd3))
-    assert set(clip) == set(clip_l) - {"text_projection.weight"}  # FLUX's CLIP = the CLIP-L tower
-    assert all(np.array_equal(clip[k], clip_l[k]) for k in clip)
+    assert_flux_shares_sd3_encoders("v1")  # trained with --reuse dfa2_jax/assets/testbed_sd3
 
 
 def test_flux_matches_diffusers_from_the_same_latents(flux_testbed):

@@ -173,8 +173,9 @@ def run_testbed_demo(out_dir: str = "demo_out", *, steps: int | None = None, see
 def run_demo(out_dir: str = "demo_out", *, model: str = "testbed", steps: int | None = None, size: int | None = None,
              seed: int = 0, delta: float | None = None, attention_impl: str = "auto", **testbed_kw) -> list[str]:
     """``dfa2 demo``: :func:`run_testbed_demo` (``model="testbed"``, default; ``"testbed2"``: the 1024-token
-    testbed, 2 calibration and 2 evaluation captions, one call of each kind unless given) or :func:`run_tiny_demo`
-    (``model="tiny-random"``; ``steps`` default 8, ``size`` 64, ``delta`` 0.3). Returns the files written."""
+    SD3-style testbed, 2 calibration and 2 evaluation captions, one call of each kind unless given) or
+    :func:`run_tiny_demo` (``model="tiny-random"``; ``steps`` default 8, ``size`` 64, ``delta`` 0.3). Returns the
+    files written."""
     if model in ("testbed", "testbed2"):
         trained = 64 if model == "testbed" else 128
         if size is not None and size != trained:
@@ -211,8 +212,8 @@ def add_parser(sub) -> argparse.ArgumentParser:
     demo.add_argument("--out", default="demo_out", help="folder for the plan, PNGs and report.json")
     demo.add_argument("--model", default="testbed", choices=list(MODELS),
                       help="testbed: the trained SD3-style testbed shipped in dfa2_jax/assets (default; 64 image "
-                           "tokens, CPU < 1 min); testbed2: the 1024-token one (CPU: a few minutes); tiny-random: "
-                           "tiny SD3- and FLUX-style pipelines with random weights (textures)")
+                           "tokens, CPU < 1 min); testbed2: the 1024-token SD3-style one (CPU: a few minutes); "
+                           "tiny-random: tiny SD3- and FLUX-style pipelines with random weights (textures)")
     demo.add_argument("--steps", type=int, default=None,
                       help="sampling steps (testbed, testbed2: 28; tiny-random: 8)")
     demo.add_argument("--size", type=int, default=None,

@@ -160,6 +160,9 @@ def _cmd_export(args: argparse.Namespace) -> int:
 
 def add_parser(subparsers) -> argparse.ArgumentParser:
     """Register ``plan show|import|export`` on the main parser's subparsers."""
+    from dfa2_jax.testbed.shipped import MODEL_NAMES
+
+    shipped = ", ".join(MODEL_NAMES)
     p = subparsers.add_parser("plan", help="inspect a plan; import/export the official DiTFastAttn files")
     sub = p.add_subparsers(dest="plan_command", required=True)
 
@@ -167,7 +170,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     show.add_argument("plan", help="plan.json")
     show.add_argument("--resolution", default=None,
                       help="R or HxW pixels (default: the plan's calibration resolution, else 1024)")
-    show.add_argument("--model", default=None, help="model folder (or testbed-sd3, testbed-flux), for its VAE scale factor "
+    show.add_argument("--model", default=None, help=f"model folder (or {shipped}), for its VAE scale factor "
                                                     "(default: none; VAE scale 8)")
     show.add_argument("--png", default=None, help="write a heat-map PNG (layers x steps, and heads x steps of one "
                                                   "layer)")
@@ -180,7 +183,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     imp.add_argument("--output-share", default=None, help="{model}_{res}_outputshare_option_{delta}.json")
     imp.add_argument("--v1", default=None, help="a DiTFastAttn (V1) plan instead")
     imp.add_argument("--model", required=True, help="model folder (transformer/config.json, vae/config.json), or "
-                                                    "testbed-sd3, testbed-flux")
+                                                    f"{shipped}")
     imp.add_argument("--resolution", default=None, help="R or HxW pixels the official files were made for")
     imp.add_argument("--steps", type=int, default=None, help="number of steps (default: the files' last step + 1)")
     imp.add_argument("--text-tokens", type=int, default=None, help="text length (default SD3 333, FLUX 512)")
@@ -196,7 +199,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     exp.add_argument("--out-dir", required=True)
     exp.add_argument("--name", default=None, help="model name in the file names (default: the family)")
     exp.add_argument("--delta", default=None, help="delta in the file names (default: the plan's calibration delta)")
-    exp.add_argument("--model", default=None, help="model folder (or testbed-sd3, testbed-flux): check the plan "
+    exp.add_argument("--model", default=None, help=f"model folder (or {shipped}): check the plan "
                                                    "against it; its VAE scale factor (default: none)")
     exp.set_defaults(fn=_cmd_export)
     return p

@@ -1,6 +1,7 @@
 """A procedural text-to-image testbed: a world of flat shapes with exact captions (:mod:`.world`), a small
-CNN that reads its pictures back (:mod:`.classifier`), for a prompt-accuracy metric, and a small SD3-style
-pipeline trained on the world, shipped with the package (:mod:`.shipped`: :func:`load_testbed`)."""
+CNN that reads its pictures back (:mod:`.classifier`), for a prompt-accuracy metric, and small SD3- and
+FLUX-style pipelines trained on each of its two worlds, shipped with the package (:mod:`.shipped`:
+:func:`load_testbed`)."""
 
 from dfa2_jax.testbed.world import (BACKGROUNDS, COLOURS, DEFAULT_BACKGROUND, IMAGE_SIZE, POSITIONS, SHAPES, SIZES,
                                     Obj, Scene, caption, is_heldout, is_world_caption, make_batch, parse_caption,

@@ -5,6 +5,7 @@
     >>> out = pipe(["a large red circle in the centre"], seed=0, **settings.generate_kwargs())
     >>> flux, flux_settings = load_testbed("flux")            # FLUX-style
     >>> big, big_settings = load_testbed("sd3", world="v2")   # 1024 image tokens (128x128, x2 VAE, patch 2)
+    >>> big_flux, _ = load_testbed("flux", world="v2")        # FLUX-style, 1024 image tokens
 
 ``dfa2_jax/assets/testbed_sd3/`` is a diffusers ``StableDiffusion3Pipeline`` folder (6 layers x 4 heads,
 3.48 M transformer params, 64x64 images, tiny frozen text encoders) and ``dfa2_jax/assets/testbed_flux/`` a
@@ -21,7 +22,11 @@ and CFG 4 for SD3 (FLUX: none; guidance_scale None). Each folder's ``dfa2_defaul
 pictures, a 4x4 grid, 1-5 objects): 6 layers x 4 heads of 64 (13.75 M params, bfloat16 weights upcast on load),
 a x2 VAE, so a picture is 32x32 = 1024 image tokens next to 2 x 56 text tokens: large enough for arrow
 attention's bands to skip whole kernel tiles. Its settings: 128x128, 28 steps, CFG 4, T5 length 56.
-``MODEL_NAMES``: the short names ``testbed-sd3``, ``testbed-flux`` and ``testbed2-sd3`` that ``--model`` accepts.
+``dfa2_jax/assets/testbed2_flux/`` is its FLUX-style twin (3 double + 6 single blocks x 4 heads of 64, RoPE, no
+guidance embedding, 13.40 M params, bfloat16 weights; 2x2-packed latents, so again 1024 image tokens, next to 56
+T5 tokens), sharing its VAE, CLIP-L tower and T5 encoder; settings: 128x128, 28 steps, no guidance, T5 length 56.
+``MODEL_NAMES``: the short names ``testbed-sd3``, ``testbed-flux``, ``testbed2-sd3`` and ``testbed2-flux`` that
+``--model`` accepts.
 """
 
 from __future__ import annotations
@@ -34,7 +39,7 @@ from typing import Any
 ASSETS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "assets")
 FAMILIES = ("sd3", "flux")
 WORLDS = ("v1", "v2")
-SHIPPED = {"v1": ("sd3", "flux"), "v2": ("sd3",)}  # the families shipped per world
+SHIPPED = {"v1": ("sd3", "flux"), "v2": ("sd3", "flux")}  # the families shipped per world
 INFO_FILE = "testbed_info.json"
 
 
@@ -86,8 +91,8 @@ MODEL_NAMES = {f"{prefix}-{family}": (family, world) for world, prefix in (("v1"
 
 
 def model_path(name: str) -> str | None:
-    """The shipped folder of a short model name (``testbed-sd3``, ``testbed-flux``, ``testbed2-sd3``), None for other strings. Raises FileNotFoundError when the named folder is missing from
-    the installation."""
+    """The shipped folder of a short model name (:data:`MODEL_NAMES`), None for other strings. Raises
+    FileNotFoundError when the named folder is missing from the installation."""
     named = MODEL_NAMES.get(name)
     return None if named is None else testbed_path(*named)
 
