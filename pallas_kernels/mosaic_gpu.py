@@ -2,9 +2,9 @@
 
 Same arguments, semantics (:mod:`pallas_kernels.reference`) and visit schedule (:mod:`pallas_kernels.common`) as
 the Triton kernel (:mod:`pallas_kernels.triton`); what differs is how the tiles run. The kernel is persistent
-(one CTA per SM, each running its own list of tiles, longest first: by default a cost-balanced assignment, see
-:func:`assign_ctas`); a tile is 2 × ``block_q`` query rows of one (batch, head), and each CTA runs three
-warpgroups, FlashAttention-3 style:
+(one CTA per SM, each running its own list of tiles, longest first: by default every n-th tile of the
+longest-first order, or a cost-balanced assignment, see :func:`assign_ctas`); a tile is 2 × ``block_q`` query
+rows of one (batch, head), and each CTA runs three warpgroups, FlashAttention-3 style:
 
 * a memory warpgroup streams each tile's Q (double-buffered) and key/value blocks with TMA into a ring of
   ``max_concurrent_steps`` shared-memory slots, running ahead across tile boundaries; the block sequence (text
@@ -15,9 +15,8 @@ warpgroups, FlashAttention-3 style:
   schedule barrier that lets one warpgroup's softmax overlap the other's matmuls;
 * only edge blocks (band edges, text/image boundary, padding) are masked element-wise; interior band blocks and
   pure-text blocks run the unmasked body;
-* a cached head (half-window 0 with ``cache`` given) costs nothing: the output is written over the cache, so its
-  tiles are left out of the schedule (with ``balance=False``, the older schedule, its cache tile takes the place
-  of Q and is stored back).
+* a cached head (half-window 0 with ``cache`` given) loads no K/V: the output is written over the cache, so its
+  tile is loaded in place of Q and stored back unchanged (the balanced schedule leaves such tiles out).
 
 Inputs must be bfloat16 or float16 with head_dim a multiple of 64 (wgmma operand tiles); the sequence is padded
 to a multiple of 2 × ``block_q`` and ``block_kv``. :func:`supported` says whether a call can take this path; the
@@ -57,15 +56,17 @@ class MosaicGpuConfig:
     max_concurrent_steps: shared-memory ring slots for K and V (≥ 2); num_ctas: persistent CTAs (0: one per
     SM); group_by_mask: the compute warpgroups loop once per mask kind (clean, band, general: a smaller module,
     faster to compile) instead of once per key-block range of the visit schedule; balance: tiles go to the CTAs
-    by estimated cost, longest first onto the least-loaded CTA, and cached tiles are skipped (False: every
-    num_ctas-th tile of the longest-first order, cached tiles copied — the earlier schedule, kept to compare)."""
+    by estimated cost, longest first onto the least-loaded CTA, and cached tiles are left out (default False:
+    every num_ctas-th tile of the longest-first order). Computing the balanced assignment is a sequential loop
+    (~0.5 ms for FLUX.1 at 2048² on an H100, once per sampler step for all layers, or once per call without a
+    precomputed ``schedule``); what it saves in the kernel is not yet measured (docs/PERFORMANCE.md)."""
 
     block_q: int = 64
     block_kv: int = 128
     max_concurrent_steps: int = 2
     num_ctas: int = 0  # persistent CTAs; 0 = one per SM
     group_by_mask: bool = True
-    balance: bool = True
+    balance: bool = False
 
     def __post_init__(self):
         for name in ("block_q", "block_kv"):
@@ -374,7 +375,7 @@ def num_ctas(n_prog: int, config: MosaicGpuConfig) -> int:
     return max(1, min(n, n_prog))
 
 
-def assign_ctas(cost, n_cta: int, *, balance: bool = True):
+def assign_ctas(cost, n_cta: int, *, balance: bool = False):
     """CTA of each program: ``cost`` float32 [P] in launch order (longest first; 0 = no work) -> int32 [P], −1 for
     a program left out.
 
@@ -398,7 +399,7 @@ def assign_ctas(cost, n_cta: int, *, balance: bool = True):
 
 
 def program_table(half_window, *, batch: int, seq_len: int, s_pad: int, text_len: int, text_first: bool,
-                  has_cache: bool, tile_q: int, block_kv: int, n_cta: int = 1, balance: bool = True):
+                  has_cache: bool, tile_q: int, block_kv: int, n_cta: int = 1, balance: bool = False):
     """The kernel's schedule: int32 [n_cta + programs, 5 + 2·ranges], and the static mask kind of each range
     ("clean", "general", "band").
 

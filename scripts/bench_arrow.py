@@ -182,19 +182,20 @@ def mgpu_rows(name, make_inputs, b, s, h, d, dense_flops, iters, warmup):
 
 
 
-MOSAIC_FLAGS = {"ranges": "group_by_mask", "rr": "balance"}  # spec suffix -> the MosaicGpuConfig field it turns off
+MOSAIC_FLAGS = {"ranges": ("group_by_mask", False), "balanced": ("balance", True)}  # spec suffix -> config field
 
 
 def mosaic_config(spec: str) -> MosaicGpuConfig:
-    """``block_q/block_kv/ring[/num_ctas][/ranges][/rr]``: ``ranges`` loops once per key-block range instead of
-    once per mask kind (``MosaicGpuConfig.group_by_mask=False``); ``rr``: the round-robin schedule instead of the
-    cost-balanced one (``balance=False``)."""
+    """``block_q/block_kv/ring[/num_ctas][/ranges][/balanced]``: ``ranges`` loops once per key-block range instead
+    of once per mask kind (``MosaicGpuConfig.group_by_mask=False``); ``balanced``: the cost-balanced schedule
+    instead of round-robin (``balance=True``)."""
     parts = spec.split("/")
-    off = {}
+    fields = {}
     while parts and parts[-1] in MOSAIC_FLAGS:
-        off[MOSAIC_FLAGS[parts.pop()]] = False
+        field, value = MOSAIC_FLAGS[parts.pop()]
+        fields[field] = value
     try:
-        return MosaicGpuConfig(*map(int, parts), **off)
+        return MosaicGpuConfig(*map(int, parts), **fields)
     except (TypeError, ValueError) as e:
         raise SystemExit(f"--mosaic-configs {spec!r}: {e}") from None
 
@@ -218,8 +219,8 @@ def main(argv=None):
                    "implementation= argument): triton (the Pallas-Triton kernel), mosaic_gpu (the Mosaic GPU "
                    "kernel, Hopper; in interpret mode on CPU; 'mosaic' is accepted as an alias)")
     p.add_argument("--mosaic-configs", default="64/128/2", help="Mosaic GPU configs to time, comma-separated "
-                   "block_q/block_kv/max_concurrent_steps[/num_ctas][/ranges][/rr] (rr: the round-robin schedule); "
-                   "'heuristic' = the per-head-dim default")
+                   "block_q/block_kv/max_concurrent_steps[/num_ctas][/ranges][/balanced] (balanced: cost-balanced "
+                   "schedule); 'heuristic' = the per-head-dim default")
     args = p.parse_args(argv)
     iters = args.iters or (2 if args.small else 20)
     warmup = args.warmup or (1 if args.small else 3)
@@ -281,7 +282,7 @@ def main(argv=None):
                     mcfg = (MosaicGpuConfig(block_q=64, block_kv=64 if args.small else 128, max_concurrent_steps=2)
                             if spec == "heuristic" else mosaic_config(spec))
                     label = f"M{mcfg.block_q}/{mcfg.block_kv}/{mcfg.max_concurrent_steps}" + "".join(
-                        f"/{flag}" for flag, field in MOSAIC_FLAGS.items() if not getattr(mcfg, field))
+                        f"/{flag}" for flag, (field, value) in MOSAIC_FLAGS.items() if getattr(mcfg, field) == value)
                     kernels[label + " "] = ("mosaic_gpu", mcfg)
             else:
                 raise SystemExit(f"--backends: unknown backend {backend!r} (triton, mosaic_gpu; alias mosaic)")

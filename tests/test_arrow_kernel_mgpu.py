@@ -97,7 +97,7 @@ def test_balanced_assignment_is_longest_processing_time_first(n_cta, seed):
     cost = np.concatenate([np.full(rng.integers(4, 40), 135.0), rng.choice([0.0, 9.0, 14.0, 24.0, 40.0], 900),
                            np.full(rng.integers(20, 200), 135.0)])
     cost = np.sort(cost)[::-1].astype(np.float32)
-    cta = np.asarray(mgpu.assign_ctas(jnp.asarray(cost), n_cta))
+    cta = np.asarray(mgpu.assign_ctas(jnp.asarray(cost), n_cta, balance=True))
     assert ((cta >= 0) == (cost > 0)).all() and cta.max() < n_cta
     load = np.bincount(cta[cta >= 0], weights=cost[cta >= 0], minlength=n_cta)
     lpt = np.zeros(n_cta)
