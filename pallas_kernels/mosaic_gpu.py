@@ -433,10 +433,15 @@ def program_table(half_window, *, batch: int, seq_len: int, s_pad: int, text_len
     # Longest job first (stable: equal work keeps the head-by-head order), then each CTA's rows together.
     order = jnp.argsort(-cost, stable=True)
     table, cost = table[order], cost[order]
-    cta = assign_ctas(cost, n_cta, balance=balance)
-    key = jnp.where(cta < 0, n_cta, cta)
-    table = table[jnp.argsort(key, stable=True)]
-    counts = jnp.zeros((n_cta + 1,), jnp.int32).at[key].add(1)[:n_cta]
+    if balance:
+        cta = assign_ctas(cost, n_cta, balance=True)
+        key = jnp.where(cta < 0, n_cta, cta)
+        table = table[jnp.argsort(key, stable=True)]
+        counts = jnp.zeros((n_cta + 1,), jnp.int32).at[key].add(1)[:n_cta]
+    else:  # round-robin: a fixed permutation (CTA c's rows c, c + n_cta, …), no sort at run time
+        p = table.shape[0]
+        table = table[np.argsort(np.arange(p) % n_cta, kind="stable")]
+        counts = jnp.asarray(np.bincount(np.arange(p) % n_cta, minlength=n_cta), jnp.int32)
     header = jnp.zeros((n_cta, table.shape[1]), jnp.int32)
     header = header.at[:, 0].set(n_cta + jnp.cumsum(counts) - counts).at[:, 1].set(counts)
     # Mask kind per range (visit_ranges' fixed order): ranges 3 and 5 are band edges of image-only tiles (image
