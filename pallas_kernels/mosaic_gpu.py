@@ -375,17 +375,15 @@ def num_ctas(n_prog: int, config: MosaicGpuConfig) -> int:
     return max(1, min(n, n_prog))
 
 
-def assign_ctas(cost, n_cta: int, *, balance: bool = False):
-    """CTA of each program: ``cost`` float32 [P] in launch order (longest first; 0 = no work) -> int32 [P], −1 for
-    a program left out.
+def assign_ctas(cost, n_cta: int):
+    """The balanced schedule's CTA of each program: ``cost`` float32 [P] in launch order (longest first; 0 = no
+    work) -> int32 [P], −1 for a program left out.
 
-    balance: longest processing time first — each program goes to the least-loaded CTA so far, taken ``n_cta // 2``
+    Longest processing time first: each program goes to the least-loaded CTA so far, taken ``n_cta // 2``
     programs at a time (the chunk's longest onto the least loaded; a sequential loop of P / (n_cta / 2) steps
-    rather than P, and on the benchmark plans the same makespan as one at a time), zero-cost programs left out.
-    Without balance: round-robin, program p on CTA p mod n_cta (every program, zero-cost ones too)."""
+    rather than P, and on the benchmark plans the same makespan as one at a time); zero-cost programs left out.
+    (The round-robin schedule needs no assignment: program p runs on CTA p mod n_cta, see :func:`program_table`.)"""
     p = cost.shape[0]
-    if not balance:
-        return lax.rem(jnp.arange(p, dtype=jnp.int32), jnp.int32(n_cta))
     k = max(1, n_cta // 2)
     n_chunks = -(-p // k)
     jobs = jnp.pad(cost.astype(jnp.float32), (0, n_chunks * k - p)).reshape(n_chunks, k)
@@ -424,24 +422,23 @@ def program_table(half_window, *, batch: int, seq_len: int, s_pad: int, text_len
         cols += [r_lo, r_hi]
     cols = [jnp.broadcast_to(c, prog.shape).astype(jnp.int32) for c in cols]
     table = jnp.stack(cols, axis=1)
-    steps = jnp.broadcast_to(sum(r_hi - r_lo for (r_lo, r_hi), _ in ranges), prog.shape)
-    if balance:
+    if balance:  # estimated cost; cached tiles cost nothing
         work = sum((r_hi - r_lo) * (_MASKED_STEP_COST if m else 1.0) for (r_lo, r_hi), m in ranges)
         cost = jnp.where(jnp.broadcast_to(cached, prog.shape), 0.0, jnp.broadcast_to(work + _TILE_COST, prog.shape))
-    else:
-        cost = steps.astype(jnp.float32) + 1.0  # every tile runs, cached ones too
+    else:  # key blocks; every tile runs, cached ones too
+        cost = jnp.broadcast_to(sum(r_hi - r_lo for (r_lo, r_hi), _ in ranges), prog.shape)
     # Longest job first (stable: equal work keeps the head-by-head order), then each CTA's rows together.
     order = jnp.argsort(-cost, stable=True)
-    table, cost = table[order], cost[order]
+    table = table[order]
     if balance:
-        cta = assign_ctas(cost, n_cta, balance=True)
+        cta = assign_ctas(cost[order], n_cta)
         key = jnp.where(cta < 0, n_cta, cta)
         table = table[jnp.argsort(key, stable=True)]
         counts = jnp.zeros((n_cta + 1,), jnp.int32).at[key].add(1)[:n_cta]
     else:  # round-robin: a fixed permutation (CTA c's rows c, c + n_cta, …), no sort at run time
-        p = table.shape[0]
-        table = table[np.argsort(np.arange(p) % n_cta, kind="stable")]
-        counts = jnp.asarray(np.bincount(np.arange(p) % n_cta, minlength=n_cta), jnp.int32)
+        rr = np.arange(table.shape[0]) % n_cta
+        table = table[np.argsort(rr, kind="stable")]
+        counts = jnp.asarray(np.bincount(rr, minlength=n_cta), jnp.int32)
     header = jnp.zeros((n_cta, table.shape[1]), jnp.int32)
     header = header.at[:, 0].set(n_cta + jnp.cumsum(counts) - counts).at[:, 1].set(counts)
     # Mask kind per range (visit_ranges' fixed order): ranges 3 and 5 are band edges of image-only tiles (image

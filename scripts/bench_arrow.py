@@ -124,7 +124,7 @@ def schedule_seconds(schedules, windows, n_calls: int, iters: int = 20) -> float
     fn = jax.jit(schedules)
     w = jnp.tile(jnp.asarray(windows, jnp.int32)[None], (n_calls, 1))
     jax.block_until_ready(fn(w))
-    return median(time_calls(lambda w: fn(w), lambda seed: (w,), iters=iters, warmup=2))
+    return median(time_calls(fn, lambda seed: (w,), iters=iters, warmup=2))
 
 
 def triton_fa_rows(name, make_inputs, s, d, dense_flops, iters, warmup):

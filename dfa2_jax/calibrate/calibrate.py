@@ -316,7 +316,8 @@ def calibrate(pipe, prompts: Sequence[str], *, resolution, steps: int, delta: fl
         return CalibrationResult(None, {"stopped_after_step": end}, rse_log)
     info = model_info_for(tr.config, prep.text_len)
     headwise = strategy == "headwise"
-    calibration = {"delta": delta, "c": c if headwise and math.isfinite(c) else None, "prompts": len(prompts), "resolution": [h, w], "seed": seed,
+    calibration = {"delta": delta, "c": c if headwise and math.isfinite(c) else None, "prompts": len(prompts),
+                   "resolution": [h, w], "seed": seed,
                    "solver": "cp-sat" if headwise else "layerwise-greedy", "metric": "rse",
                    "candidates": methods[1:],
                    "savings": savings if isinstance(savings, str) else "latency-table",

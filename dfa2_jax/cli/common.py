@@ -48,13 +48,19 @@ def default_help(field: str, first: str = "") -> str:
             f"family's ({_family_help(field)})")
 
 
-def add_model_arg(parser: argparse.ArgumentParser, what: str = "diffusers pipeline folder (model_index.json, "
-                  "transformer/, vae/, text_encoder*/, tokenizer*/, scheduler/)", required: bool = True) -> None:
+def shipped_model_names() -> str:
+    """The shipped short model names (:data:`dfa2_jax.testbed.shipped.MODEL_NAMES`), comma-separated, for help texts
+    and errors."""
     from dfa2_jax.testbed.shipped import MODEL_NAMES
 
+    return ", ".join(MODEL_NAMES)
+
+
+def add_model_arg(parser: argparse.ArgumentParser, what: str = "diffusers pipeline folder (model_index.json, "
+                  "transformer/, vae/, text_encoder*/, tokenizer*/, scheduler/)", required: bool = True) -> None:
     parser.add_argument("--model", required=required, default=None,
                         help=f"{what}; a Hugging Face id org/name already in the local hub cache; or a shipped "
-                             f"model: {', '.join(MODEL_NAMES)}" + ("" if required else " (default: none)"))
+                             f"model: {shipped_model_names()}" + ("" if required else " (default: none)"))
 
 
 def add_generation_args(parser: argparse.ArgumentParser, *, size: bool = True, steps_help: str | None = None,
@@ -104,7 +110,7 @@ CACHE_DIR_HELP = "orbax cache root for converted weights (default: $DFA2_CACHE_D
 def resolve_model(name: str, flag: str = "--model") -> str:
     """``--model``: a shipped short name (:data:`dfa2_jax.testbed.shipped.MODEL_NAMES`), a local folder or file,
     or a Hugging Face id ``org/name[@revision]`` in the local hub cache -> a local path. One-line errors."""
-    from dfa2_jax.testbed.shipped import MODEL_NAMES, model_path
+    from dfa2_jax.testbed.shipped import model_path
 
     shipped = model_path(name)
     if shipped is not None:
@@ -114,7 +120,7 @@ def resolve_model(name: str, flag: str = "--model") -> str:
     if is_repo_id(name):
         return resolve_model_path(name)  # CheckpointError (ValueError) naming the cache when it is not there
     if not os.path.exists(name):
-        raise FileNotFoundError(f"{flag} {name}: no such file or folder (shipped models: {', '.join(MODEL_NAMES)}; "
+        raise FileNotFoundError(f"{flag} {name}: no such file or folder (shipped models: {shipped_model_names()}; "
                                 "a Hugging Face id is org/name)")
     return name
 

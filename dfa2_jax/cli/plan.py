@@ -13,6 +13,7 @@ import re
 
 import numpy as np
 
+from dfa2_jax.cli.common import resolve_model, shipped_model_names
 from dfa2_jax.plan import Plan, image_tokens, model_info_for
 from dfa2_jax.plan.report import layer_index, render_heatmap, summary
 
@@ -92,8 +93,6 @@ def resolve_image_tokens(plan: Plan, resolution, model: str | None) -> tuple[tup
 def _resolve_model_arg(args: argparse.Namespace) -> None:
     """--model: a shipped short name, a folder or a Hugging Face cache id -> a local path (None stays None)."""
     if args.model is not None:
-        from dfa2_jax.cli.common import resolve_model
-
         args.model = resolve_model(args.model)
 
 
@@ -160,9 +159,7 @@ def _cmd_export(args: argparse.Namespace) -> int:
 
 def add_parser(subparsers) -> argparse.ArgumentParser:
     """Register ``plan show|import|export`` on the main parser's subparsers."""
-    from dfa2_jax.testbed.shipped import MODEL_NAMES
-
-    shipped = ", ".join(MODEL_NAMES)
+    shipped = shipped_model_names()
     p = subparsers.add_parser("plan", help="inspect a plan; import/export the official DiTFastAttn files")
     sub = p.add_subparsers(dest="plan_command", required=True)
 
