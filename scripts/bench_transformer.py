@@ -17,6 +17,10 @@ overhead).
     python3 scripts/bench_transformer.py --smoke                                # CPU: tiny models, 128², 2 iters
 
 Prints one JSON line per (framework, model, resolution) and a table last; --out writes results.json there.
+``--profile`` (needs --out) also records one more call of each under its framework's profiler (jax.profiler /
+torch.profiler) and writes the GPU kernels' times per kernel name (``kernels_<framework>_<model>_<res>.json``,
+plus our compiled HLO as ``hlo_<model>_<res>.txt``) and a table of time per kind (matmul, attention, other) with
+the largest non-matmul kernels, to see which fusions one side gets that the other does not.
 """
 
 from __future__ import annotations
@@ -24,15 +28,101 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import subprocess
 import sys
 import time
 
 MODELS = {"flux-dev": "flux", "sd3-medium": "sd3"}
 FRAMEWORKS = ("jax", "torch", "torch-compile")
+KINDS = {"attention": ("cudnn", "fmha", "flash", "sdpa", "attention"),
+         "matmul": ("gemm", "nvjet", "xmma", "cutlass", "cublas", "matmul", "triton_tem")}
 
 
-def run_jax(model: str, resolutions: list[int], iters: int, smoke: bool) -> list[dict]:
+def kernel_kind(name: str) -> str:
+    """matmul / attention / copy / other, from a GPU kernel's name (cuBLAS, cuDNN, XLA and Inductor names)."""
+    low = name.lower()
+    for kind, marks in KINDS.items():
+        if any(m in low for m in marks):
+            return kind
+    return "copy" if ("memcpy" in low or "memset" in low) else "other"
+
+
+def kernel_family(name: str) -> str:
+    """A kernel name without its instance numbers (``loop_add_fusion_12`` and ``loop_add_fusion_3`` are one
+    family; so are Inductor's ``triton_poi_fused_add_0`` and ``..._add_7``)."""
+    return re.sub(r"([._]\d+)+$", "", name.split("(")[0].strip())
+
+
+def summarize_kernels(kernels: list[dict]) -> dict:
+    """kernels: [{name, count, ms}] of one call -> per-kind ms and the 12 largest non-matmul families."""
+    kinds: dict[str, float] = {}
+    fams: dict[str, list] = {}
+    for k in kernels:
+        kind = kernel_kind(k["name"])
+        kinds[kind] = kinds.get(kind, 0.0) + k["ms"]
+        if kind not in ("matmul",):
+            f = fams.setdefault(kernel_family(k["name"])[:90], [0.0, 0])
+            f[0] += k["ms"]
+            f[1] += k["count"]
+    top = sorted(fams.items(), key=lambda kv: -kv[1][0])[:12]
+    return dict(kinds=kinds, total_ms=sum(kinds.values()), n_kernels=sum(k["count"] for k in kernels),
+                top_non_matmul=[dict(family=n, ms=v[0], count=v[1]) for n, v in top])
+
+
+def jax_kernel_times(fn, args, workdir: str) -> list[dict]:
+    """One call of ``fn(*args)`` under jax.profiler: [{name, count, ms}] of its GPU kernels and copies."""
+    import glob
+
+    import jax
+    from jax.profiler import ProfileData
+
+    with jax.profiler.trace(workdir):
+        jax.block_until_ready(fn(*args))
+    lines = [line for path in glob.glob(os.path.join(workdir, "**", "*.xplane.pb"), recursive=True)
+             for plane in ProfileData.from_file(path).planes if plane.name.startswith("/device:GPU")
+             for line in plane.lines]
+    streams = [line for line in lines if line.name.lower().startswith("stream")]
+    if lines and not streams:
+        print("profile: no per-stream lines among " + ", ".join(sorted({ln.name for ln in lines})), file=sys.stderr)
+    found: dict[str, list] = {}
+    for line in streams:  # the per-op and per-module lines repeat the streams' kernels
+        for ev in line.events:
+            f = found.setdefault(ev.name, [0, 0.0])
+            f[0] += 1
+            f[1] += ev.duration_ns / 1e6
+    return [dict(name=n, count=c, ms=ms) for n, (c, ms) in sorted(found.items(), key=lambda kv: -kv[1][1])]
+
+
+def torch_kernel_times(call) -> list[dict]:
+    """One ``call()`` under torch.profiler (CUDA activity only): [{name, count, ms}] of its GPU kernels."""
+    import torch
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        call()
+        torch.cuda.synchronize()
+    found: dict[str, list] = {}
+    for ev in prof.events():
+        if "cuda" not in str(getattr(ev, "device_type", "")).lower():
+            continue
+        us = getattr(ev, "device_time", None)
+        us = ev.cuda_time if us is None else us
+        f = found.setdefault(ev.name, [0, 0.0])
+        f[0] += 1
+        f[1] += us / 1e3
+    return [dict(name=n, count=c, ms=ms) for n, (c, ms) in sorted(found.items(), key=lambda kv: -kv[1][1])]
+
+
+def write_profile(out: str, framework: str, model: str, res: int, kernels: list[dict]) -> dict:
+    summary = summarize_kernels(kernels)
+    with open(os.path.join(out, f"kernels_{framework}_{model}_{res}.json"), "w") as f:
+        json.dump(dict(framework=framework, model=model, res=res, summary=summary, kernels=kernels), f, indent=1)
+    return summary
+
+
+def run_jax(model: str, resolutions: list[int], iters: int, smoke: bool, profile_dir: str | None = None,
+            xla_options: dict | None = None) -> list[dict]:
     import jax
     import jax.numpy as jnp
 
@@ -63,7 +153,7 @@ def run_jax(model: str, resolutions: list[int], iters: int, smoke: bool) -> list
 
         fn, args = args_for(0)
         t0 = time.perf_counter()
-        compiled = fn.lower(*args).compile()
+        compiled = fn.lower(*args).compile(compiler_options=xla_options or None)
         compile_s = time.perf_counter() - t0
         arg_sets = [args_for(s)[1] for s in range(3)]
         for a in arg_sets:  # warm-up
@@ -77,16 +167,26 @@ def run_jax(model: str, resolutions: list[int], iters: int, smoke: bool) -> list
             times.append(time.perf_counter() - t0)
         finite = bool(jnp.all(jnp.isfinite(out.astype(jnp.float32))))
         stats = jax.devices()[0].memory_stats() or {}
+        profile = None
+        if profile_dir:
+            import tempfile
+
+            with open(os.path.join(profile_dir, f"hlo_{model}_{res}.txt"), "w") as f:
+                f.write(compiled.as_text())
+            with tempfile.TemporaryDirectory() as tmp:
+                kernels = jax_kernel_times(compiled, arg_sets[0][1:], tmp)
+            profile = write_profile(profile_dir, "jax", model, res, kernels)
         results.append(dict(framework="jax", model=model, res=res, ms=1e3 * median(times), compile_s=compile_s,
                             init_s=init_s, peak_gib=stats.get("peak_bytes_in_use", 0) / 2**30,
-                            finite=finite, params_b=tr.num_params() / 1e9,
+                            finite=finite, params_b=tr.num_params() / 1e9, profile=profile,
+                            xla_options=xla_options or {},
                             version=f"jax {jax.__version__}"))
         print(json.dumps(results[-1]), flush=True)
     return results
 
 
 def run_torch(model: str, resolutions: list[int], iters: int, smoke: bool, compile_mode: str | None,
-              compile_backend: str = "inductor") -> list[dict]:
+              compile_backend: str = "inductor", profile_dir: str | None = None) -> list[dict]:
     """diffusers' model eager (``compile_mode`` None) or under ``torch.compile(mode=compile_mode)`` with
     ``compile_backend`` (a backend other than inductor takes no mode)."""
     import contextlib
@@ -160,16 +260,34 @@ def run_torch(model: str, resolutions: list[int], iters: int, smoke: bool, compi
             for i in range(iters):
                 out, dt = call(arg_sets[i % len(arg_sets)])
                 times.append(dt)
+            profile = None
+            if profile_dir and cuda:
+                kernels = torch_kernel_times(lambda: m(**arg_sets[0], return_dict=False))
+                profile = write_profile(profile_dir, fw, model, res, kernels)
         steady = median(times)
         results.append(dict(framework=fw, model=model, res=res, ms=1e3 * steady,
                             # torch.compile: the compile (first call − steady); eager: the first call's overhead
                             compile_s=first_s - steady, first_call_s=first_s, compile_mode=compile_mode,
                             init_s=init_s, peak_gib=torch.cuda.max_memory_allocated() / 2**30 if cuda else 0.0,
                             finite=bool(torch.isfinite(out.float()).all()),
-                            params_b=sum(p.numel() for p in m.parameters()) / 1e9,
+                            params_b=sum(p.numel() for p in m.parameters()) / 1e9, profile=profile,
                             version=f"torch {torch.__version__} diffusers {diffusers.__version__}"))
         print(json.dumps(results[-1]), flush=True)
     return results
+
+
+def print_profiles(rows: list[dict]) -> None:
+    """Per (model, res): GPU ms per kernel kind for each profiled framework, then each one's largest
+    non-matmul kernel families."""
+    profiled = [r for r in rows if r.get("profile")]
+    for key in sorted({(r["model"], r["res"]) for r in profiled}):
+        group = [r for r in profiled if (r["model"], r["res"]) == key]
+        print(f"\nGPU kernel ms of one call, {key[0]} {key[1]}²: " + "; ".join(
+            f"{r['framework']}: " + ", ".join(f"{k} {v:.2f}" for k, v in sorted(r["profile"]["kinds"].items()))
+            + f", sum {r['profile']['total_ms']:.2f} ({r['profile']['n_kernels']} kernels)" for r in group))
+        for r in group:
+            print(f"  {r['framework']} largest non-matmul: " + "; ".join(
+                f"{t['family']} {t['ms']:.2f} ms ×{t['count']}" for t in r["profile"]["top_non_matmul"][:8]))
 
 
 def main() -> None:
@@ -185,10 +303,25 @@ def main() -> None:
                     help="torch.compile's backend (default inductor; 'eager' checks the plumbing in seconds)")
     ap.add_argument("--smoke", action="store_true", help="tiny models (2 blocks, 4 heads × 16), float32, CPU ok")
     ap.add_argument("--out", default=None, help="folder for results.json and logs")
+    ap.add_argument("--xla-options", default="",
+                    help="XLA compile options for our step, comma-separated name=value (e.g. "
+                         "xla_gpu_enable_dynamic_slice_fusion=true): passed to jax's compile()")
+    ap.add_argument("--profile", action="store_true",
+                    help="also profile one call per framework: GPU kernel times by name and kind (needs --out)")
     ap.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     args = ap.parse_args()
     args.res = args.res or ("128" if args.smoke else "1024,2048")
     args.iters = args.iters or (2 if args.smoke else 20)
+    if args.profile and not args.out:
+        raise SystemExit("--profile: give --out, the folder its kernel tables go to")
+    xla_options = {}
+    for item in filter(None, args.xla_options.split(",")):
+        name, sep, value = item.partition("=")
+        if not sep or not name.startswith("xla_"):
+            raise SystemExit(f"--xla-options: {item!r} is not name=value with an xla_ option name")
+        low = value.lower()
+        xla_options[name] = (low == "true" if low in ("true", "false") else
+                             int(value) if value.lstrip("-").isdigit() else value)
     resolutions = [int(r) for r in args.res.split(",")]
     models = args.models.split(",")
     frameworks = args.frameworks.split(",")
@@ -197,11 +330,13 @@ def main() -> None:
             raise SystemExit(f"{name}: unknown {', '.join(unknown)} (known: {', '.join(known)})")
     if args.worker:
         fw, model = args.worker.split(":")
+        prof = args.out if args.profile else None
         if fw == "jax":
-            res = run_jax(model, resolutions, args.iters, args.smoke)
+            res = run_jax(model, resolutions, args.iters, args.smoke, prof, xla_options)
         else:
             res = run_torch(model, resolutions, args.iters, args.smoke,
-                            args.torch_compile_mode if fw == "torch-compile" else None, args.torch_compile_backend)
+                            args.torch_compile_mode if fw == "torch-compile" else None, args.torch_compile_backend,
+                            prof)
         print("RESULT " + json.dumps(res), flush=True)
         return
     env = dict(os.environ, XLA_PYTHON_CLIENT_PREALLOCATE="false", PYTHONUNBUFFERED="1")
@@ -212,8 +347,8 @@ def main() -> None:
         for fw in frameworks:
             cmd = [sys.executable, os.path.abspath(__file__), "--worker", f"{fw}:{model}", "--res", args.res,
                    "--iters", str(args.iters), "--torch-compile-mode", args.torch_compile_mode,
-                   "--torch-compile-backend", args.torch_compile_backend] + \
-                (["--smoke"] if args.smoke else [])
+                   "--torch-compile-backend", args.torch_compile_backend, "--xla-options", args.xla_options] + \
+                (["--smoke"] if args.smoke else []) + (["--profile", "--out", args.out] if args.profile else [])
             proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
             if args.out:
                 with open(os.path.join(args.out, f"log_{fw}_{model}.txt"), "w") as f:
@@ -242,6 +377,8 @@ def main() -> None:
             print(f"{model:<11} {res:>5} {fmt(j, 'ms', '9.1f'):>9} {fmt(t, 'ms', '9.1f'):>9} {ratio:>6} "
                   f"{fmt(j, 'compile_s', '13.1f'):>13} {fmt(j, 'peak_gib', '8.1f'):>8} {fmt(t, 'peak_gib', '9.1f'):>9} "
                   f"{fmt(c, 'ms', '9.1f'):>9} {ratio_c:>6} {fmt(c, 'compile_s', '12.1f'):>12}")
+    if args.profile:
+        print_profiles(rows)
     versions = sorted({r["version"] for r in rows})
     print("versions:", "; ".join(versions) + (f"; torch.compile mode {args.torch_compile_mode}"
                                                if "torch-compile" in frameworks else ""))

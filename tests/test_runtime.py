@@ -283,10 +283,12 @@ def test_plan_state_is_donated_and_updated_in_place():
     assert mem.alias_size_in_bytes >= cache_bytes + lat.size * lat.dtype.itemsize
 
 
-def test_concat_in_ties_each_weight_slice_to_its_input():
-    """``Linear.concat_in`` equals the linear layer on the concatenated input, and each row slice of the kernel
-    depends on its own input part (an optimization barrier): XLA's GPU scheduler otherwise copied the weight
-    slices of all 38 FLUX.1 single blocks at the top of each sampler step and kept them alive (3.4 GiB)."""
+def test_concat_in_is_one_dot_and_ties_each_weight_slice_to_its_input_under_heads():
+    """``Linear.concat_in`` equals the linear layer on the concatenated input. Without a ``heads`` mesh axis it is
+    that one dot (no slice of the kernel: XLA copied the row blocks and summed the partials in f32 through
+    memory). Under one, each row slice of the kernel depends on its own input part (an optimization barrier):
+    XLA's GPU scheduler otherwise copied the weight slices of all 38 FLUX.1 single blocks at the top of each
+    sampler step and kept them alive (3.4 GiB)."""
     from flax import nnx
 
     from dfa2_jax.models.layers import Linear
@@ -294,9 +296,16 @@ def test_concat_in_ties_each_weight_slice_to_its_input():
     lin = Linear(6 + 10, 4, rngs=nnx.Rngs(0))
     rng = np.random.default_rng(0)
     a, b = (jnp.asarray(rng.standard_normal((2, 3, n)), jnp.float32) for n in (6, 10))
-    np.testing.assert_allclose(lin.concat_in([a, b]), lin(jnp.concatenate([a, b], -1)), rtol=1e-5, atol=1e-6)
+    want = lin(jnp.concatenate([a, b], -1))
+    np.testing.assert_allclose(lin.concat_in([a, b]), want, rtol=1e-5, atol=1e-6)
 
     jaxpr = jax.make_jaxpr(lambda a, b: lin.concat_in([a, b]))(a, b).jaxpr
+    names = [e.primitive.name for e in jaxpr.eqns]
+    assert names.count("dot_general") == 1 and "slice" not in names and "optimization_barrier" not in names
+
+    heads = jax.sharding.AbstractMesh((2,), ("heads",))
+    with jax.sharding.use_abstract_mesh(heads):
+        jaxpr = jax.make_jaxpr(lambda a, b: lin.concat_in([a, b]))(a, b).jaxpr
     barriers = [e for e in jaxpr.eqns if e.primitive.name == "optimization_barrier"]
     assert len(barriers) == 2
     for eqn, part in zip(barriers, jaxpr.invars):

@@ -17,7 +17,7 @@ import numpy as np
 from flax import nnx
 
 from dfa2_jax.models.attention import AttentionRuntime, TokenLayout, joint_attention
-from dfa2_jax.parallel.mesh import head_split_rows, heads_replicated, token_split
+from dfa2_jax.parallel.mesh import head_split_rows, heads_axis_size, heads_replicated, token_split
 
 
 class Linear(nnx.Module):
@@ -39,9 +39,15 @@ class Linear(nnx.Module):
         return y
 
     def concat_in(self, parts: Sequence[jax.Array]) -> jax.Array:
-        """``self(jnp.concatenate(parts, -1))`` as one dot per part on its own rows of the kernel (partial sums
-        in f32), without the concatenated input: each part may then be split on its last dim over a mesh
-        axis (head-split attention output, column-split MLP hidden) and the partials summed across it."""
+        """``self(jnp.concatenate(parts, -1))``. Under a mesh's ``heads`` axis: one dot per part on its own rows
+        of the kernel (partial sums in f32), without the concatenated input, so that each part may be split on
+        its last dim (head-split attention output, column-split MLP hidden) and the partials summed across it.
+
+        Otherwise one dot over the concatenation: XLA writes the parts' producers straight into it, and slicing
+        the kernel instead would copy its row blocks and send the partial sums through memory in f32 (FLUX.1's
+        single blocks: ~0.4 GB of extra traffic per block at 1024²)."""
+        if heads_axis_size() <= 1:
+            return self(jnp.concatenate(parts, -1))
         kernel = heads_replicated(self.kernel[...])
         acc, row = None, 0
         for x in parts:
@@ -78,11 +84,25 @@ class RMSNorm(nnx.Module):
         self.eps = eps
         self.scale = nnx.Param(jnp.ones((dim,), dtype))
 
-    def __call__(self, x: jax.Array) -> jax.Array:
+    def __call__(self, x: jax.Array, rope: tuple[jax.Array, jax.Array] | None = None) -> jax.Array:
+        """RMSNorm of ``x``; with ``rope`` (cos, sin) [S, D], then the rotary embedding (:func:`apply_rope`) of
+        the result, x [B, S, H, D], rounded to x's dtype once at the end.
+
+        The rotation swaps and negates the elements of each pair; done on the input (an exact shuffle of x)
+        rather than on the normalised value, norm and rotation are one fusion for XLA, whose normalisation
+        fusions do not take the shuffle: otherwise the normalised q and k went through memory in f32."""
         xf = x.astype(jnp.float32)
-        var = jnp.mean(jnp.square(xf), axis=-1, keepdims=True)
-        y = xf * jax.lax.rsqrt(var + self.eps)
-        return (y * self.scale[...].astype(jnp.float32)).astype(x.dtype)
+        r = jax.lax.rsqrt(jnp.mean(jnp.square(xf), axis=-1, keepdims=True) + self.eps)
+        scale = self.scale[...].astype(jnp.float32)
+        if rope is None:
+            return (xf * r * scale).astype(x.dtype)
+        cos, sin = rope
+        # rope(n)  = n·cos + rotate(n)·sin with n = x·r·scale and rotate(v)[2i] = -v[2i+1], rotate(v)[2i+1] = v[2i];
+        # rotate(n) = r · rotate(x) · swap(scale), where swap exchanges each pair.
+        rotated = _rotate_pairs(x).astype(jnp.float32)
+        swapped = scale.reshape(-1, 2)[:, ::-1].reshape(-1)
+        out = (xf * scale * cos[None, :, None, :] + rotated * swapped * sin[None, :, None, :]) * r
+        return out.astype(x.dtype)
 
 
 def timestep_embedding(t: jax.Array, dim: int = 256, max_period: float = 10000.0) -> jax.Array:
@@ -188,12 +208,16 @@ class FeedForward(nnx.Module):
         return self.net[2](self.net[0](x))
 
 
+def _rotate_pairs(x: jax.Array) -> jax.Array:
+    """(x[2i], x[2i+1]) -> (-x[2i+1], x[2i]) on the last axis (exact in any dtype)."""
+    pairs = x.reshape(*x.shape[:-1], -1, 2)
+    return jnp.stack([-pairs[..., 1], pairs[..., 0]], axis=-1).reshape(x.shape)
+
+
 def apply_rope(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
     """FLUX rotary embedding on interleaved pairs (x[2i], x[2i+1]); x: [B, S, H, D], cos/sin: [S, D]."""
     xf = x.astype(jnp.float32)
-    pairs = xf.reshape(*x.shape[:-1], -1, 2)
-    rotated = jnp.stack([-pairs[..., 1], pairs[..., 0]], axis=-1).reshape(x.shape)
-    out = xf * cos[None, :, None, :] + rotated * sin[None, :, None, :]
+    out = xf * cos[None, :, None, :] + _rotate_pairs(xf) * sin[None, :, None, :]
     return out.astype(x.dtype)
 
 
@@ -245,10 +269,13 @@ class Attention(nnx.Module):
     def _heads(self, x: jax.Array) -> jax.Array:
         return x.reshape(*x.shape[:-1], self.heads, self.head_dim)  # [B, S, H, D]
 
-    def _qkv(self, x: jax.Array, q_proj, k_proj, v_proj, norm_q, norm_k):
+    def _qkv(self, x: jax.Array, q_proj, k_proj, v_proj, norm_q, norm_k, rope):
+        """q, k, v [B, S, H, D] of one stream; ``rope``: this stream's rows of the (cos, sin) tables, or None."""
         q, k, v = self._heads(q_proj(x)), self._heads(k_proj(x)), self._heads(v_proj(x))
         if norm_q is not None:
-            q, k = norm_q(q), norm_k(k)
+            q, k = norm_q(q, rope), norm_k(k, rope)
+        elif rope is not None:
+            q, k = apply_rope(q, *rope), apply_rope(k, *rope)
         return q, k, v
 
     def __call__(self, x: jax.Array, context: jax.Array | None = None, *, layer: int, text_first: bool,
@@ -262,16 +289,19 @@ class Attention(nnx.Module):
         blocks), how many of its tokens are text.
         """
         def compute():
-            q, k, v = self._qkv(x, self.to_q, self.to_k, self.to_v, self.norm_q, self.norm_k)
-            text_len = joint_text_len
+            text_len = joint_text_len if context is None else context.shape[1]
+            x_rope = ctx_rope = rope
+            if rope is not None and context is not None:  # the tables cover the joint sequence: split them
+                n_img = x.shape[1]
+                rows = (slice(text_len, None), slice(0, text_len)) if text_first else (slice(0, n_img),
+                                                                                      slice(n_img, None))
+                x_rope, ctx_rope = ((cos[r], sin[r]) for r, (cos, sin) in zip(rows, (rope, rope)))
+            q, k, v = self._qkv(x, self.to_q, self.to_k, self.to_v, self.norm_q, self.norm_k, x_rope)
             if context is not None:
                 cq, ck, cv = self._qkv(context, self.add_q_proj, self.add_k_proj, self.add_v_proj,
-                                       self.norm_added_q, self.norm_added_k)
-                text_len = context.shape[1]
+                                       self.norm_added_q, self.norm_added_k, ctx_rope)
                 order = (lambda a, b: (b, a)) if text_first else (lambda a, b: (a, b))
                 q, k, v = (jnp.concatenate(order(a, b), axis=1) for a, b in ((q, cq), (k, ck), (v, cv)))
-            if rope is not None:
-                q, k = apply_rope(q, *rope), apply_rope(k, *rope)
             # Computed on the token split (a mesh's seq axis) and moved to the head split inside attention by
             # an all-to-all. Without the constraint the partitioner gathered the tokens of q, k, v instead, and
             # inside a skippable layer's lax.cond (where the stream's split is not seen) sliced the weights by

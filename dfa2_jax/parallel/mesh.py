@@ -106,7 +106,8 @@ def token_split(x: jax.Array | None) -> jax.Array | None:
     return jax.lax.with_sharding_constraint(x, spec)
 
 
-def _heads_size() -> int:
+def heads_axis_size() -> int:
+    """The size of the context mesh's ``heads`` axis (1 without a mesh or such an axis)."""
     return mesh_sizes()[1].get("heads", 1)
 
 
@@ -117,7 +118,7 @@ def heads_replicated(w: jax.Array) -> jax.Array:
     the sampler's step and all kept alive: 2.6 GiB of temp at ``heads=2`` instead of 0.9. (The partitioner still
     splits a sliced weight's rows in equal blocks first and exchanges the misaligned rows — two 9 MiB
     collective-permutes per single block and step at 2048², about 1 ms of NVLink.)"""
-    if _heads_size() <= 1:
+    if heads_axis_size() <= 1:
         return w
     return jax.lax.with_sharding_constraint(w, P(*([None] * w.ndim)))
 
@@ -126,11 +127,11 @@ def head_split_rows(w: jax.Array) -> jax.Array:
     """A block of rows of a row-split (Megatron) projection, ``w`` [K, N], constrained to be split on its rows
     over the context mesh's ``heads`` axis when there is one and it divides K: the layout of an input split on
     its features over ``heads``. Otherwise ``w`` as is."""
-    n = _heads_size()
+    n = heads_axis_size()
     if n <= 1 or w.shape[0] % n:
         return w
     return jax.lax.with_sharding_constraint(w, P("heads", *([None] * (w.ndim - 1))))
 
 
 __all__ = ["BATCH_AXES", "HEAD_AXES", "SEQ_AXIS", "mesh_sizes", "per_device", "per_device_tables", "token_split",
-           "heads_replicated", "head_split_rows"]
+           "heads_axis_size", "heads_replicated", "head_split_rows"]
