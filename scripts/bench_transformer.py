@@ -106,11 +106,9 @@ def torch_kernel_times(call) -> list[dict]:
     for ev in prof.events():
         if "cuda" not in str(getattr(ev, "device_type", "")).lower():
             continue
-        us = getattr(ev, "device_time", None)
-        us = ev.cuda_time if us is None else us
         f = found.setdefault(ev.name, [0, 0.0])
         f[0] += 1
-        f[1] += us / 1e3
+        f[1] += ev.time_range.elapsed_us() / 1e3
     return [dict(name=n, count=c, ms=ms) for n, (c, ms) in sorted(found.items(), key=lambda kv: -kv[1][1])]
 
 
