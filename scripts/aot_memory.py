@@ -15,6 +15,7 @@ handler registered through ctypes); its workspace is not counted. The figures ar
 any run: use ``scripts/bench_memory.py`` on a GPU for the device peak.
 
     JAX_PLATFORMS=cpu python3 scripts/aot_memory.py --res 2048 --steps 28
+    JAX_PLATFORMS=cpu python3 scripts/aot_memory.py --variants step --res 1024   # one step's kernels and traffic
     JAX_PLATFORMS=cpu XLA_FLAGS=--xla_force_host_platform_device_count=2 \\
         python3 scripts/aot_memory.py --smoke --meshes "none;heads=2"     # no CUDA plugin needed
 
@@ -94,6 +95,41 @@ def register_stand_in(platform: str = "CUDA") -> None:
 
 
 BACKENDS = {"mosaic": "mosaic_gpu", "mosaic_gpu": "mosaic_gpu", "triton": "triton"}  # --backend -> attention_impl
+HLO_BYTES = {"bf16": 2, "f16": 2, "f32": 4, "f64": 8, "s8": 1, "u8": 1, "pred": 1, "s32": 4, "u32": 4, "s64": 8,
+             "u64": 8}
+
+
+def _shape_bytes(text: str) -> int:
+    """Bytes of every array shape written in ``text`` (an HLO result type, a tuple's included)."""
+    total = 0
+    for dtype, dims in re.findall(r"\b(\w+)\[([\d,]*)\]", text):
+        if dtype in HLO_BYTES:
+            total += math.prod(int(d) for d in dims.split(",") if d) * HLO_BYTES[dtype]
+    return total
+
+
+def kernel_traffic(hlo: str) -> tuple[int, int, list[tuple[str, int, int]]]:
+    """The entry computation's kernels (fusions, custom calls, copies) of a compiled module's text: (count, bytes,
+    [(family, bytes, count)] largest first), each kernel's bytes being its operands' plus its result's sizes — the
+    traffic through memory if every operand is read whole once (a fusion that slices an operand reads less)."""
+    entry = hlo[hlo.index("\nENTRY"):]
+    entry = entry[:entry.index("\n}\n")]
+    sizes: dict[str, int] = {}
+    families: dict[str, list[int]] = {}
+    for line in entry.splitlines()[1:]:
+        m = re.match(r"\s*(?:ROOT )?%(\S+) = (\(.*?\)|\S+) ([\w-]+)\((.*?)\)(?:,|$)", line)
+        if not m:
+            continue
+        name, result, op, operands = m.groups()
+        sizes[name] = _shape_bytes(result)
+        if op in ("fusion", "custom-call", "copy"):
+            moved = sizes[name] + sum(sizes.get(a.strip()[1:], 0) for a in operands.split(",")
+                                      if a.strip().startswith("%"))
+            fam = families.setdefault(re.sub(r"([._]\d+)+$", "", name), [0, 0])
+            fam[0] += moved
+            fam[1] += 1
+    ranked = sorted(((f, b, n) for f, (b, n) in families.items()), key=lambda t: -t[1])
+    return sum(n for _, _, n in ranked), sum(b for _, b, _ in ranked), ranked
 
 
 def main() -> None:
@@ -105,7 +141,9 @@ def main() -> None:
     ap.add_argument("--layers", default=None, help="FLUX: double,single blocks (default 19,38); SD3: blocks (24)")
     ap.add_argument("--backend", default="mosaic", choices=sorted(BACKENDS),
                     help="the plan's arrow kernel (attention_impl mosaic_gpu or triton)")
-    ap.add_argument("--variants", default="dense,plan")
+    ap.add_argument("--variants", default="dense,plan",
+                    help="comma list of dense, plan (the sampler) and step (one dense transformer evaluation, batch "
+                         "1, no mesh: its kernels' memory traffic is printed)")
     ap.add_argument("--meshes", default="none",
                     help="';'-separated meshes to compile on (dfa2 --mesh syntax, e.g. 'none;heads=4;seq=4'): the "
                          "sharded sampler (dfa2_jax.parallel.sharded.shard_denoise) on that many H100s of one host; "
@@ -117,6 +155,8 @@ def main() -> None:
                     help="--smoke: how the plan's heads compile on the CPU")
     args = ap.parse_args()
     args.steps = args.steps or (3 if args.smoke else 28)
+    if unknown := set(args.variants.split(",")) - {"dense", "plan", "step"}:
+        sys.exit(f"aot_memory --variants: unknown {', '.join(sorted(unknown))} (known: dense, plan, step)")
     attention_impl = args.smoke_impl if args.smoke else BACKENDS[args.backend]
     import jax
     import jax.numpy as jnp
@@ -132,7 +172,7 @@ def main() -> None:
     from dfa2_jax.parallel.mesh import per_device
     from dfa2_jax.parallel.sharded import make_mesh, parse_mesh, sharded_sampler_inputs
     from dfa2_jax.sample import plan_inputs, scan_sampler, split_plan_inputs
-    from dfa2_jax.transformer import flux_rope
+    from dfa2_jax.transformer import flux_forward, flux_rope, sd3_forward
 
     n_gpus = max(math.prod(parse_mesh(m).values()) if m != "none" else 1 for m in args.meshes.split(";"))
     if args.smoke:
@@ -238,10 +278,29 @@ def main() -> None:
                                                                     **skw), mesh)
         return caches, compiled, times
 
+    def dense_step():
+        """One dense evaluation of the transformer, batch 1, as the one-step benchmark times it."""
+        abstract = {"prompt_embeds": (1, text, cfg.joint_attention_dim), "pooled": (1, cfg.pooled_projection_dim)}
+        emb, pooled = (on_gpu(jax.ShapeDtypeStruct(v, dtype)) for v in abstract.values())
+        t = on_gpu(jax.ShapeDtypeStruct((1,), jnp.float32))
+        if family == "flux":
+            x = on_gpu(jax.ShapeDtypeStruct((1, n_img, cfg.in_channels), dtype))
+            return compile_traced(lambda: flux_forward.trace(graphdef, on_gpu(params), x, emb, pooled, t,
+                                                             on_gpu(cond["rope"]), t))
+        x = on_gpu(jax.ShapeDtypeStruct((1, cfg.in_channels, h, w), dtype))
+        return compile_traced(lambda: sd3_forward.trace(graphdef, on_gpu(params), x, emb, pooled, t))
+
+    traffic = []
     for mesh_spec in args.meshes.split(";"):
         for name in args.variants.split(","):
-            p = {"dense": None, "plan": plan}[name]
-            if mesh_spec == "none":
+            if name == "step":
+                if mesh_spec != "none":
+                    continue
+                caches = 0
+                compiled, times = dense_step()
+                traffic.append(kernel_traffic(compiled.as_text()))
+            elif mesh_spec == "none":
+                p = {"dense": None, "plan": plan}[name]
                 spec, plan_in = plan_inputs(graphdef, params, latents, cond, ts, p, family=family, do_cfg=do_cfg,
                                             attention_impl=attention_impl)
                 arrays, state = on_gpu(split_plan_inputs(plan_in))
@@ -250,7 +309,7 @@ def main() -> None:
                     graphdef, on_gpu(params), on_gpu(latents), on_gpu(cond), on_gpu(ts), on_gpu(sig), arrays, state,
                     family=family, do_cfg=do_cfg, report=False, spec=spec))
             else:
-                caches, compiled, times = sharded(mesh_spec, p)
+                caches, compiled, times = sharded(mesh_spec, {"dense": None, "plan": plan}[name])
             m = compiled.memory_analysis()
             hlo = compiled.as_text()
             head = (rf"{HLO_DTYPES[jnp.dtype(dtype).name]}\[\d+,\d+,\d+,{cfg.attention_head_dim}\]"  # [B, S(pad), H, D]
@@ -273,6 +332,11 @@ def main() -> None:
               f"{m.output_size_in_bytes / mib:7.0f} {m.alias_size_in_bytes / mib:7.0f} "
               f"{m.temp_size_in_bytes / mib:7.0f} "
               f"{copies:12d} {tr:7.1f} {lo:7.1f} {co:9.1f}")
+    for n_kernels, moved, families in traffic:
+        print(f"\none dense step, batch 1: {n_kernels} kernels moving {moved / 1e9:.2f} GB (each kernel's operands "
+              "and result read or written once); largest kernel families:")
+        for fam, b, n in families[:10]:
+            print(f"  {fam:<28} {b / 1e9:8.2f} GB  x{n}")
 
 
 if __name__ == "__main__":

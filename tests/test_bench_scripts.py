@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 import tempfile
@@ -114,11 +115,14 @@ def test_profile_transformer_smoke(tmp_path):
 def test_aot_memory_smoke(tmp_path):
     """No jax CUDA plugin here: the script's path without the H100 topology (tiny model compiled for the host
     CPU, the cuDNN stand-in registered for the CPU, the plan through the Triton kernel in interpret mode), on one
-    device and on a 2-device heads mesh."""
-    out = _run("aot_memory.py", "--smoke", "--variants", "plan", "--meshes", "none;heads=2", cwd=tmp_path, devices=2)
-    table = out[out.index("\nmesh"):].splitlines()[2:]
-    assert [line.split()[:2] for line in table] == [["none", "plan"], ["heads=2", "plan"]], out
+    device and on a 2-device heads mesh; and one dense step's kernel traffic (one device only)."""
+    out = _run("aot_memory.py", "--smoke", "--variants", "step,plan", "--meshes", "none;heads=2", cwd=tmp_path,
+               devices=2)
+    table = out[out.index("\nmesh"):out.index("\none dense step")].strip().splitlines()[1:]
+    assert [line.split()[:2] for line in table] == [["none", "step"], ["none", "plan"], ["heads=2", "plan"]], out
     assert "kernel: interpret" in out
+    traffic = re.search(r"one dense step, batch 1: (\d+) kernels moving ([\d.]+) GB", out)
+    assert traffic and int(traffic[1]) > 10 and float(traffic[2]) > 0, out
 
 
 def test_aot_memory_without_plugin_says_what_is_missing(tmp_path):

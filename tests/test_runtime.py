@@ -315,6 +315,26 @@ def test_concat_in_is_one_dot_and_ties_each_weight_slice_to_its_input_under_head
         assert len(slices) == 1  # the row slice is taken from the barrier's kernel, not the parameter
 
 
+def test_modulation_dots_each_own_their_input():
+    """Every AdaLN's linear takes SiLU(temb) through a barrier together with its own kernel, so XLA cannot merge
+    the blocks' modulation dots into one (which copied all their weights into one matrix at every step)."""
+    from flax import nnx
+
+    from dfa2_jax.models.layers import AdaLayerNormZero
+
+    norms = [AdaLayerNormZero(8, 3, dtype=jnp.float32, rngs=nnx.Rngs(i)) for i in range(2)]
+    emb = jnp.asarray(np.random.default_rng(0).standard_normal((2, 8)), jnp.float32)
+    for norm in norms:
+        want = norm.linear(jax.nn.silu(emb))
+        np.testing.assert_allclose(jnp.concatenate([c[:, 0] for c in norm(emb)], -1), want, rtol=1e-6, atol=1e-6)
+    jaxpr = jax.make_jaxpr(lambda e: [norm(e) for norm in norms])(emb).jaxpr
+    barriers = [e for e in jaxpr.eqns if e.primitive.name == "optimization_barrier"]
+    dots = [e for e in jaxpr.eqns if e.primitive.name == "dot_general"]
+    assert len(barriers) == len(dots) == 2
+    for barrier, dot in zip(barriers, dots):
+        assert set(dot.invars) <= set(barrier.outvars)  # both operands of each dot come out of its own barrier
+
+
 def test_runtime_computes_kernel_schedules_once_per_step(monkeypatch):
     """The kernel's launch schedules of every layer are computed once per step and kind of call (here: without
     and with a cache), each layer gets its own row, and a skippable layer's lax.cond branch makes none."""

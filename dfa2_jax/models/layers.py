@@ -32,11 +32,21 @@ class Linear(nnx.Module):
                      if use_bias else None)
 
     def __call__(self, x: jax.Array) -> jax.Array:
-        kernel = self.kernel[...]
+        return self._apply(x, self.kernel[...])
+
+    def _apply(self, x: jax.Array, kernel: jax.Array) -> jax.Array:
         y = jnp.dot(x.astype(kernel.dtype), kernel)
         if self.bias is not None:
             y = y + self.bias[...]
         return y
+
+    def own_input(self, x: jax.Array) -> jax.Array:
+        """``self(x)`` with ``x`` tied to this layer's kernel (an optimization barrier), so XLA keeps it a dot of
+        its own. Every block's modulation is a small matmul of the same SiLU(temb), and XLA merges dots that share
+        an operand: here that meant concatenating the weights of the merged layers into one matrix at every step
+        (2.3 GB for FLUX.1's single blocks), then reading them again."""
+        kernel, x = jax.lax.optimization_barrier((self.kernel[...], x))
+        return self._apply(x, kernel)
 
     def concat_in(self, parts: Sequence[jax.Array]) -> jax.Array:
         """``self(jnp.concatenate(parts, -1))``. Under a mesh's ``heads`` axis: one dot per part on its own rows
@@ -100,7 +110,7 @@ class RMSNorm(nnx.Module):
         # rope(n)  = n·cos + rotate(n)·sin with n = x·r·scale and rotate(v)[2i] = -v[2i+1], rotate(v)[2i+1] = v[2i];
         # rotate(n) = r · rotate(x) · swap(scale), where swap exchanges each pair.
         rotated = _rotate_pairs(x).astype(jnp.float32)
-        swapped = scale.reshape(-1, 2)[:, ::-1].reshape(-1)
+        swapped = self.scale[...].reshape(-1, 2)[:, ::-1].reshape(-1).astype(jnp.float32)  # exact, any dtype
         out = (xf * scale * cos[None, :, None, :] + rotated * swapped * sin[None, :, None, :]) * r
         return out.astype(x.dtype)
 
@@ -167,7 +177,7 @@ class AdaLayerNormZero(nnx.Module):
         self.linear = Linear(dim, chunks * dim, dtype=dtype, rngs=rngs)
 
     def __call__(self, emb: jax.Array) -> list[jax.Array]:
-        out = self.linear(jax.nn.silu(emb))  # [B, n·D]
+        out = self.linear.own_input(jax.nn.silu(emb))  # [B, n·D]
         return [c[:, None, :] for c in jnp.split(out, self.chunks, axis=-1)]
 
 
@@ -182,7 +192,7 @@ class AdaLayerNormContinuous(nnx.Module):
         self.linear = Linear(cond_dim, 2 * dim, dtype=dtype, rngs=rngs)
 
     def __call__(self, x: jax.Array, cond: jax.Array) -> jax.Array:
-        scale, shift = jnp.split(self.linear(jax.nn.silu(cond).astype(x.dtype)), 2, axis=-1)
+        scale, shift = jnp.split(self.linear.own_input(jax.nn.silu(cond).astype(x.dtype)), 2, axis=-1)
         return modulate(layer_norm(x), shift[:, None, :], scale[:, None, :])
 
 
