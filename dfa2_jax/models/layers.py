@@ -107,7 +107,7 @@ class RMSNorm(nnx.Module):
         if rope is None:
             return (xf * r * scale).astype(x.dtype)
         cos, sin = rope
-        # rope(n)  = n·cos + rotate(n)·sin with n = x·r·scale and rotate(v)[2i] = -v[2i+1], rotate(v)[2i+1] = v[2i];
+        # rope(n) = n·cos + rotate(n)·sin, n = x·r·scale, rotate(v)[2i] = -v[2i+1], rotate(v)[2i+1] = v[2i];
         # rotate(n) = r · rotate(x) · swap(scale), where swap exchanges each pair.
         rotated = _rotate_pairs(x).astype(jnp.float32)
         swapped = self.scale[...].reshape(-1, 2)[:, ::-1].reshape(-1).astype(jnp.float32)  # exact, any dtype
@@ -305,7 +305,7 @@ class Attention(nnx.Module):
                 n_img = x.shape[1]
                 rows = (slice(text_len, None), slice(0, text_len)) if text_first else (slice(0, n_img),
                                                                                       slice(n_img, None))
-                x_rope, ctx_rope = ((cos[r], sin[r]) for r, (cos, sin) in zip(rows, (rope, rope)))
+                x_rope, ctx_rope = ((rope[0][r], rope[1][r]) for r in rows)
             q, k, v = self._qkv(x, self.to_q, self.to_k, self.to_v, self.norm_q, self.norm_k, x_rope)
             if context is not None:
                 cq, ck, cv = self._qkv(context, self.add_q_proj, self.add_k_proj, self.add_v_proj,
