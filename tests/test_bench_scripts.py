@@ -46,14 +46,38 @@ def test_bench_transformer_smoke(tmp_path):
     """Ours, diffusers eager and diffusers under torch.compile on the tiny FLUX model (torch.compile's 'eager'
     backend: the worker's plumbing without inductor's minute of C++ code generation on a CPU)."""
     out = _run("bench_transformer.py", "--smoke", "--models", "flux-dev", "--out", str(tmp_path),
-               "--torch-compile-backend", "eager", cwd=tmp_path)
+               "--torch-compile-backend", "eager", "--profile", cwd=tmp_path)
     rows = json.loads((tmp_path / "results.json").read_text())
+    # --profile: the JAX worker wrote its compiled program and its (here, CPU: empty) GPU kernel table
+    assert "ENTRY" in (tmp_path / "hlo_flux-dev_128.txt").read_text()
+    assert json.loads((tmp_path / "kernels_jax_flux-dev_128.json").read_text())["framework"] == "jax"
     assert {r["framework"] for r in rows} == {"jax", "torch", "torch-compile"}, out
     assert all(r["finite"] and r["ms"] > 0 for r in rows)
     compiled = next(r for r in rows if r["framework"] == "torch-compile")
     assert compiled["compile_mode"] == "default" and compiled["first_call_s"] > compiled["ms"] / 1e3
     table = out[out.index("\nmodel"):]
     assert "jax/tc" in table and "tc compile s" in table and "flux-dev" in table
+
+
+def test_bench_transformer_kernel_tables():
+    """The profile's grouping of GPU kernel names: cuBLAS / XLA / Inductor matmuls, cuDNN attention, copies, and
+    kernel families without their instance numbers."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("bench_transformer", SCRIPTS / "bench_transformer.py")
+    bt = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bt)
+    kernels = [dict(name="nvjet_tst_128x256_64x4_1x2_h_bz_coopA_NNT", count=3, ms=4.0),
+               dict(name="gemm_fusion_dot_45", count=1, ms=1.0),
+               dict(name="cudnn_generated_fort_native_sdpa_sm90_flash_fprop_wgmma_f16_knob_3", count=2, ms=3.0),
+               dict(name="loop_add_fusion_12", count=1, ms=0.5), dict(name="loop_add_fusion.3", count=2, ms=0.25),
+               dict(name="triton_poi_fused_add_mul_7", count=1, ms=0.125), dict(name="Memcpy DtoD", count=1, ms=0.5)]
+    summary = bt.summarize_kernels(kernels)
+    assert summary["kinds"] == {"matmul": 5.0, "attention": 3.0, "other": 0.875, "copy": 0.5}
+    assert summary["total_ms"] == 9.375 and summary["n_kernels"] == 11
+    families = {f["family"]: (f["ms"], f["count"]) for f in summary["top_non_matmul"]}
+    assert families["loop_add_fusion"] == (0.75, 3) and families["triton_poi_fused_add_mul"] == (0.125, 1)
+    assert summary["top_non_matmul"][0]["family"].startswith("cudnn_generated")  # largest first
 
 
 def test_bench_e2e_smoke(tmp_path):
