@@ -21,6 +21,7 @@ plans (:data:`PLAN_REMOVED`) of a case share one ``RuntimeSpec`` and one compile
 from __future__ import annotations
 
 import dataclasses
+import re
 import statistics
 import time
 from collections.abc import Callable, Sequence
@@ -337,6 +338,13 @@ def time_calls(fn: Callable[..., Any], make_args: Callable[[int], Sequence[Any]]
     return times
 
 
+def kernel_family(name: str) -> str:
+    """A GPU kernel's (or compiled HLO instruction's) name without its instance numbers: XLA's
+    ``loop_add_fusion.12`` and ``loop_add_fusion_3`` are one family, so are Inductor's ``triton_poi_fused_add_0``
+    and ``..._add_7``; a profiler's argument list in brackets is dropped."""
+    return re.sub(r"([._]\d+)+$", "", name.split("(")[0].strip())
+
+
 def median(xs: Sequence[float]) -> float:
     return float(statistics.median(xs))
 
@@ -369,5 +377,5 @@ def arrow_implementation(attention_impl: str, q) -> str:
 __all__ = ["ATTENTION_SHAPES", "AttentionShape", "CACHE_PEAK", "CASES", "Case", "FAMILIES", "GUIDANCE", "LAMBDA_MAX",
            "NoAttention", "PLAN_METHODS", "PLAN_REMOVED", "SMALL_ATTENTION_SHAPES", "TEXT_TOKENS", "TINY_BLOCKS",
            "TINY_RES", "TINY_STEPS", "TINY_TEXT_TOKENS", "amdahl_bound", "arrow_implementation", "benchmark_plan",
-           "flux_ids", "image_tokens", "median", "model_config", "plan_assignment", "random_inputs", "sampler_inputs",
+           "flux_ids", "image_tokens", "kernel_family", "median", "model_config", "plan_assignment", "random_inputs", "sampler_inputs",
            "schedule", "step_inputs", "synthetic_plan", "text_tokens", "time_calls", "timed", "tree_bytes"]

@@ -112,6 +112,8 @@ def kernel_traffic(hlo: str) -> tuple[int, int, list[tuple[str, int, int]]]:
     """The entry computation's kernels (fusions, custom calls, copies) of a compiled module's text: (count, bytes,
     [(family, bytes, count)] largest first), each kernel's bytes being its operands' plus its result's sizes — the
     traffic through memory if every operand is read whole once (a fusion that slices an operand reads less)."""
+    from dfa2_jax.benchmarking import kernel_family
+
     entry = hlo[hlo.index("\nENTRY"):]
     entry = entry[:entry.index("\n}\n")]
     sizes: dict[str, int] = {}
@@ -125,7 +127,7 @@ def kernel_traffic(hlo: str) -> tuple[int, int, list[tuple[str, int, int]]]:
         if op in ("fusion", "custom-call", "copy"):
             moved = sizes[name] + sum(sizes.get(a.strip()[1:], 0) for a in operands.split(",")
                                       if a.strip().startswith("%"))
-            fam = families.setdefault(re.sub(r"([._]\d+)+$", "", name), [0, 0])
+            fam = families.setdefault(kernel_family(name), [0, 0])
             fam[0] += moved
             fam[1] += 1
     ranked = sorted(((f, b, n) for f, (b, n) in families.items()), key=lambda t: -t[1])
@@ -280,9 +282,9 @@ def main() -> None:
 
     def dense_step():
         """One dense evaluation of the transformer, batch 1, as the one-step benchmark times it."""
-        abstract = {"prompt_embeds": (1, text, cfg.joint_attention_dim), "pooled": (1, cfg.pooled_projection_dim)}
-        emb, pooled = (on_gpu(jax.ShapeDtypeStruct(v, dtype)) for v in abstract.values())
-        t = on_gpu(jax.ShapeDtypeStruct((1,), jnp.float32))
+        emb = on_gpu(jax.ShapeDtypeStruct((1, text, cfg.joint_attention_dim), dtype))
+        pooled = on_gpu(jax.ShapeDtypeStruct((1, cfg.pooled_projection_dim), dtype))
+        t = on_gpu(jax.ShapeDtypeStruct((1,), jnp.float32))  # the timestep; FLUX.1-dev's guidance has its shape
         if family == "flux":
             x = on_gpu(jax.ShapeDtypeStruct((1, n_img, cfg.in_channels), dtype))
             return compile_traced(lambda: flux_forward.trace(graphdef, on_gpu(params), x, emb, pooled, t,

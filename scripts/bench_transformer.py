@@ -28,7 +28,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import re
 import subprocess
 import sys
 import time
@@ -48,20 +47,16 @@ def kernel_kind(name: str) -> str:
     return "copy" if ("memcpy" in low or "memset" in low) else "other"
 
 
-def kernel_family(name: str) -> str:
-    """A kernel name without its instance numbers (``loop_add_fusion_12`` and ``loop_add_fusion_3`` are one
-    family; so are Inductor's ``triton_poi_fused_add_0`` and ``..._add_7``)."""
-    return re.sub(r"([._]\d+)+$", "", name.split("(")[0].strip())
-
-
 def summarize_kernels(kernels: list[dict]) -> dict:
     """kernels: [{name, count, ms}] of one call -> per-kind ms and the 12 largest non-matmul families."""
+    from dfa2_jax.benchmarking import kernel_family
+
     kinds: dict[str, float] = {}
     fams: dict[str, list] = {}
     for k in kernels:
         kind = kernel_kind(k["name"])
         kinds[kind] = kinds.get(kind, 0.0) + k["ms"]
-        if kind not in ("matmul",):
+        if kind != "matmul":
             f = fams.setdefault(kernel_family(k["name"])[:90], [0.0, 0])
             f[0] += k["ms"]
             f[1] += k["count"]
