@@ -2,9 +2,10 @@
 
 Same arguments, semantics (:mod:`pallas_kernels.reference`) and visit schedule (:mod:`pallas_kernels.common`) as
 the Triton kernel (:mod:`pallas_kernels.triton`); what differs is how the tiles run. The kernel is persistent
-(one CTA per SM, each running its own list of tiles, longest first: by default every n-th tile of the
-longest-first order, or a cost-balanced assignment, see :func:`assign_ctas`); a tile is 2 × ``block_q`` query
-rows of one (batch, head), and each CTA runs three warpgroups, FlashAttention-3 style:
+(one CTA per SM, each running its own list of tiles, longest first: by default a cost-balanced assignment,
+each tile onto the least-loaded CTA, or every n-th tile of the longest-first order, see :func:`assign_ctas`); a
+tile is 2 × ``block_q`` query rows of one (batch, head), and each CTA runs three warpgroups, FlashAttention-3
+style:
 
 * a memory warpgroup streams each tile's Q (double-buffered) and key/value blocks with TMA into a ring of
   ``max_concurrent_steps`` shared-memory slots, running ahead across tile boundaries; the block sequence (text
@@ -56,17 +57,18 @@ class MosaicGpuConfig:
     max_concurrent_steps: shared-memory ring slots for K and V (≥ 2); num_ctas: persistent CTAs (0: one per
     SM); group_by_mask: the compute warpgroups loop once per mask kind (clean, band, general: a smaller module,
     faster to compile) instead of once per key-block range of the visit schedule; balance: tiles go to the CTAs
-    by estimated cost, longest first onto the least-loaded CTA, and cached tiles are left out (default False:
-    every num_ctas-th tile of the longest-first order). Computing the balanced assignment is a sequential loop
-    (~0.5 ms for FLUX.1 at 2048² on an H100, once per sampler step for all layers, or once per call without a
-    precomputed ``schedule``); what it saves in the kernel is not yet measured (docs/PERFORMANCE.md)."""
+    by estimated cost, longest first onto the least-loaded CTA, and cached tiles are left out (default True;
+    False: every num_ctas-th tile of the longest-first order, "round-robin"). Computing the balanced assignment
+    is a sequential loop (~0.8 ms for FLUX.1 at 2048² on an H100, once per sampler step for all layers, or once
+    per call without a precomputed ``schedule``); it shortens the kernel of mixed plans by 8–15%
+    (docs/PERFORMANCE.md, "Kernel schedules")."""
 
     block_q: int = 64
     block_kv: int = 128
     max_concurrent_steps: int = 2
     num_ctas: int = 0  # persistent CTAs; 0 = one per SM
     group_by_mask: bool = True
-    balance: bool = False
+    balance: bool = True
 
     def __post_init__(self):
         for name in ("block_q", "block_kv"):

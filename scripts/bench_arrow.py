@@ -182,13 +182,13 @@ def mgpu_rows(name, make_inputs, b, s, h, d, dense_flops, iters, warmup):
 
 
 
-MOSAIC_FLAGS = {"ranges": ("group_by_mask", False), "balanced": ("balance", True)}  # spec suffix -> config field
+MOSAIC_FLAGS = {"ranges": ("group_by_mask", False), "roundrobin": ("balance", False)}  # spec suffix -> config field
 
 
 def mosaic_config(spec: str) -> MosaicGpuConfig:
-    """``block_q/block_kv/ring[/num_ctas][/ranges][/balanced]``: ``ranges`` loops once per key-block range instead
-    of once per mask kind (``MosaicGpuConfig.group_by_mask=False``); ``balanced``: the cost-balanced schedule
-    instead of round-robin (``balance=True``)."""
+    """``block_q/block_kv/ring[/num_ctas][/ranges][/roundrobin]``: ``ranges`` loops once per key-block range
+    instead of once per mask kind (``MosaicGpuConfig.group_by_mask=False``); ``roundrobin``: every n-th tile of the
+    longest-first order onto each CTA instead of the cost-balanced schedule (``balance=False``)."""
     parts = spec.split("/")
     fields = {}
     while parts and parts[-1] in MOSAIC_FLAGS:
@@ -219,8 +219,8 @@ def main(argv=None):
                    "implementation= argument): triton (the Pallas-Triton kernel), mosaic_gpu (the Mosaic GPU "
                    "kernel, Hopper; in interpret mode on CPU; 'mosaic' is accepted as an alias)")
     p.add_argument("--mosaic-configs", default="64/128/2", help="Mosaic GPU configs to time, comma-separated "
-                   "block_q/block_kv/max_concurrent_steps[/num_ctas][/ranges][/balanced] (balanced: cost-balanced "
-                   "schedule); 'heuristic' = the per-head-dim default")
+                   "block_q/block_kv/max_concurrent_steps[/num_ctas][/ranges][/roundrobin] (roundrobin: the "
+                   "round-robin schedule instead of the cost-balanced default); 'heuristic' = the per-head-dim default")
     args = p.parse_args(argv)
     iters = args.iters or (2 if args.small else 20)
     warmup = args.warmup or (1 if args.small else 3)

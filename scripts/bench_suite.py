@@ -12,7 +12,7 @@ line per command (status, wall time, log). ``OUT/suite.json`` holds the same.
 
 Parts (``--only``, comma-separated; default: all but ``aot``):
 
-- kernel: ``bench_arrow.py`` — the arrow kernel (Triton and Mosaic GPU, round-robin and balanced schedules) vs
+- kernel: ``bench_arrow.py`` — the arrow kernel (Triton and Mosaic GPU, balanced and round-robin schedules) vs
   cuDNN at FLUX 2048² and SD3 1024², the mixed plan and three random head mixes at the same kept fraction;
 - transformer: ``bench_transformer.py`` — one step, ours vs diffusers eager and under torch.compile;
 - profile: ``profile_transformer.py`` — attention vs the rest of a step;
@@ -59,7 +59,7 @@ def _c(script, args="", *, out=False, timeout=3600.0, env=None) -> Command:
 # The arguments each figure of docs/PERFORMANCE.md was taken with (e2e: budgets that also hold torch.compile).
 PARTS: dict[str, list[Command]] = {
     "kernel": [_c("bench_arrow.py", "--backends triton,mosaic_gpu --mosaic-configs "
-                  "64/128/2,64/128/2/balanced,64/64/3,64/128/3",
+                  "64/128/2,64/128/2/roundrobin,64/64/3,64/128/3",
                   timeout=1800)],
     "transformer": [_c("bench_transformer.py", "--iters 20", out=True, timeout=2400)],
     "profile": [_c("profile_transformer.py", "--models sd3-medium,flux-dev --res 1024,2048 --iters 10",
