@@ -335,6 +335,26 @@ def test_modulation_dots_each_own_their_input():
         assert set(dot.invars) <= set(barrier.outvars)  # both operands of each dot come out of its own barrier
 
 
+def test_projections_of_one_input_each_own_their_dot():
+    """q, k, v of both streams (and FLUX.1's single-block MLP) each take their input through a barrier with their
+    own kernel, so XLA cannot merge the dots of one input (which copied their weights into one matrix per step)."""
+    from flax import nnx
+
+    from dfa2_jax.models.layers import Attention
+
+    attn = Attention(8, 2, 4, added_kv=True, qk_norm=True, dtype=jnp.float32, rngs=nnx.Rngs(0))
+    rng = np.random.default_rng(0)
+    x, c = (jnp.asarray(rng.standard_normal((1, n, 8)), jnp.float32) for n in (6, 3))
+    jaxpr = jax.make_jaxpr(lambda x, c: attn(x, c, layer=0, text_first=True))(x, c).jaxpr
+    barriers = [e for e in jaxpr.eqns if e.primitive.name == "optimization_barrier"]
+    assert len(barriers) == 6
+    for barrier in barriers:  # each barrier feeds one dot, both of whose operands come out of it
+        outs = {id(v) for v in barrier.outvars}
+        users = [e for e in jaxpr.eqns if any(id(v) in outs for v in e.invars)]
+        assert [e.primitive.name for e in users] == ["dot_general"]
+        assert all(id(v) in outs for v in users[0].invars)
+
+
 def test_runtime_computes_kernel_schedules_once_per_step(monkeypatch):
     """The kernel's launch schedules of every layer are computed once per step and kind of call (here: without
     and with a cache), each layer gets its own row, and a skippable layer's lax.cond branch makes none."""

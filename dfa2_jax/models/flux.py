@@ -61,7 +61,7 @@ class FluxSingleTransformerBlock(nnx.Module):
         """h: [B, T + N, D] joint stream -> same."""
         shift, scale, gate = self.norm(temb)
         normed = modulate(layer_norm(h), shift, scale)
-        mlp = jax.nn.gelu(self.proj_mlp(normed), approximate=True)
+        mlp = jax.nn.gelu(self.proj_mlp.own_input(normed), approximate=True)
         attn_out, _ = self.attn(normed, None, layer=layer, text_first=True, rope=rope, joint_text_len=text_len,
                                 runtime=runtime)
         return h + gate * self.proj_out.concat_in([attn_out, mlp])  # = proj_out(concat([attn_out, mlp]))
