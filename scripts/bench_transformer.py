@@ -9,9 +9,11 @@ Each framework runs in its own subprocess (so peak-memory figures are its own): 
 (``jax.nn.dot_product_attention(implementation="cudnn")``); diffusers' ``FluxTransformer2DModel`` /
 ``SD3Transformer2DModel`` built from our config's diffusers dict, eager ("torch") and under ``torch.compile``
 ("torch-compile", ``--torch-compile-mode``, default "default"), both with the cuDNN SDPA backend.
-Timings: median of --iters calls after warm-up, device-synchronised, rotating over 3 random input sets. Compile
-time: JAX ``lower().compile()``; torch.compile the first call minus the steady call (eager: the first call's
-overhead).
+Timings, both frameworks alike, rotating over 3 random input sets after warm-up: ``ms`` the median host
+wall-clock of one call and its device synchronisation (--iters calls); ``queued_ms`` --iters calls issued back to
+back with one synchronisation at the end, per call (the GPU-bound cost, host overhead hidden as in a sampler's
+loop). Compile time: JAX ``lower().compile()``; torch.compile the first call minus the steady call (eager: the
+first call's overhead).
 
     python3 scripts/bench_transformer.py --out runs/transformer --iters 20      # one GPU
     python3 scripts/bench_transformer.py --smoke                                # CPU: tiny models, 128², 2 iters
@@ -20,7 +22,8 @@ Prints one JSON line per (framework, model, resolution) and a table last; --out 
 ``--profile`` (needs --out) also records one more call of each under its framework's profiler (jax.profiler /
 torch.profiler) and writes the GPU kernels' times per kernel name (``kernels_<framework>_<model>_<res>.json``,
 plus our compiled HLO as ``hlo_<model>_<res>.txt``) and a table of time per kind (matmul, attention, other) with
-the largest non-matmul kernels, to see which fusions one side gets that the other does not.
+the largest non-matmul kernels, to see which fusions one side gets that the other does not; ``span`` is the GPU
+window from the first kernel's start to the last one's end (span − sum: the GPU idle between kernels).
 """
 
 from __future__ import annotations
@@ -47,8 +50,9 @@ def kernel_kind(name: str) -> str:
     return "copy" if ("memcpy" in low or "memset" in low) else "other"
 
 
-def summarize_kernels(kernels: list[dict]) -> dict:
-    """kernels: [{name, count, ms}] of one call -> per-kind ms and the 12 largest non-matmul families."""
+def summarize_kernels(kernels: list[dict], span_ms: float | None = None) -> dict:
+    """kernels: [{name, count, ms}] of one call -> per-kind ms, the 12 largest non-matmul families and the call's
+    GPU span (first kernel start to last kernel end)."""
     from dfa2_jax.benchmarking import kernel_family
 
     kinds: dict[str, float] = {}
@@ -61,12 +65,13 @@ def summarize_kernels(kernels: list[dict]) -> dict:
             f[0] += k["ms"]
             f[1] += k["count"]
     top = sorted(fams.items(), key=lambda kv: -kv[1][0])[:12]
-    return dict(kinds=kinds, total_ms=sum(kinds.values()), n_kernels=sum(k["count"] for k in kernels),
+    return dict(kinds=kinds, total_ms=sum(kinds.values()), n_kernels=sum(k["count"] for k in kernels), span_ms=span_ms,
                 top_non_matmul=[dict(family=n, ms=v[0], count=v[1]) for n, v in top])
 
 
-def jax_kernel_times(fn, args, workdir: str) -> list[dict]:
-    """One call of ``fn(*args)`` under jax.profiler: [{name, count, ms}] of its GPU kernels and copies."""
+def jax_kernel_times(fn, args, workdir: str) -> tuple[list[dict], float | None]:
+    """One call of ``fn(*args)`` under jax.profiler: [{name, count, ms}] of its GPU kernels and copies, and their
+    span in ms."""
     import glob
 
     import jax
@@ -81,16 +86,20 @@ def jax_kernel_times(fn, args, workdir: str) -> list[dict]:
     if lines and not streams:
         print("profile: no per-stream lines among " + ", ".join(sorted({ln.name for ln in lines})), file=sys.stderr)
     found: dict[str, list] = {}
+    bounds = []
     for line in streams:  # the per-op and per-module lines repeat the streams' kernels
         for ev in line.events:
             f = found.setdefault(ev.name, [0, 0.0])
             f[0] += 1
             f[1] += ev.duration_ns / 1e6
-    return [dict(name=n, count=c, ms=ms) for n, (c, ms) in sorted(found.items(), key=lambda kv: -kv[1][1])]
+            bounds += [ev.start_ns, ev.end_ns]
+    span = (max(bounds) - min(bounds)) / 1e6 if bounds else None
+    return [dict(name=n, count=c, ms=ms) for n, (c, ms) in sorted(found.items(), key=lambda kv: -kv[1][1])], span
 
 
-def torch_kernel_times(call) -> list[dict]:
-    """One ``call()`` under torch.profiler (CUDA activity only): [{name, count, ms}] of its GPU kernels."""
+def torch_kernel_times(call) -> tuple[list[dict], float | None]:
+    """One ``call()`` under torch.profiler (CUDA activity only): [{name, count, ms}] of its GPU kernels, and their
+    span in ms."""
     import torch
     from torch.profiler import ProfilerActivity, profile
 
@@ -98,17 +107,21 @@ def torch_kernel_times(call) -> list[dict]:
         call()
         torch.cuda.synchronize()
     found: dict[str, list] = {}
+    bounds = []
     for ev in prof.events():
         if "cuda" not in str(getattr(ev, "device_type", "")).lower():
             continue
         f = found.setdefault(ev.name, [0, 0.0])
         f[0] += 1
         f[1] += ev.time_range.elapsed_us() / 1e3
-    return [dict(name=n, count=c, ms=ms) for n, (c, ms) in sorted(found.items(), key=lambda kv: -kv[1][1])]
+        bounds += [ev.time_range.start, ev.time_range.end]
+    span = (max(bounds) - min(bounds)) / 1e3 if bounds else None
+    return [dict(name=n, count=c, ms=ms) for n, (c, ms) in sorted(found.items(), key=lambda kv: -kv[1][1])], span
 
 
-def write_profile(out: str, framework: str, model: str, res: int, kernels: list[dict]) -> dict:
-    summary = summarize_kernels(kernels)
+def write_profile(out: str, framework: str, model: str, res: int, kernels: list[dict],
+                  span_ms: float | None) -> dict:
+    summary = summarize_kernels(kernels, span_ms)
     with open(os.path.join(out, f"kernels_{framework}_{model}_{res}.json"), "w") as f:
         json.dump(dict(framework=framework, model=model, res=res, summary=summary, kernels=kernels), f, indent=1)
     return summary
@@ -158,6 +171,11 @@ def run_jax(model: str, resolutions: list[int], iters: int, smoke: bool, profile
             out = compiled(*a[1:])
             jax.block_until_ready(out)
             times.append(time.perf_counter() - t0)
+        t0 = time.perf_counter()
+        for i in range(iters):
+            out = compiled(*arg_sets[i % len(arg_sets)][1:])
+        jax.block_until_ready(out)
+        queued_s = (time.perf_counter() - t0) / iters
         finite = bool(jnp.all(jnp.isfinite(out.astype(jnp.float32))))
         stats = jax.devices()[0].memory_stats() or {}
         profile = None
@@ -167,9 +185,10 @@ def run_jax(model: str, resolutions: list[int], iters: int, smoke: bool, profile
             with open(os.path.join(profile_dir, f"hlo_{model}_{res}.txt"), "w") as f:
                 f.write(compiled.as_text())
             with tempfile.TemporaryDirectory() as tmp:
-                kernels = jax_kernel_times(compiled, arg_sets[0][1:], tmp)
-            profile = write_profile(profile_dir, "jax", model, res, kernels)
-        results.append(dict(framework="jax", model=model, res=res, ms=1e3 * median(times), compile_s=compile_s,
+                kernels, span = jax_kernel_times(compiled, arg_sets[0][1:], tmp)
+            profile = write_profile(profile_dir, "jax", model, res, kernels, span)
+        results.append(dict(framework="jax", model=model, res=res, ms=1e3 * median(times), queued_ms=1e3 * queued_s,
+                            compile_s=compile_s,
                             init_s=init_s, peak_gib=stats.get("peak_bytes_in_use", 0) / 2**30,
                             finite=finite, params_b=tr.num_params() / 1e9, profile=profile,
                             xla_options=xla_options or {},
@@ -225,16 +244,10 @@ def run_torch(model: str, resolutions: list[int], iters: int, smoke: bool, compi
             return out
 
         def call(a):
-            if not cuda:
-                t0 = time.perf_counter()
-                out = m(**a, return_dict=False)[0]
-                return out, time.perf_counter() - t0
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
+            t0 = time.perf_counter()
             out = m(**a, return_dict=False)[0]
-            end.record()
             sync()
-            return out, start.elapsed_time(end) / 1e3
+            return out, time.perf_counter() - t0
 
         arg_sets = [args_for(s) for s in range(3)]
         with contextlib.ExitStack() as stack:
@@ -253,12 +266,17 @@ def run_torch(model: str, resolutions: list[int], iters: int, smoke: bool, compi
             for i in range(iters):
                 out, dt = call(arg_sets[i % len(arg_sets)])
                 times.append(dt)
+            t0 = time.perf_counter()
+            for i in range(iters):
+                out = m(**arg_sets[i % len(arg_sets)], return_dict=False)[0]
+            sync()
+            queued_s = (time.perf_counter() - t0) / iters
             profile = None
             if profile_dir and cuda:
-                kernels = torch_kernel_times(lambda: m(**arg_sets[0], return_dict=False))
-                profile = write_profile(profile_dir, fw, model, res, kernels)
+                kernels, span = torch_kernel_times(lambda: m(**arg_sets[0], return_dict=False))
+                profile = write_profile(profile_dir, fw, model, res, kernels, span)
         steady = median(times)
-        results.append(dict(framework=fw, model=model, res=res, ms=1e3 * steady,
+        results.append(dict(framework=fw, model=model, res=res, ms=1e3 * steady, queued_ms=1e3 * queued_s,
                             # torch.compile: the compile (first call − steady); eager: the first call's overhead
                             compile_s=first_s - steady, first_call_s=first_s, compile_mode=compile_mode,
                             init_s=init_s, peak_gib=torch.cuda.max_memory_allocated() / 2**30 if cuda else 0.0,
@@ -277,7 +295,8 @@ def print_profiles(rows: list[dict]) -> None:
         group = [r for r in profiled if (r["model"], r["res"]) == key]
         print(f"\nGPU kernel ms of one call, {key[0]} {key[1]}²: " + "; ".join(
             f"{r['framework']}: " + ", ".join(f"{k} {v:.2f}" for k, v in sorted(r["profile"]["kinds"].items()))
-            + f", sum {r['profile']['total_ms']:.2f} ({r['profile']['n_kernels']} kernels)" for r in group))
+            + f", sum {r['profile']['total_ms']:.2f} ({r['profile']['n_kernels']} kernels)"
+            + (f" in a span of {r['profile']['span_ms']:.2f}" if r["profile"].get("span_ms") else "") for r in group))
         for r in group:
             print(f"  {r['framework']} largest non-matmul: " + "; ".join(
                 f"{t['family']} {t['ms']:.2f} ms ×{t['count']}" for t in r["profile"]["top_non_matmul"][:8]))
@@ -354,9 +373,10 @@ def main() -> None:
     if args.out:
         with open(os.path.join(args.out, "results.json"), "w") as f:
             json.dump(rows, f, indent=2)
-    # ratio: ours / eager; jax/tc: ours / torch.compile (below 1: ours is faster)
+    # ratio: ours / eager; jax/tc: ours / torch.compile (below 1: ours is faster); q: the queued timings
     print(f"\n{'model':<11} {'res':>5} {'jax ms':>9} {'torch ms':>9} {'ratio':>6} {'jax compile s':>13} "
-          f"{'jax GiB':>8} {'torch GiB':>9} {'tc ms':>9} {'jax/tc':>6} {'tc compile s':>12}")
+          f"{'jax GiB':>8} {'torch GiB':>9} {'tc ms':>9} {'jax/tc':>6} {'tc compile s':>12} {'jax q ms':>9} "
+          f"{'tc q ms':>9} {'q jax/tc':>8}")
     for model in models:
         for res in resolutions:
             def find(fw, model=model, res=res):
@@ -367,9 +387,11 @@ def main() -> None:
             fmt = lambda r, k, f: (f"{r[k]:{f}}" if r else "-")  # noqa: E731
             ratio = f"{j['ms'] / t['ms']:.3f}" if j and t else "-"
             ratio_c = f"{j['ms'] / c['ms']:.3f}" if j and c else "-"
+            ratio_q = f"{j['queued_ms'] / c['queued_ms']:.3f}" if j and c else "-"
             print(f"{model:<11} {res:>5} {fmt(j, 'ms', '9.1f'):>9} {fmt(t, 'ms', '9.1f'):>9} {ratio:>6} "
                   f"{fmt(j, 'compile_s', '13.1f'):>13} {fmt(j, 'peak_gib', '8.1f'):>8} {fmt(t, 'peak_gib', '9.1f'):>9} "
-                  f"{fmt(c, 'ms', '9.1f'):>9} {ratio_c:>6} {fmt(c, 'compile_s', '12.1f'):>12}")
+                  f"{fmt(c, 'ms', '9.1f'):>9} {ratio_c:>6} {fmt(c, 'compile_s', '12.1f'):>12} "
+                  f"{fmt(j, 'queued_ms', '9.1f'):>9} {fmt(c, 'queued_ms', '9.1f'):>9} {ratio_q:>8}")
     if args.profile:
         print_profiles(rows)
     versions = sorted({r["version"] for r in rows})

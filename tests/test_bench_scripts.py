@@ -52,11 +52,11 @@ def test_bench_transformer_smoke(tmp_path):
     assert "ENTRY" in (tmp_path / "hlo_flux-dev_128.txt").read_text()
     assert json.loads((tmp_path / "kernels_jax_flux-dev_128.json").read_text())["framework"] == "jax"
     assert {r["framework"] for r in rows} == {"jax", "torch", "torch-compile"}, out
-    assert all(r["finite"] and r["ms"] > 0 for r in rows)
+    assert all(r["finite"] and r["ms"] > 0 and r["queued_ms"] > 0 for r in rows)
     compiled = next(r for r in rows if r["framework"] == "torch-compile")
     assert compiled["compile_mode"] == "default" and compiled["first_call_s"] > compiled["ms"] / 1e3
     table = out[out.index("\nmodel"):]
-    assert "jax/tc" in table and "tc compile s" in table and "flux-dev" in table
+    assert "jax/tc" in table and "tc compile s" in table and "q jax/tc" in table and "flux-dev" in table
 
 
 def test_bench_transformer_kernel_tables():
@@ -72,7 +72,8 @@ def test_bench_transformer_kernel_tables():
                dict(name="cudnn_generated_fort_native_sdpa_sm90_flash_fprop_wgmma_f16_knob_3", count=2, ms=3.0),
                dict(name="loop_add_fusion_12", count=1, ms=0.5), dict(name="loop_add_fusion.3", count=2, ms=0.25),
                dict(name="triton_poi_fused_add_mul_7", count=1, ms=0.125), dict(name="Memcpy DtoD", count=1, ms=0.5)]
-    summary = bt.summarize_kernels(kernels)
+    summary = bt.summarize_kernels(kernels, span_ms=12.5)
+    assert summary["span_ms"] == 12.5
     assert summary["kinds"] == {"matmul": 5.0, "attention": 3.0, "other": 0.875, "copy": 0.5}
     assert summary["total_ms"] == 9.375 and summary["n_kernels"] == 11
     families = {f["family"]: (f["ms"], f["count"]) for f in summary["top_non_matmul"]}
