@@ -862,7 +862,8 @@ def make_pipeline(family: str, transformer, vae, enc: TextEncoders, clip_tok, t5
 
 
 def folder_mb(path: str) -> float:
-    return sum(os.path.getsize(os.path.join(r, f)) for r, _, fs in os.walk(path) for f in fs) / 2 ** 20
+    """The folder's size in MB (10⁶ bytes)."""
+    return sum(os.path.getsize(os.path.join(r, f)) for r, _, fs in os.walk(path) for f in fs) / 1e6
 
 
 def save_grid(refs, gen, path: str) -> None:
@@ -1000,9 +1001,10 @@ def summary_table(log: dict) -> str:
                  f"(cap {log['args']['max_total_minutes'] * 60:.0f} s)")
     for fam, ev in log.get("eval", {}).items():
         if "all_right" in ev:
-            lines.append(f"{fam}: {ev['all_right']:.3f} of {ev['generated']} held-out captions have every attribute "
-                         f"right (target >= 0.9: {'met' if ev['all_right'] >= 0.9 else 'NOT met'}); mean attribute "
-                         f"accuracy {ev['prompt_accuracy']:.4f}; ground-truth renders {ev['renders_all_right']:.3f}")
+            lines.append(f"{fam}: prompt accuracy (mean attribute accuracy) {ev['prompt_accuracy']:.4f} on "
+                         f"{ev['generated']} held-out captions (target >= 0.9: "
+                         f"{'met' if ev['prompt_accuracy'] >= 0.9 else 'NOT met'}); {ev['all_right']:.3f} of them have "
+                         f"every attribute right; ground-truth renders {ev['renders_all_right']:.3f}")
         elif "skipped" in ev:
             lines.append(f"{fam}: not scored ({ev['skipped']})")
     return "\n".join(lines)
