@@ -129,7 +129,9 @@ def test_bench_sampler_smoke(tmp_path):
 
 def test_bench_calibrate_smoke(tmp_path):
     out = _run("bench_calibrate.py", "--smoke", cwd=tmp_path)
-    assert "ratio calibration / dense" in out and "solves" in out
+    assert "solves" in out and "steady" in out
+    line = next(ln for ln in out.splitlines() if ln.startswith("ratio calibration / dense"))
+    assert float(line.split("= ")[1].split()[0]) > 0 and "first calls" in line
 
 
 def test_profile_transformer_smoke(tmp_path):
