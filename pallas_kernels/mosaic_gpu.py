@@ -472,6 +472,25 @@ def schedules(q, half_windows, *, text_len: int, text_first: bool, has_cache: bo
     return jax.vmap(lambda w: program_table(w, **kw)[0])(jnp.asarray(half_windows, jnp.int32))
 
 
+def cta_loads(half_window, shape, *, text_len: int, text_first: bool, has_cache: bool,
+              config: MosaicGpuConfig | None = None) -> np.ndarray:
+    """Each persistent CTA's estimated work under ``config``'s schedule for one call with q of ``shape`` [B, S, H, D]:
+    float64 [n_cta], in unmasked key-block steps by the balanced schedule's cost model (a masked step ×1.5, a fixed
+    3 per tile, a cached tile free). The busiest CTA over the mean is the schedule's tail; for the balanced
+    schedule it is also the most that splitting the heaviest tiles over several CTAs could remove."""
+    config = config or heuristic_config(shape[-1])
+    kw = table_args(shape, config, text_len=int(text_len), text_first=bool(text_first), has_cache=has_cache)
+    table, kinds = program_table(jnp.asarray(half_window, jnp.int32), **kw)
+    table = np.asarray(table)
+    n_cta = kw["n_cta"]
+    rows = table[n_cta:]
+    cost = sum((rows[:, 6 + 2 * j] - rows[:, 5 + 2 * j]) * (1.0 if kind == "clean" else _MASKED_STEP_COST)
+               for j, kind in enumerate(kinds)) + _TILE_COST
+    cost = np.where(rows[:, 4] > 0, 0.0, cost)
+    first, count = table[:n_cta, 0] - n_cta, table[:n_cta, 1]
+    return np.array([cost[f:f + c].sum() for f, c in zip(first, count)])
+
+
 @functools.partial(jax.jit, static_argnames=("text_len", "text_first", "sm_scale", "interpret", "config"))
 def _mgpu_call(q, k, v, half_window, cache, schedule, *, text_len, text_first, sm_scale, interpret,
                config: MosaicGpuConfig):

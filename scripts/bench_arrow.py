@@ -32,6 +32,7 @@ from dfa2_jax.benchmarking import ATTENTION_SHAPES, SMALL_ATTENTION_SHAPES, TINY
 from dfa2_jax.plan.flops import DEFAULT_BLOCKS, arrow_tiles, total_tiles
 from pallas_kernels import (MosaicGpuConfig, TritonConfig, arrow_attention, arrow_attention_reference, arrow_schedules,
                             autotune)
+from pallas_kernels.mosaic_gpu import cta_loads
 from pallas_kernels.triton import heuristic_config
 from pallas_kernels.tuning import tuned_config
 
@@ -312,6 +313,13 @@ def main(argv=None):
                 cost = {n_calls: 1e3 * schedule_seconds(schedules, modes["mixed"], n_calls) for n_calls in (1, 57)}
                 sched_lines.append(f"  {prefix}launch schedules of the mixed plan: one call's {cost[1]:.3f} ms, "
                                    f"57 calls' at once {cost[57]:.3f} ms")
+                tails = []
+                for mode in ["mixed"] + mixes:
+                    loads = cta_loads(modes[mode], q.shape, text_len=t, text_first=text_first, has_cache=True,
+                                      config=cfg)
+                    tails.append(f"{mode} +{100 * (loads.max() / loads.mean() - 1):.1f}%")
+                sched_lines.append(f"  {prefix}busiest CTA over the mean (cost model, {len(loads)} CTAs): "
+                                   + ", ".join(tails))
             for mode, w in modes.items():
                 if prefix + mode in failed:
                     continue

@@ -108,6 +108,23 @@ def test_balanced_assignment_is_longest_processing_time_first(n_cta, seed):
     assert load.max() <= rr.max() and load.max() <= cost.sum() / n_cta + cost.max()
 
 
+def test_cta_loads_follow_the_cost_model():
+    """cta_loads: one full head of 768 aligned tokens is 6 tiles × (12 clean key blocks + 3) on one CTA; over
+    several CTAs the total does not depend on the schedule, the balanced one's busiest CTA is no busier than
+    round-robin's, and cached heads cost nothing."""
+    one = mgpu.MosaicGpuConfig(block_q=64, block_kv=64, num_ctas=1)
+    np.testing.assert_array_equal(mgpu.cta_loads(jnp.asarray([-1]), (1, 768, 1, 64), text_len=128, text_first=True,
+                                                 has_cache=False, config=one), [90.0])
+    hw = jnp.asarray([-1, 0, 9, 40, 3])
+    loads = {bal: mgpu.cta_loads(hw, (2, 700, 5, 64), text_len=50, text_first=True, has_cache=True,
+                                 config=dataclasses.replace(one, num_ctas=4, balance=bal)) for bal in (True, False)}
+    assert loads[True].shape == (4,) and loads[True].sum() == loads[False].sum() > 0
+    assert loads[True].max() <= loads[False].max()
+    cached = mgpu.cta_loads(jnp.asarray([0, 0]), (1, 700, 2, 64), text_len=50, text_first=True, has_cache=True,
+                            config=dataclasses.replace(one, num_ctas=4))
+    np.testing.assert_array_equal(cached, np.zeros(4))
+
+
 def test_jax_compat_resolves_interpret_params():
     """The package's one use of jax internals (Mosaic GPU interpret mode's parameters class) still resolves on the
     installed jax: if jax moves the name, this fails here (fix pallas_kernels/_jax_compat.py) instead of every
