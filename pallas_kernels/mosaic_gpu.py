@@ -398,6 +398,14 @@ def assign_ctas(cost, n_cta: int):
     return jnp.where(cost > 0, cta.reshape(-1)[:p], -1)
 
 
+def _tile_cost(bounds, masked, cached):
+    """The balanced schedule's cost model of tiles: key-block steps of each range (``bounds``: (lo, hi) per range,
+    ``masked``: whether its blocks need the element-wise mask), masked ones ×_MASKED_STEP_COST, plus _TILE_COST;
+    cached tiles cost nothing. Works on jnp and numpy arrays alike."""
+    work = sum((hi - lo) * (_MASKED_STEP_COST if m else 1.0) for (lo, hi), m in zip(bounds, masked))
+    return (work + _TILE_COST) * (1 - cached)
+
+
 def program_table(half_window, *, batch: int, seq_len: int, s_pad: int, text_len: int, text_first: bool,
                   has_cache: bool, tile_q: int, block_kv: int, n_cta: int = 1, balance: bool = False):
     """The kernel's schedule: int32 [n_cta + programs, 5 + 2·ranges], and the static mask kind of each range
@@ -425,8 +433,8 @@ def program_table(half_window, *, batch: int, seq_len: int, s_pad: int, text_len
     cols = [jnp.broadcast_to(c, prog.shape).astype(jnp.int32) for c in cols]
     table = jnp.stack(cols, axis=1)
     if balance:  # estimated cost; cached tiles cost nothing
-        work = sum((r_hi - r_lo) * (_MASKED_STEP_COST if m else 1.0) for (r_lo, r_hi), m in ranges)
-        cost = jnp.where(jnp.broadcast_to(cached, prog.shape), 0.0, jnp.broadcast_to(work + _TILE_COST, prog.shape))
+        cost = jnp.broadcast_to(_tile_cost([r for r, _ in ranges], [m for _, m in ranges],
+                                           jnp.asarray(cached, jnp.float32)), prog.shape)
     else:  # key blocks; every tile runs, cached ones too
         cost = jnp.broadcast_to(sum(r_hi - r_lo for (r_lo, r_hi), _ in ranges), prog.shape)
     # Longest job first (stable: equal work keeps the head-by-head order), then each CTA's rows together.
@@ -484,9 +492,8 @@ def cta_loads(half_window, shape, *, text_len: int, text_first: bool, has_cache:
     table = np.asarray(table)
     n_cta = kw["n_cta"]
     rows = table[n_cta:]
-    cost = sum((rows[:, 6 + 2 * j] - rows[:, 5 + 2 * j]) * (1.0 if kind == "clean" else _MASKED_STEP_COST)
-               for j, kind in enumerate(kinds)) + _TILE_COST
-    cost = np.where(rows[:, 4] > 0, 0.0, cost)
+    cost = _tile_cost([(rows[:, 5 + 2 * j], rows[:, 6 + 2 * j]) for j in range(len(kinds))],
+                      [kind != "clean" for kind in kinds], (rows[:, 4] > 0).astype(np.float64))
     first, count = table[:n_cta, 0] - n_cta, table[:n_cta, 1]
     return np.array([cost[f:f + c].sum() for f, c in zip(first, count)])
 

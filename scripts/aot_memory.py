@@ -292,6 +292,7 @@ def main() -> None:
         x = on_gpu(jax.ShapeDtypeStruct((1, cfg.in_channels, h, w), dtype))
         return compile_traced(lambda: sd3_forward.trace(graphdef, on_gpu(params), x, emb, pooled, t))
 
+    plans = {"dense": None, "plan": plan}
     traffic = []
     for mesh_spec in args.meshes.split(";"):
         for name in args.variants.split(","):
@@ -302,7 +303,7 @@ def main() -> None:
                 compiled, times = dense_step()
                 traffic.append(kernel_traffic(compiled.as_text()))
             elif mesh_spec == "none":
-                p = {"dense": None, "plan": plan}[name]
+                p = plans[name]
                 spec, plan_in = plan_inputs(graphdef, params, latents, cond, ts, p, family=family, do_cfg=do_cfg,
                                             attention_impl=attention_impl)
                 arrays, state = on_gpu(split_plan_inputs(plan_in))
@@ -311,7 +312,7 @@ def main() -> None:
                     graphdef, on_gpu(params), on_gpu(latents), on_gpu(cond), on_gpu(ts), on_gpu(sig), arrays, state,
                     family=family, do_cfg=do_cfg, report=False, spec=spec))
             else:
-                caches, compiled, times = sharded(mesh_spec, {"dense": None, "plan": plan}[name])
+                caches, compiled, times = sharded(mesh_spec, plans[name])
             m = compiled.memory_analysis()
             hlo = compiled.as_text()
             head = (rf"{HLO_DTYPES[jnp.dtype(dtype).name]}\[\d+,\d+,\d+,{cfg.attention_head_dim}\]"  # [B, S(pad), H, D]

@@ -53,6 +53,8 @@ def main():
                     "each compiles; >= 2 for a steady figure)")
     ap.add_argument("--smoke", action="store_true", help="the tiny benchmark model, float32 (CPU check of the script)")
     args = ap.parse_args()
+    if args.runs < 1:
+        raise SystemExit(f"--runs {args.runs}: give 1 or more")
     args.res = args.res or (128 if args.smoke else 1024)
     args.prompts = args.prompts or (2 if args.smoke else 8)
     args.steps = args.steps or (3 if args.smoke else 28)
@@ -69,8 +71,6 @@ def main():
     tr = dfa2_jax.random_transformer(cfg, dtype=dtype)
     pipe = RandomConditioningPipeline(tr, args.res, args.prompts, args.steps, text_len=text, dtype=dtype)
     p = pipe.prepared
-    if args.runs < 1:
-        raise SystemExit(f"--runs {args.runs}: give 1 or more")
     dense_times, calib_times = [], []
     for _ in range(args.runs):  # the first includes compilation
         t0 = time.perf_counter()

@@ -69,6 +69,20 @@ def summarize_kernels(kernels: list[dict], span_ms: float | None = None) -> dict
                 top_non_matmul=[dict(family=n, ms=v[0], count=v[1]) for n, v in top])
 
 
+def kernel_table(events) -> tuple[list[dict], float | None]:
+    """(name, start, end) of each GPU kernel, times in ms -> [{name, count, ms}] largest first, and their span in
+    ms (first start to last end; None without kernels)."""
+    found: dict[str, list] = {}
+    lo = hi = None
+    for name, start, end in events:
+        f = found.setdefault(name, [0, 0.0])
+        f[0] += 1
+        f[1] += end - start
+        lo, hi = (start, end) if lo is None else (min(lo, start), max(hi, end))
+    table = [dict(name=n, count=c, ms=ms) for n, (c, ms) in sorted(found.items(), key=lambda kv: -kv[1][1])]
+    return table, (None if lo is None else hi - lo)
+
+
 def jax_kernel_times(fn, args, workdir: str) -> tuple[list[dict], float | None]:
     """One call of ``fn(*args)`` under jax.profiler: [{name, count, ms}] of its GPU kernels and copies, and their
     span in ms."""
@@ -85,16 +99,8 @@ def jax_kernel_times(fn, args, workdir: str) -> tuple[list[dict], float | None]:
     streams = [line for line in lines if line.name.lower().startswith("stream")]
     if lines and not streams:
         print("profile: no per-stream lines among " + ", ".join(sorted({ln.name for ln in lines})), file=sys.stderr)
-    found: dict[str, list] = {}
-    bounds = []
-    for line in streams:  # the per-op and per-module lines repeat the streams' kernels
-        for ev in line.events:
-            f = found.setdefault(ev.name, [0, 0.0])
-            f[0] += 1
-            f[1] += ev.duration_ns / 1e6
-            bounds += [ev.start_ns, ev.end_ns]
-    span = (max(bounds) - min(bounds)) / 1e6 if bounds else None
-    return [dict(name=n, count=c, ms=ms) for n, (c, ms) in sorted(found.items(), key=lambda kv: -kv[1][1])], span
+    # the per-op and per-module lines repeat the streams' kernels
+    return kernel_table((ev.name, ev.start_ns / 1e6, ev.end_ns / 1e6) for line in streams for ev in line.events)
 
 
 def torch_kernel_times(call) -> tuple[list[dict], float | None]:
@@ -106,17 +112,8 @@ def torch_kernel_times(call) -> tuple[list[dict], float | None]:
     with profile(activities=[ProfilerActivity.CUDA]) as prof:
         call()
         torch.cuda.synchronize()
-    found: dict[str, list] = {}
-    bounds = []
-    for ev in prof.events():
-        if "cuda" not in str(getattr(ev, "device_type", "")).lower():
-            continue
-        f = found.setdefault(ev.name, [0, 0.0])
-        f[0] += 1
-        f[1] += ev.time_range.elapsed_us() / 1e3
-        bounds += [ev.time_range.start, ev.time_range.end]
-    span = (max(bounds) - min(bounds)) / 1e3 if bounds else None
-    return [dict(name=n, count=c, ms=ms) for n, (c, ms) in sorted(found.items(), key=lambda kv: -kv[1][1])], span
+    return kernel_table((ev.name, ev.time_range.start / 1e3, ev.time_range.end / 1e3) for ev in prof.events()
+                        if "cuda" in str(getattr(ev, "device_type", "")).lower())
 
 
 def write_profile(out: str, framework: str, model: str, res: int, kernels: list[dict],

@@ -110,7 +110,7 @@ class RMSNorm(nnx.Module):
         # rope(n) = n·cos + rotate(n)·sin, n = x·r·scale, rotate(v)[2i] = -v[2i+1], rotate(v)[2i+1] = v[2i];
         # rotate(n) = r · rotate(x) · swap(scale), where swap exchanges each pair.
         rotated = _rotate_pairs(x).astype(jnp.float32)
-        swapped = self.scale[...].reshape(-1, 2)[:, ::-1].reshape(-1).astype(jnp.float32)  # exact, any dtype
+        swapped = scale.reshape(-1, 2)[:, ::-1].reshape(-1)
         out = (xf * scale * cos[None, :, None, :] + rotated * swapped * sin[None, :, None, :]) * r
         return out.astype(x.dtype)
 
