@@ -338,6 +338,41 @@ def time_calls(fn: Callable[..., Any], make_args: Callable[[int], Sequence[Any]]
     return times
 
 
+def kernel_table(events) -> tuple[list[dict], float | None]:
+    """(name, start, end) of each GPU kernel, times in ms -> [{name, count, ms}] largest first, and their span in
+    ms (first start to last end; None without kernels)."""
+    found: dict[str, list] = {}
+    lo = hi = None
+    for name, start, end in events:
+        f = found.setdefault(name, [0, 0.0])
+        f[0] += 1
+        f[1] += end - start
+        lo, hi = (start, end) if lo is None else (min(lo, start), max(hi, end))
+    table = [dict(name=n, count=c, ms=ms) for n, (c, ms) in sorted(found.items(), key=lambda kv: -kv[1][1])]
+    return table, (None if lo is None else hi - lo)
+
+
+def jax_kernel_times(fn: Callable[..., Any], arg_sets: Sequence[Sequence[Any]],
+                     workdir: str) -> tuple[list[dict], float | None]:
+    """``fn(*args)`` for each of ``arg_sets`` (one after another, each synchronised) under jax.profiler: [{name, count,
+    ms}] of their GPU kernels and copies, and the span in ms from the first kernel's start to the last one's end.
+    No GPU: ([], None)."""
+    import glob
+    import os
+
+    from jax.profiler import ProfileData
+
+    with jax.profiler.trace(workdir):
+        for args in arg_sets:
+            jax.block_until_ready(fn(*args))
+    lines = [line for path in glob.glob(os.path.join(workdir, "**", "*.xplane.pb"), recursive=True)
+             for plane in ProfileData.from_file(path).planes if plane.name.startswith("/device:GPU")
+             for line in plane.lines]
+    # the per-op and per-module lines repeat the streams' kernels
+    streams = [line for line in lines if line.name.lower().startswith("stream")]
+    return kernel_table((ev.name, ev.start_ns / 1e6, ev.end_ns / 1e6) for line in streams for ev in line.events)
+
+
 def kernel_family(name: str) -> str:
     """A GPU kernel's (or compiled HLO instruction's) name without its instance numbers: XLA's
     ``loop_add_fusion.12`` and ``loop_add_fusion_3`` are one family, so are Inductor's ``triton_poi_fused_add_0``
@@ -377,5 +412,6 @@ def arrow_implementation(attention_impl: str, q) -> str:
 __all__ = ["ATTENTION_SHAPES", "AttentionShape", "CACHE_PEAK", "CASES", "Case", "FAMILIES", "GUIDANCE", "LAMBDA_MAX",
            "NoAttention", "PLAN_METHODS", "PLAN_REMOVED", "SMALL_ATTENTION_SHAPES", "TEXT_TOKENS", "TINY_BLOCKS",
            "TINY_RES", "TINY_STEPS", "TINY_TEXT_TOKENS", "amdahl_bound", "arrow_implementation", "benchmark_plan",
-           "flux_ids", "image_tokens", "kernel_family", "median", "model_config", "plan_assignment", "random_inputs", "sampler_inputs",
-           "schedule", "step_inputs", "synthetic_plan", "text_tokens", "time_calls", "timed", "tree_bytes"]
+           "flux_ids", "image_tokens", "jax_kernel_times", "kernel_family", "kernel_table", "median", "model_config",
+           "plan_assignment", "random_inputs", "sampler_inputs", "schedule", "step_inputs", "synthetic_plan",
+           "text_tokens", "time_calls", "timed", "tree_bytes"]

@@ -62,10 +62,13 @@ def text_blocks(seq_len: int, text_len: int, text_first: bool, block_q: int) -> 
     return t_lo // block_q, -(-t_hi // block_q)
 
 
+MASK_KINDS = ("clean", "tail", "band", "general")
+
+
 def visit_ranges(w, q0, *, s_pad: int, seq_len: int, text_len: int, text_first: bool, block_q: int, block_k: int,
                  has_cache: bool):
-    """The key blocks a query tile [q0, q0 + block_q) of a head with half-window ``w`` visits, as six
-    ``((lo, hi), masked)`` block ranges (visit order does not matter: online softmax), and whether the head is
+    """The key blocks a query tile [q0, q0 + block_q) of a head with half-window ``w`` visits, as seven
+    ``((lo, hi), mask)`` block ranges (visit order does not matter: online softmax), and whether the head is
     cached (then every range is empty). ``w`` and ``q0`` are int32 scalars inside a kernel, or vectors (one entry
     per program) in the Mosaic GPU wrapper; the rest is static.
 
@@ -73,8 +76,12 @@ def visit_ranges(w, q0, *, s_pad: int, seq_len: int, text_len: int, text_first: 
     * an image-only tile with image rows [a0, a1]: the text key blocks, then the image key blocks meeting
       [a0 − w, a1 + w] (clipped so that no block is visited twice).
 
-    Blocks where every (row, key) pair of the tile is allowed are unmasked; only edge blocks (band edges,
-    text/image boundary, padding) need the element-wise mask.
+    ``mask`` (static, one of :data:`MASK_KINDS`) is the element-wise test a range's blocks need: "clean" none
+    (every (row, key) pair of the tile allowed), "tail" keys past the sequence only (the padded last block, where
+    every real key is allowed), "band" the band test of image rows and image keys (band edges), "general" the whole
+    arrow test (text/image boundary blocks, tiles with both image and text rows). Padding rows (past the sequence,
+    sliced off by the wrappers) count as text rows in the text-last layout, so that the last tile of an SD3-like
+    sequence is a pure text tile.
     """
     i32 = lambda x: jnp.asarray(x, jnp.int32)
     n_kb = s_pad // block_k
@@ -87,7 +94,7 @@ def visit_ranges(w, q0, *, s_pad: int, seq_len: int, text_len: int, text_first: 
     else:
         has_text_row = (q0 < t_hi) & (q1 >= t_lo)
     n_full = seq_len // block_k  # key blocks holding no padding
-    all_text_rows = (q0 >= t_lo) & (q1 < t_hi) if text_len else jnp.bool_(False)
+    all_text_rows = (q0 >= t_lo) & (jnp.minimum(q1, seq_len - 1) < t_hi) if text_len else jnp.bool_(False)
     # Text key blocks [tb0, tb1); the pure-text ones [ti0, ti1) need no mask (every query sees text keys).
     if text_len:
         tb0, tb1 = t_lo // block_k, pl.cdiv(t_hi, block_k)
@@ -132,12 +139,14 @@ def visit_ranges(w, q0, *, s_pad: int, seq_len: int, text_len: int, text_first: 
         return tuple(out)
 
     ranges = (
-        (pick((0, n_full), empty, (ti0, ti1)), False),
-        (pick((n_full, n_kb), (0, n_kb), (tb0, ti0)), True),
-        (pick(empty, empty, (ti1, tb1)), True),
-        (pick(empty, empty, (bb0, i0)), True),
-        (pick(empty, empty, (i0, i1)), False),
-        (pick(empty, empty, (i1, bb1)), True),
+        (pick((0, n_full), empty, (ti0, ti1)), "clean"),
+        (pick((n_full, n_kb), empty, empty), "tail"),
+        (pick(empty, (0, n_kb), (tb0, ti0)), "general"),
+        # After the pure-text key blocks: text-last, only text keys and padding; text-first, the boundary block
+        (pick(empty, empty, (ti1, tb1)), "general" if text_first else "tail"),
+        (pick(empty, empty, (bb0, i0)), "band"),
+        (pick(empty, empty, (i0, i1)), "clean"),
+        (pick(empty, empty, (i1, bb1)), "band"),
     )
     return ranges, cached
 

@@ -19,8 +19,9 @@ style:
 * a cached head (half-window 0 with ``cache`` given) loads no K/V: the output is written over the cache, so its
   tile is loaded in place of Q and stored back unchanged (the balanced schedule leaves such tiles out).
 
-Inputs must be bfloat16 or float16 with head_dim a multiple of 64 (wgmma operand tiles); the sequence is padded
-to a multiple of 2 × ``block_q`` and ``block_kv``. :func:`supported` says whether a call can take this path; the
+Inputs must be bfloat16 or float16 with head_dim a multiple of 64 (wgmma operand tiles). The tiles cover the
+sequence rounded up to a multiple of 2 × ``block_q`` and ``block_kv``; on the GPU the rows past it are never
+materialised (TMA loads fill them with zeros, TMA stores drop them), in interpret mode the wrapper pads. :func:`supported` says whether a call can take this path; the
 dispatcher (:func:`pallas_kernels.resolve_implementation`) picks the Triton kernel otherwise.
 """
 
@@ -37,16 +38,17 @@ from jax import lax
 from jax.experimental import pallas as pl
 
 from ._jax_compat import interpret_gpu_params
-from .common import launch_order, pad_cache, text_blocks, validate, visit_ranges
+from .common import MASK_KINDS, launch_order, pad_cache, text_blocks, validate, visit_ranges
 
 _LOG2E = math.log2(math.e)
 _MASK_VALUE = -0.7 * float(np.finfo(np.float32).max)  # finite: see pallas_kernels.triton._MASK_VALUE
 _COMPUTE_WGS = 2
-_MASK_KINDS = ("clean", "band", "general")  # per range of the program table: which mask its blocks need
 _MGPU_DTYPES = (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
-# The cost model of the balanced schedule, in unmasked key-block steps: a masked step (element-wise mask on the
-# scores) and a tile's fixed part (its Q wait, the output's normalisation and store).
-_MASKED_STEP_COST = 1.5
+# The cost model of the balanced schedule, in unmasked key-block steps: a step by the mask its block needs (the
+# element-wise test on the scores; measured with the kernel's on-device profile: band 1.24-1.32, general 1.70) and
+# a tile's fixed part (its Q wait, the output's normalisation and store: ~1 step measured; 3 keeps the few long
+# tiles of a CTA from being underrated).
+_STEP_COST = {"clean": 1.0, "tail": 1.15, "band": 1.3, "general": 1.7}
 _TILE_COST = 3.0
 _HEADER = 2  # header columns of the program table's first num_ctas rows: (first row, tile count) of each CTA
 
@@ -144,12 +146,12 @@ def _kernel(table_ref, q_ref, k_ref, v_ref, *refs, cfg: MosaicGpuConfig, head_di
     iota = ((lambda axis: lax.broadcasted_iota(jnp.int32, (bq, bkv), axis)) if interpret else
             (lambda axis: plgpu.broadcasted_iota(jnp.int32, (bq, bkv), axis, layout=plgpu.Layout.WGMMA)))
     ring_slot = lambda g: lax.rem(g, jnp.int32(ring))
-    # With group_by_mask, both warpgroup kinds visit the ranges grouped by mask kind (clean, band, general; the
+    # With group_by_mask, both warpgroup kinds visit the ranges grouped by mask kind (clean, tail, band, general; the
     # softmax is order-free), so the compute warpgroups hold one loop body per kind instead of one per range: half
     # the kernel's code, and XLA compiles each kernel instance of the sampler (57 in FLUX.1) about twice as fast.
     # Without it, one loop per range in the schedule's order.
     if cfg.group_by_mask:
-        order = sorted(range(num_ranges), key=lambda r: _MASK_KINDS.index(masked[r]))
+        order = sorted(range(num_ranges), key=lambda r: MASK_KINDS.index(masked[r]))
     else:
         order = list(range(num_ranges))
     groups = []  # (mask kind, positions in visit order)
@@ -185,28 +187,32 @@ def _kernel(table_ref, q_ref, k_ref, v_ref, *refs, cfg: MosaicGpuConfig, head_di
         plgpu.set_max_registers(232, action="increase")
 
         def tile(j, g0):
-            t = tile_info(j)
+            with jax.named_scope("c_info"):
+                t = tile_info(j)
             lo, starts, w = t["lo"], t["starts"], t["w"]
             n_steps = starts[-1]
             par = lax.rem(j, 2)
             qo = qo_smem.at[wg, par]
             row0 = t["qt"] * cfg.tile_q + wg * bq
-            plgpu.barrier_wait(q_bars.at[wg * 2 + par])  # this tile's Q (or cache tile) is in qo
+            with jax.named_scope("c_qwait"):
+                plgpu.barrier_wait(q_bars.at[wg * 2 + par])  # this tile's Q (or cache tile) is in qo
 
-            @pl.when(j >= 1)
-            def _():  # the previous tile's output has left its buffer: the memory warpgroup may refill it
-                plgpu.wait_smem_to_gmem(0, wait_read_only=True)
-                plgpu.barrier_arrive(qo_free.at[wg * 2 + 1 - par])
+            with jax.named_scope("c_storewait"):
+                @pl.when(j >= 1)
+                def _():  # the previous tile's output has left its buffer: the memory warpgroup may refill it
+                    plgpu.wait_smem_to_gmem(0, wait_read_only=True)
+                    plgpu.barrier_arrive(qo_free.at[wg * 2 + 1 - par])
 
             acc = layout(jnp.full((bq, head_dim), 0, jnp.float32), plgpu.Layout.WGMMA)
             m_i = layout(jnp.full((bq,), -jnp.inf, jnp.float32), plgpu.Layout.WGMMA.reduce(1))
             l_i = layout(jnp.full((bq,), 0, jnp.float32), plgpu.Layout.WGMMA.reduce(1))
 
-            @pl.when(n_steps > 0)
-            def _():
-                plgpu.barrier_wait(k_bars.at[ring_slot(g0)])
+            with jax.named_scope("c_k0"):
+                @pl.when(n_steps > 0)
+                def _():
+                    plgpu.barrier_wait(k_bars.at[ring_slot(g0)])
 
-            pl.when(wg == 1)(sched_sync)
+                pl.when(wg == 1)(sched_sync)
             w_eff = jnp.where(w < 0, jnp.int32(seq_len), w)
             t_lo, t_hi = (0, text_len) if text_first else (seq_len - text_len, seq_len)
 
@@ -228,15 +234,17 @@ def _kernel(table_ref, q_ref, k_ref, v_ref, *refs, cfg: MosaicGpuConfig, head_di
                 s = s * scale
                 if masked != "clean":
                     kb = block_at(i, lo, starts, positions)
-                    # Band test on positions: image rows and keys differ by as much as their image indices.
-                    diff = iota(0) - iota(1) + (row0 - kb * bkv)
-                    allowed = (diff <= w_eff) & (diff >= -w_eff)
-                    if masked == "general":  # text/image boundary blocks, padding of full / text-row tiles
+                    if masked == "tail":  # every real key allowed: only the padding is masked
+                        allowed = iota(1) < seq_len - kb * bkv
+                    else:  # band test on positions: image rows and keys differ by as much as their image indices
+                        diff = iota(0) - iota(1) + (row0 - kb * bkv)
+                        allowed = (diff <= w_eff) & (diff >= -w_eff)
+                    if masked == "general":  # text/image boundary blocks, tiles with image and text rows
                         rows, cols = iota(0) + row0, iota(1) + kb * bkv
                         if text_len:
                             allowed = allowed | ((rows >= t_lo) & (rows < t_hi)) | ((cols >= t_lo) & (cols < t_hi))
                         allowed = allowed & (cols < seq_len)
-                    elif text_first and seq_len % bkv:  # band edge blocks: image rows and keys, maybe padding
+                    elif masked == "band" and text_first and seq_len % bkv:  # band edges: image keys, maybe padding
                         allowed = allowed & (iota(1) + kb * bkv < seq_len)
                     s = jnp.where(allowed, s, _MASK_VALUE)
                 m_new = jnp.maximum(m_i, s.max(axis=1))
@@ -268,19 +276,23 @@ def _kernel(table_ref, q_ref, k_ref, v_ref, *refs, cfg: MosaicGpuConfig, head_di
                 return acc, m_new, l_i
 
             carry = (acc, m_i, l_i)
-            for kind, positions in groups:
-                body = functools.partial(step, positions=positions, masked=kind)
-                carry = lax.fori_loop(starts[positions[0]], starts[positions[-1] + 1], body, carry)
+            with jax.named_scope("c_steps"):
+                for kind, positions in groups:
+                    body = functools.partial(step, positions=positions, masked=kind)
+                    with jax.named_scope(f"c_{kind}"):
+                        carry = lax.fori_loop(starts[positions[0]], starts[positions[-1] + 1], body, carry)
             acc, m_i, l_i = carry
-            pl.when(wg == 0)(sched_sync)
+            with jax.named_scope("c_drain"):
+                pl.when(wg == 0)(sched_sync)
 
-            @pl.when(jnp.logical_not(t["cached"]))  # a cached tile's buffer already holds its output
-            def _():
-                l_safe = jnp.where(l_i == 0.0, 1.0, l_i)  # all-padding rows (sliced off by the wrapper)
-                qo[...] = (acc / lax.broadcast_in_dim(l_safe, acc.shape, [0])).astype(dtype)
-                plgpu.commit_smem()
+            with jax.named_scope("c_out"):
+                @pl.when(jnp.logical_not(t["cached"]))  # a cached tile's buffer already holds its output
+                def _():
+                    l_safe = jnp.where(l_i == 0.0, 1.0, l_i)  # all-padding rows (past S: never in the result)
+                    qo[...] = (acc / lax.broadcast_in_dim(l_safe, acc.shape, [0])).astype(dtype)
+                    plgpu.commit_smem()
 
-            plgpu.copy_smem_to_gmem(qo, out_ref.at[t["b"], pl.ds(row0, bq), t["h"]])
+                plgpu.copy_smem_to_gmem(qo, out_ref.at[t["b"], pl.ds(row0, bq), t["h"]])
             return g0 + n_steps
 
         lax.fori_loop(0, n_tiles, tile, jnp.int32(0))
@@ -291,14 +303,16 @@ def _kernel(table_ref, q_ref, k_ref, v_ref, *refs, cfg: MosaicGpuConfig, head_di
         plgpu.set_max_registers(40, action="decrease")
 
         def tile(j, g0):
-            t = tile_info(j)
+            with jax.named_scope("m_info"):
+                t = tile_info(j)
             lo, starts = t["lo"], t["starts"]
             n_steps = starts[-1]
             par = lax.rem(j, 2)
             for c in range(_COMPUTE_WGS):  # Q rows of compute warpgroup c (the cache tile for a cached head)
-                @pl.when(j >= 2)
-                def _():
-                    plgpu.barrier_wait(qo_free.at[c * 2 + par])
+                with jax.named_scope("m_qfree"):
+                    @pl.when(j >= 2)
+                    def _():
+                        plgpu.barrier_wait(qo_free.at[c * 2 + par])
 
                 rows = (t["b"], pl.ds(t["qt"] * cfg.tile_q + c * bq, bq), t["h"])
                 dst, bar = qo_smem.at[c, par], q_bars.at[c * 2 + par]
@@ -314,23 +328,24 @@ def _kernel(table_ref, q_ref, k_ref, v_ref, *refs, cfg: MosaicGpuConfig, head_di
             def block_of(i):
                 return block_at(i, lo, starts, list(range(num_ranges)))
 
-            @pl.loop(jnp.int32(0), n_steps)
-            def _(i):
-                g = g0 + i
-                slot = ring_slot(g)
-                sl = (t["b"], pl.ds(block_of(i) * bkv, bkv), t["h"])
+            with jax.named_scope("m_kv"):
+                @pl.loop(jnp.int32(0), n_steps)
+                def _(i):
+                    g = g0 + i
+                    slot = ring_slot(g)
+                    sl = (t["b"], pl.ds(block_of(i) * bkv, bkv), t["h"])
 
-                @pl.when(g >= ring)
-                def _():
-                    plgpu.barrier_wait(k_used.at[slot])
+                    @pl.when(g >= ring)
+                    def _():
+                        plgpu.barrier_wait(k_used.at[slot])
 
-                plgpu.copy_gmem_to_smem(k_ref.at[sl], k_smem.at[slot], k_bars.at[slot])
+                    plgpu.copy_gmem_to_smem(k_ref.at[sl], k_smem.at[slot], k_bars.at[slot])
 
-                @pl.when(g >= ring)
-                def _():
-                    plgpu.barrier_wait(v_used.at[slot])
+                    @pl.when(g >= ring)
+                    def _():
+                        plgpu.barrier_wait(v_used.at[slot])
 
-                plgpu.copy_gmem_to_smem(v_ref.at[sl], v_smem.at[slot], v_bars.at[slot])
+                    plgpu.copy_gmem_to_smem(v_ref.at[sl], v_smem.at[slot], v_bars.at[slot])
 
             return g0 + n_steps
 
@@ -398,24 +413,24 @@ def assign_ctas(cost, n_cta: int):
     return jnp.where(cost > 0, cta.reshape(-1)[:p], -1)
 
 
-def _tile_cost(bounds, masked, cached):
+def _tile_cost(bounds, masks, cached):
     """The balanced schedule's cost model of tiles: key-block steps of each range (``bounds``: (lo, hi) per range,
-    ``masked``: whether its blocks need the element-wise mask), masked ones ×_MASKED_STEP_COST, plus _TILE_COST;
-    cached tiles cost nothing. Works on jnp and numpy arrays alike."""
-    work = sum((hi - lo) * (_MASKED_STEP_COST if m else 1.0) for (lo, hi), m in zip(bounds, masked))
+    ``masks``: the mask kind its blocks need), each weighted by _STEP_COST of its mask, plus _TILE_COST; cached
+    tiles cost nothing. Works on jnp and numpy arrays alike."""
+    work = sum((hi - lo) * _STEP_COST[m] for (lo, hi), m in zip(bounds, masks))
     return (work + _TILE_COST) * (1 - cached)
 
 
 def program_table(half_window, *, batch: int, seq_len: int, s_pad: int, text_len: int, text_first: bool,
                   has_cache: bool, tile_q: int, block_kv: int, n_cta: int = 1, balance: bool = False):
     """The kernel's schedule: int32 [n_cta + programs, 5 + 2·ranges], and the static mask kind of each range
-    ("clean", "general", "band").
+    (:func:`pallas_kernels.common.visit_ranges`).
 
     Rows n_cta… are the programs (batch, head, query tile, half-window, cached, range bounds…) grouped by CTA,
     each CTA's longest first; header row c (c < n_cta) holds CTA c's first row and tile count in its first two
     columns. Launch order (ties in the Triton kernel's order: text-row tiles of every head, then head by head:
-    L2 reuse), then longest first, then :func:`assign_ctas`: with ``balance`` by estimated cost (key-block steps,
-    masked ones weighted, plus a fixed part per tile; cached tiles cost nothing and are left out), else by key
+    L2 reuse), then longest first, then :func:`assign_ctas`: with ``balance`` by estimated cost (key-block steps
+    weighted by their mask, plus a fixed part per tile; cached tiles cost nothing and are left out), else by key
     blocks and round-robin. Computed with jnp from the runtime half-windows (a few thousand rows: negligible next
     to the kernel)."""
     h = half_window.shape[0]
@@ -451,10 +466,7 @@ def program_table(half_window, *, batch: int, seq_len: int, s_pad: int, text_len
         counts = jnp.asarray(np.bincount(rr, minlength=n_cta), jnp.int32)
     header = jnp.zeros((n_cta, table.shape[1]), jnp.int32)
     header = header.at[:, 0].set(n_cta + jnp.cumsum(counts) - counts).at[:, 1].set(counts)
-    # Mask kind per range (visit_ranges' fixed order): ranges 3 and 5 are band edges of image-only tiles (image
-    # rows and image keys: the band test alone, plus padding); the other masked ranges need the general test.
-    kinds = tuple("clean" if not m else ("band" if j in (3, 5) else "general") for j, (_, m) in enumerate(ranges))
-    return jnp.concatenate([header, table]), kinds
+    return jnp.concatenate([header, table]), tuple(kind for _, kind in ranges)
 
 
 def table_args(shape, config: MosaicGpuConfig, *, text_len: int, text_first: bool, has_cache: bool) -> dict:
@@ -483,8 +495,8 @@ def schedules(q, half_windows, *, text_len: int, text_first: bool, has_cache: bo
 def cta_loads(half_window, shape, *, text_len: int, text_first: bool, has_cache: bool,
               config: MosaicGpuConfig | None = None) -> np.ndarray:
     """Each persistent CTA's estimated work under ``config``'s schedule for one call with q of ``shape`` [B, S, H, D]:
-    float64 [n_cta], in unmasked key-block steps by the balanced schedule's cost model (a masked step ×1.5, a fixed
-    3 per tile, a cached tile free). The busiest CTA over the mean is the schedule's tail; for the balanced
+    float64 [n_cta], in unmasked key-block steps by the balanced schedule's cost model (a step weighted by its
+    mask kind, a fixed 3 per tile, a cached tile free). The busiest CTA over the mean is the schedule's tail; for the balanced
     schedule it is also the most that splitting the heaviest tiles over several CTAs could remove."""
     config = config or heuristic_config(shape[-1])
     kw = table_args(shape, config, text_len=int(text_len), text_first=bool(text_first), has_cache=has_cache)
@@ -492,8 +504,8 @@ def cta_loads(half_window, shape, *, text_len: int, text_first: bool, has_cache:
     table = np.asarray(table)
     n_cta = kw["n_cta"]
     rows = table[n_cta:]
-    cost = _tile_cost([(rows[:, 5 + 2 * j], rows[:, 6 + 2 * j]) for j in range(len(kinds))],
-                      [kind != "clean" for kind in kinds], (rows[:, 4] > 0).astype(np.float64))
+    cost = _tile_cost([(rows[:, 5 + 2 * j], rows[:, 6 + 2 * j]) for j in range(len(kinds))], kinds,
+                      (rows[:, 4] > 0).astype(np.float64))
     first, count = table[:n_cta, 0] - n_cta, table[:n_cta, 1]
     return np.array([cost[f:f + c].sum() for f, c in zip(first, count)])
 
@@ -506,9 +518,13 @@ def _mgpu_call(q, k, v, half_window, cache, schedule, *, text_len, text_first, s
     bsz, s, h, d = q.shape
     has_cache = cache is not None
     kw = table_args(q.shape, config, text_len=text_len, text_first=text_first, has_cache=has_cache)
+    # The tiles cover s_pad rows and keys. On the GPU the inputs stay [B, S, H, D]: the TMA engine fills the rows
+    # past S of a loaded block with zeros and drops them from a stored one (the masks leave padded keys out), so no
+    # padded copies of q, k, v and the cache, nor a slice of the output. The interpreter needs in-bounds blocks.
     s_pad = kw["s_pad"]
-    pad = ((0, 0), (0, s_pad - s), (0, 0), (0, 0))
-    q, k, v = (jnp.pad(x, pad) if s_pad != s else x for x in (q, k, v))
+    s_buf = s_pad if interpret else s
+    pad = ((0, 0), (0, s_buf - s), (0, 0), (0, 0))
+    q, k, v = (jnp.pad(x, pad) if s_buf != s else x for x in (q, k, v))
     n_cta = kw["n_cta"]
     if schedule is None:
         table, masked = program_table(half_window, **kw)
@@ -532,7 +548,7 @@ def _mgpu_call(q, k, v, half_window, cache, schedule, *, text_len, text_first, s
         # the cache's buffer (a ref, aliased in and out of the kernel) and the sampler's carried head cache is
         # updated without a second buffer or a copy into the carry.
         cache = cache.astype(q.dtype)
-        if s_pad != s:  # the padded copy must not run before this call's q exists (see pad_cache)
+        if s_buf != s:  # the padded copy must not run before this call's q exists (see pad_cache)
             cache = pad_cache(cache, q, pad)
         args.append(jax.new_ref(cache, memory_space=plgpu.GMEM))
     body = functools.partial(_kernel, cfg=config, head_dim=d, seq_len=s,
@@ -548,14 +564,14 @@ def _mgpu_call(q, k, v, half_window, cache, schedule, *, text_len, text_first, s
     mesh = plgpu.Mesh(grid=(n_cta,), grid_names=("cta",), num_threads=_COMPUTE_WGS + 1, thread_name="wg")
     out = pl.kernel(
         kernel_body,
-        out_type=() if has_cache else (jax.ShapeDtypeStruct((bsz, s_pad, h, d), q.dtype),),
+        out_type=() if has_cache else (jax.ShapeDtypeStruct((bsz, s_buf, h, d), q.dtype),),
         mesh=mesh,
         compiler_params=plgpu.CompilerParams(approx_math=True),
         interpret=interpret_gpu_params() if interpret else False,
         name="arrow_attention_mgpu",
     )(*args)
     out = jax.freeze(args[-1]) if has_cache else out[0]
-    return out[:, :s] if s_pad != s else out
+    return out[:, :s] if s_buf != s else out
 
 
 def arrow_attention_mosaic_gpu(q, k, v, half_window, *, text_len: int, text_first: bool, cache=None, sm_scale=None,

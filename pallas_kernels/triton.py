@@ -123,8 +123,8 @@ def _arrow_kernel(hw_ref, q_ref, k_ref, v_ref, *rest, num_heads: int, seq_len: i
              jnp.zeros((block_q,), jnp.float32))
     masked_body = functools.partial(body, masked=True)
     clean_body = functools.partial(body, masked=False)
-    for (r_lo, r_hi), masked in ranges:
-        carry = lax.fori_loop(r_lo, r_hi, masked_body if masked else clean_body, carry)
+    for (r_lo, r_hi), mask in ranges:  # every masked range takes the whole arrow test here
+        carry = lax.fori_loop(r_lo, r_hi, clean_body if mask == "clean" else masked_body, carry)
     acc, _, l = carry
     out = acc / jnp.where(l == 0.0, 1.0, l)[:, None]  # l == 0 only for cached heads / all-padding rows
     if has_cache:

@@ -9,26 +9,30 @@ dense cuDNN (``jax.nn.dot_product_attention(implementation="cudnn")``; "xla" off
 full, all arrow:8 / :16 / :32, the benchmark's mixed plan (25% cached heads, the rest arrow / full, fixed seed;
 68% of the FLOPs removed) and ``--mixes`` random head mixes at the same kept fraction (each head full, arrow:8 /
 :16 / :32 or cached at random, seeds 1..N, redrawn until the kept fraction is within ±1% of the mixed plan's
-target), each checked against the reference too. Each figure is the median of ``--iters`` timed calls after
-warm-up, each call on fresh random inputs (drawn outside the timed region). The Mosaic GPU kernel is timed with
-its launch schedule computed beforehand (``arrow_schedules``), as the sampler does once per step for all its
-layers; what computing schedules costs is printed on its own line per config (one call's, and a FLUX.1 step's 57
-at once). Columns: ms; effective TFLOP/s =
-dense FLOPs (4·B·H·S²·D) / time; TFLOP/s on the kept tiles; speedup vs the dense baseline; kept fraction of
-(block_q × block_k) tiles (dfa2_jax.plan.flops.arrow_tiles / total_tiles, cached heads 0); the ideal speedup
-1/kept. Last per shape and backend: the mixed plan's speedup and the worst of the random mixes'.
+target), each checked against the reference too. Each wall figure is the median of ``--iters`` timed calls after
+warm-up, each call on fresh random inputs (drawn outside the timed region), host dispatch included. On a GPU each
+row also gets its GPU time (``--device-calls`` calls under jax.profiler: every kernel and copy of a call summed,
+and its largest kernel alone): what a jitted sampler pays, where no call waits on the host. The Mosaic GPU kernel
+is timed with its launch schedule computed beforehand (``arrow_schedules``), as the sampler does once per step for
+all its layers; what computing schedules costs is printed on its own line per config (one call's, and a FLUX.1
+step's 57 at once). Columns: ms; effective TFLOP/s = dense FLOPs (4·B·H·S²·D) / time; TFLOP/s on the kept tiles;
+speedup vs the dense baseline; kept fraction of (block_q × block_k) tiles (dfa2_jax.plan.flops.arrow_tiles /
+total_tiles, cached heads 0); the ideal speedup 1/kept. Last per shape and backend: the mixed plan's speedup and
+the worst of the random mixes', by wall clock and by GPU time.
 """
 
 from __future__ import annotations
 
 import argparse
 import functools
+import tempfile
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from dfa2_jax.benchmarking import ATTENTION_SHAPES, SMALL_ATTENTION_SHAPES, TINY_BLOCKS, median, time_calls
+from dfa2_jax.benchmarking import (ATTENTION_SHAPES, SMALL_ATTENTION_SHAPES, TINY_BLOCKS, jax_kernel_times, median,
+                                   time_calls)
 from dfa2_jax.plan.flops import DEFAULT_BLOCKS, arrow_tiles, total_tiles
 from pallas_kernels import (MosaicGpuConfig, TritonConfig, arrow_attention, arrow_attention_reference, arrow_schedules,
                             autotune)
@@ -119,6 +123,19 @@ def time_fn(fn, make_inputs, iters, warmup):
     return median(time_calls(fn, make_inputs, iters=iters, warmup=warmup))
 
 
+def device_ms(fn, make_inputs, calls: int) -> tuple[float, float] | None:
+    """GPU time of ``fn`` per call over ``calls`` calls on fresh inputs under jax.profiler: (every kernel and copy
+    of the call summed, its largest kernel alone), in ms; None without GPU kernels (CPU) or with ``calls`` 0."""
+    if calls <= 0:
+        return None
+    arg_sets = [jax.block_until_ready(make_inputs(20_000 + i)) for i in range(calls)]
+    with tempfile.TemporaryDirectory() as workdir:
+        table, _ = jax_kernel_times(fn, arg_sets, workdir)
+    if not table:
+        return None
+    return sum(k["ms"] for k in table) / calls, table[0]["ms"] / calls
+
+
 def schedule_seconds(schedules, windows, n_calls: int, iters: int = 20) -> float:
     """Median seconds of computing ``n_calls`` launch schedules at once (jitted; ``schedules`` maps half-windows
     [L, H] to the tables)."""
@@ -147,7 +164,7 @@ def triton_fa_rows(name, make_inputs, s, d, dense_flops, iters, warmup):
                                                               num_stages=ns)[:, :s])
             ms = time_fn(fn, make_inputs, iters, warmup)
             print(f"  triton fa 128x64 warps={nw} stages={ns}: {ms * 1e3:.3f} ms")
-            out.append((name, f"tritonFA{nw}/{ns}", ms, dense_flops, 1.0))
+            out.append((name, f"tritonFA{nw}/{ns}", ms, dense_flops, 1.0, None))
         except Exception as e:  # noqa: BLE001
             print(f"  triton fa warps={nw} stages={ns}: failed ({type(e).__name__}: {str(e)[:300]})")
     return out
@@ -175,7 +192,7 @@ def mgpu_rows(name, make_inputs, b, s, h, d, dense_flops, iters, warmup):
                                         - ref[:, :, :2].astype(jnp.float32)))) if s_pad == s else float("nan")
             ms = time_fn(fn, make_inputs, iters, warmup)
             print(f"  mgpu fa3 bq={bq} bkv={bkv} steps={steps} S_pad={s_pad}: {ms * 1e3:.3f} ms (err vs cudnn {err:.2e})")
-            out.append((name, f"mgpu{bq}/{bkv}/{steps}", ms, dense_flops, 1.0))
+            out.append((name, f"mgpu{bq}/{bkv}/{steps}", ms, dense_flops, 1.0, None))
         except Exception as e:  # noqa: BLE001
             print(f"  mgpu fa3 bq={bq} bkv={bkv} steps={steps}: failed ({type(e).__name__}: "
                   f"{str(e).splitlines()[0][:300] if str(e) else ''})")
@@ -222,10 +239,13 @@ def main(argv=None):
     p.add_argument("--mosaic-configs", default="64/128/2", help="Mosaic GPU configs to time, comma-separated "
                    "block_q/block_kv/max_concurrent_steps[/num_ctas][/ranges][/roundrobin] (roundrobin: the "
                    "round-robin schedule instead of the cost-balanced default); 'heuristic' = the per-head-dim default")
+    p.add_argument("--device-calls", type=int, default=5, help="calls per row under jax.profiler for the GPU time "
+                   "(every kernel and copy of a call, without host dispatch; 0: skip; none off GPU)")
     args = p.parse_args(argv)
     iters = args.iters or (2 if args.small else 20)
     warmup = args.warmup or (1 if args.small else 3)
     on_gpu = jax.default_backend() == "gpu"
+    device_calls = args.device_calls if on_gpu and not args.interpret else 0
     dense_impl = "cudnn" if on_gpu else "xla"
     dtype = jnp.bfloat16
     shapes = SMALL_ATTENTION_SHAPES if args.small else ATTENTION_SHAPES
@@ -304,7 +324,8 @@ def main(argv=None):
         dense = jax.jit(lambda q, k, v, c: jax.nn.dot_product_attention(q, k, v, implementation=dense_impl))
         t_dense = time_fn(dense, make_inputs, iters, warmup)
         dense_name = "cuDNN" if dense_impl == "cudnn" else f"dense {dense_impl}"
-        rows.append((name, f"dense {dense_impl}", t_dense, dense_flops, 1.0))
+        dev_dense = device_ms(dense, make_inputs, device_calls)
+        rows.append((name, f"dense {dense_impl}", t_dense, dense_flops, 1.0, dev_dense))
         sched_lines = []
         for prefix, (impl, cfg) in kernels.items():
             schedules = functools.partial(arrow_schedules, q, text_len=t, text_first=text_first, has_cache=True,
@@ -330,32 +351,36 @@ def main(argv=None):
                     q, k, v, hw, text_len=t, text_first=text_first, cache=c, implementation=impl,
                     interpret=args.interpret, config=cfg, schedule=table))
                 rows.append((name, prefix + mode, time_fn(fn, make_inputs, iters, warmup), dense_flops,
-                             kept_fraction(w, n, t, text_first, blocks)))
+                             kept_fraction(w, n, t, text_first, blocks), device_ms(fn, make_inputs, device_calls)))
         if args.mgpu:
             rows.extend(triton_fa_rows(name, make_inputs, s, d, dense_flops, iters, warmup))
             rows.extend(mgpu_rows(name, make_inputs, b, s, h, d, dense_flops, iters, warmup))
-        for r in rows:
-            if r[0] == name:
-                r_dense = t_dense
-                ms, eff, kept = r[2] * 1e3, r[3] / r[2] / 1e12, r[4]
-                ideal = f"{1 / kept:6.2f}" if kept > 0 else "   inf"
-                print(f"  {r[1]:22s} {ms:9.3f} ms  eff {eff:7.1f} TFLOP/s  kept-work {eff * kept:7.1f} TFLOP/s  "
-                      f"speedup {r_dense / r[2]:5.2f}x  kept {kept:5.3f}  ideal {ideal}x")
+        for _, label, sec, flops, kept, dev in (r for r in rows if r[0] == name):
+            eff = flops / sec / 1e12
+            ideal = f"{1 / kept:6.2f}" if kept > 0 else "   inf"
+            on_gpu_line = "" if dev is None or dev_dense is None else (
+                f"  | GPU {dev[0]:7.3f} ms (kernel {dev[1]:7.3f})  speedup {dev_dense[0] / dev[0]:5.2f}x")
+            print(f"  {label:22s} {sec * 1e3:9.3f} ms  eff {eff:7.1f} TFLOP/s  kept-work {eff * kept:7.1f} TFLOP/s  "
+                  f"speedup {t_dense / sec:5.2f}x  kept {kept:5.3f}  ideal {ideal}x{on_gpu_line}")
         print("\n".join(sched_lines))
-        times = {r[1]: r[2] for r in rows if r[0] == name}
+        times = {r[1]: (r[2], r[5]) for r in rows if r[0] == name}
         for prefix in kernels:
             if prefix + "mixed" not in times:
                 continue
-            line = f"  {prefix}mixed plan: {t_dense / times[prefix + 'mixed']:.2f}× vs {dense_name}"
-            timed_mixes = {m: times[prefix + m] for m in mixes if prefix + m in times}
-            if timed_mixes:
-                worst = max(timed_mixes, key=timed_mixes.get)
-                line += (f"; worst of {len(timed_mixes)} mixes: {t_dense / timed_mixes[worst]:.2f}× vs {dense_name} "
-                         f"({worst})")
+            timed_mixes = [m for m in mixes if prefix + m in times]
+            for clock, pick, base in (("wall", lambda x: x[0], t_dense),
+                                      ("GPU", lambda x: x[1] and x[1][0], dev_dense and dev_dense[0])):
+                if not base or not pick(times[prefix + "mixed"]):
+                    continue
+                line = f"  {prefix}mixed plan ({clock}): {base / pick(times[prefix + 'mixed']):.2f}× vs {dense_name}"
+                if timed_mixes:
+                    worst = max(timed_mixes, key=lambda m: pick(times[prefix + m]))
+                    line += (f"; worst of {len(timed_mixes)} mixes: {base / pick(times[prefix + worst]):.2f}× vs "
+                             f"{dense_name} ({worst})")
+                print(line)
             failed_mixes = [m for m in mixes if prefix + m in failed]
             if failed_mixes:
-                line += f"; mixes that FAILED the check: {', '.join(failed_mixes)}"
-            print(line)
+                print(f"  {prefix}mixes that FAILED the check: {', '.join(failed_mixes)}")
     if args.interpret:
         print("\n(interpret mode: timings are CPU interpreter times, not kernel performance)")
     if all_failed:

@@ -69,45 +69,13 @@ def summarize_kernels(kernels: list[dict], span_ms: float | None = None) -> dict
                 top_non_matmul=[dict(family=n, ms=v[0], count=v[1]) for n, v in top])
 
 
-def kernel_table(events) -> tuple[list[dict], float | None]:
-    """(name, start, end) of each GPU kernel, times in ms -> [{name, count, ms}] largest first, and their span in
-    ms (first start to last end; None without kernels)."""
-    found: dict[str, list] = {}
-    lo = hi = None
-    for name, start, end in events:
-        f = found.setdefault(name, [0, 0.0])
-        f[0] += 1
-        f[1] += end - start
-        lo, hi = (start, end) if lo is None else (min(lo, start), max(hi, end))
-    table = [dict(name=n, count=c, ms=ms) for n, (c, ms) in sorted(found.items(), key=lambda kv: -kv[1][1])]
-    return table, (None if lo is None else hi - lo)
-
-
-def jax_kernel_times(fn, args, workdir: str) -> tuple[list[dict], float | None]:
-    """One call of ``fn(*args)`` under jax.profiler: [{name, count, ms}] of its GPU kernels and copies, and their
-    span in ms."""
-    import glob
-
-    import jax
-    from jax.profiler import ProfileData
-
-    with jax.profiler.trace(workdir):
-        jax.block_until_ready(fn(*args))
-    lines = [line for path in glob.glob(os.path.join(workdir, "**", "*.xplane.pb"), recursive=True)
-             for plane in ProfileData.from_file(path).planes if plane.name.startswith("/device:GPU")
-             for line in plane.lines]
-    streams = [line for line in lines if line.name.lower().startswith("stream")]
-    if lines and not streams:
-        print("profile: no per-stream lines among " + ", ".join(sorted({ln.name for ln in lines})), file=sys.stderr)
-    # the per-op and per-module lines repeat the streams' kernels
-    return kernel_table((ev.name, ev.start_ns / 1e6, ev.end_ns / 1e6) for line in streams for ev in line.events)
-
-
 def torch_kernel_times(call) -> tuple[list[dict], float | None]:
     """One ``call()`` under torch.profiler (CUDA activity only): [{name, count, ms}] of its GPU kernels, and their
     span in ms."""
     import torch
     from torch.profiler import ProfilerActivity, profile
+
+    from dfa2_jax.benchmarking import kernel_table
 
     with profile(activities=[ProfilerActivity.CUDA]) as prof:
         call()
@@ -130,7 +98,7 @@ def run_jax(model: str, resolutions: list[int], iters: int, smoke: bool, profile
     import jax.numpy as jnp
 
     import dfa2_jax
-    from dfa2_jax.benchmarking import median, model_config, step_inputs, text_tokens
+    from dfa2_jax.benchmarking import jax_kernel_times, median, model_config, step_inputs, text_tokens
     from dfa2_jax.transformer import flux_forward, flux_rope, sd3_forward
 
     family = MODELS[model]
@@ -182,7 +150,7 @@ def run_jax(model: str, resolutions: list[int], iters: int, smoke: bool, profile
             with open(os.path.join(profile_dir, f"hlo_{model}_{res}.txt"), "w") as f:
                 f.write(compiled.as_text())
             with tempfile.TemporaryDirectory() as tmp:
-                kernels, span = jax_kernel_times(compiled, arg_sets[0][1:], tmp)
+                kernels, span = jax_kernel_times(compiled, [arg_sets[0][1:]], tmp)
             profile = write_profile(profile_dir, "jax", model, res, kernels, span)
         results.append(dict(framework="jax", model=model, res=res, ms=1e3 * median(times), queued_ms=1e3 * queued_s,
                             compile_s=compile_s,

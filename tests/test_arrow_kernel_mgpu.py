@@ -33,7 +33,8 @@ def _inputs(seed, shape, dtype):
 
 @pytest.mark.parametrize("s, text_len, text_first, windows, use_cache, dtype, grouped, ctas, balance", [
     (300, 40, True, [-1, 5, 0, 1], True, jnp.float16, True, 2, True),     # FLUX layout, padding, a cached head
-    (250, 21, False, [3, 0, -1, 200], True, jnp.bfloat16, True, 1, True),  # SD3 layout, text straddling, w > image
+    # SD3 layout: text straddling a key block, the last tile text and padding rows (clean + tail), w > image
+    (300, 100, False, [3, 0, -1, 250], True, jnp.bfloat16, True, 1, True),
     (200, 0, True, [0, 2, -1, 7], False, jnp.float16, True, 1, True),     # no text; w = 0 without cache: a width-0 band
     (200, 17, True, [-1, 5, 0], True, jnp.bfloat16, False, 1, False),     # a loop per range; round-robin, cache copied
 ])
@@ -85,7 +86,7 @@ def test_program_table_covers_every_tile_once_longest_first(balance):
         assert (np.diff(steps(longest_first)) <= 0).all()
     for r in per_cta:
         assert (np.diff(steps(r)) <= 0).all()  # each CTA's tiles longest first
-    assert kinds == ("clean", "general", "general", "band", "clean", "band")
+    assert kinds == ("clean", "tail", "general", "general", "band", "clean", "band")
 
 
 @pytest.mark.parametrize("n_cta, seed", [(8, 0), (16, 1), (33, 2), (132, 3)])
@@ -118,7 +119,8 @@ def test_cta_loads_follow_the_cost_model():
     hw = jnp.asarray([-1, 0, 9, 40, 3])
     loads = {bal: mgpu.cta_loads(hw, (2, 700, 5, 64), text_len=50, text_first=True, has_cache=True,
                                  config=dataclasses.replace(one, num_ctas=4, balance=bal)) for bal in (True, False)}
-    assert loads[True].shape == (4,) and loads[True].sum() == loads[False].sum() > 0
+    assert loads[True].shape == (4,) and loads[True].sum() > 0
+    np.testing.assert_allclose(loads[True].sum(), loads[False].sum(), rtol=1e-12)
     assert loads[True].max() <= loads[False].max()
     cached = mgpu.cta_loads(jnp.asarray([0, 0]), (1, 700, 2, 64), text_len=50, text_first=True, has_cache=True,
                             config=dataclasses.replace(one, num_ctas=4))

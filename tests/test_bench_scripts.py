@@ -39,7 +39,7 @@ def test_bench_arrow_interpret(tmp_path):
     checked = [line.split()[1] for line in out.splitlines() if line.strip().startswith("check ")]
     assert checked == ["full", "arrow:8", "arrow:16", "arrow:32", "mixed", "mix1", "mix2"], out
     assert all(line.rstrip().endswith("ok") for line in out.splitlines() if line.strip().startswith("check "))
-    assert "worst of 2 mixes:" in out and "mixed plan:" in out
+    assert "worst of 2 mixes:" in out and "mixed plan (wall):" in out
 
 
 def test_bench_transformer_smoke(tmp_path):
