@@ -34,7 +34,8 @@ import numpy as np
 from dfa2_jax.models.configs import FluxConfig, SD3Config, TransformerConfig
 from dfa2_jax.pipeline import flux_image_ids
 from dfa2_jax.plan import Plan, model_info_for
-from dfa2_jax.plan.flops import DEFAULT_BLOCKS, kept_fraction, layer_text_len, layer_weights, plan_stats
+from dfa2_jax.plan.flops import (DEFAULT_BLOCKS, arrow_tiles, kept_fraction, layer_text_len, layer_weights, plan_stats,
+                                 total_tiles)
 from dfa2_jax.runtime import kernel_call
 from dfa2_jax.sample import PlanArrays
 from dfa2_jax.scheduler import FlowMatchEulerConfig, calculate_shift, set_timesteps
@@ -312,6 +313,60 @@ def amdahl_bound(attn_share: float, kept: float) -> float:
     return 1.0 / ((1.0 - attn_share) + attn_share * kept)
 
 
+# ------------------------------------------------------------------------------- attention head mixes
+MIX_KEPT = 0.32  # the kernel benchmark's mixed plan: 68% of the attention FLOPs removed
+MIX_TOL = 0.01  # a random mix's kept fraction is within ±1% of MIX_KEPT
+
+
+def arrow_half_window(n_img: int, k: int) -> int:
+    """arrow:k half-width (:meth:`dfa2_jax.plan.methods.Method.half_window`)."""
+    return n_img // (2 * k)
+
+
+def head_windows_kept(windows, n_img, text_len, text_first, blocks) -> float:
+    """Kept fraction of (block_q × block_k) tiles of one attention call whose heads have these half-windows (−1
+    full, 0 cached)."""
+    tot = total_tiles(n_img, text_len, blocks)
+    return float(np.mean([0.0 if w == 0 else arrow_tiles(n_img, text_len, text_first, int(w), blocks) / tot
+                          for w in windows]))
+
+
+def mixed_head_windows(h, n_img, text_len, text_first, blocks, target_kept=MIX_KEPT, seed=0):
+    """25% cached heads, the rest drawn from full / arrow:8 / :16 / :32; among 64 draws of a fixed seed the one
+    whose kept tile fraction is closest to ``target_kept`` (68% of the FLOPs removed)."""
+    rng = np.random.default_rng(seed)
+    choices = [-1] + [arrow_half_window(n_img, k) for k in (8, 16, 32)]
+    best = None
+    for _ in range(64):
+        w = rng.choice(choices, size=h)
+        w[rng.permutation(h)[: h // 4]] = 0
+        err = abs(head_windows_kept(w, n_img, text_len, text_first, blocks) - target_kept)
+        if best is None or err < best[0]:
+            best = (err, w)
+    return best[1].astype(np.int32)
+
+
+def random_head_windows(h, n_img, text_len, text_first, blocks, target_kept=MIX_KEPT, *, seed, tol=MIX_TOL,
+               max_draws=200_000):
+    """Per head one of full / arrow:8 / :16 / :32 (half-widths n/16, n/32, n/64) / cached, uniformly at random
+    (``seed``), redrawn until the kept tile fraction is within ±``tol`` of ``target_kept`` -> (half-windows int32
+    [H], kept). Few heads may not reach that: then the closest of ``max_draws`` draws."""
+    choices = np.array([-1] + [arrow_half_window(n_img, k) for k in (8, 16, 32)] + [0], np.int32)
+    per = np.array([head_windows_kept([w], n_img, text_len, text_first, blocks) for w in choices])
+    rng = np.random.default_rng(seed)
+    best = None
+    for _ in range(max_draws // 1000):
+        idx = rng.integers(0, len(choices), size=(1000, h))
+        kept = per[idx].mean(axis=1)
+        err = np.abs(kept - target_kept)
+        k = int(np.argmin(err)) if not (err <= tol).any() else int(np.flatnonzero(err <= tol)[0])
+        if best is None or err[k] < best[0]:
+            best = (float(err[k]), choices[idx[k]], float(kept[k]))
+        if best[0] <= tol:
+            break
+    return best[1], best[2]
+
+
 # ------------------------------------------------------------------------------------------ measurement
 def tree_bytes(tree) -> int:
     """Bytes of every array (or ``jax.ShapeDtypeStruct``) in ``tree``; 0 for None."""
@@ -410,8 +465,9 @@ def arrow_implementation(attention_impl: str, q) -> str:
 
 
 __all__ = ["ATTENTION_SHAPES", "AttentionShape", "CACHE_PEAK", "CASES", "Case", "FAMILIES", "GUIDANCE", "LAMBDA_MAX",
-           "NoAttention", "PLAN_METHODS", "PLAN_REMOVED", "SMALL_ATTENTION_SHAPES", "TEXT_TOKENS", "TINY_BLOCKS",
-           "TINY_RES", "TINY_STEPS", "TINY_TEXT_TOKENS", "amdahl_bound", "arrow_implementation", "benchmark_plan",
-           "flux_ids", "image_tokens", "jax_kernel_times", "kernel_family", "kernel_table", "median", "model_config",
-           "plan_assignment", "random_inputs", "sampler_inputs", "schedule", "step_inputs", "synthetic_plan",
-           "text_tokens", "time_calls", "timed", "tree_bytes"]
+           "MIX_KEPT", "MIX_TOL", "NoAttention", "PLAN_METHODS", "PLAN_REMOVED", "SMALL_ATTENTION_SHAPES",
+           "TEXT_TOKENS", "TINY_BLOCKS", "TINY_RES", "TINY_STEPS", "TINY_TEXT_TOKENS", "amdahl_bound",
+           "arrow_half_window", "arrow_implementation", "benchmark_plan", "flux_ids", "head_windows_kept",
+           "image_tokens", "jax_kernel_times", "kernel_family", "kernel_table", "median", "mixed_head_windows", "model_config",
+           "plan_assignment", "random_head_windows", "random_inputs", "sampler_inputs", "schedule", "step_inputs",
+           "synthetic_plan", "text_tokens", "time_calls", "timed", "tree_bytes"]

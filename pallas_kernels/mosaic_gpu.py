@@ -21,8 +21,9 @@ style:
 
 Inputs must be bfloat16 or float16 with head_dim a multiple of 64 (wgmma operand tiles). The tiles cover the
 sequence rounded up to a multiple of 2 × ``block_q`` and ``block_kv``; on the GPU the rows past it are never
-materialised (TMA loads fill them with zeros, TMA stores drop them), in interpret mode the wrapper pads. :func:`supported` says whether a call can take this path; the
-dispatcher (:func:`pallas_kernels.resolve_implementation`) picks the Triton kernel otherwise.
+materialised (TMA loads fill them with zeros, TMA stores drop them), in interpret mode the wrapper pads.
+:func:`supported` says whether a call can take this path; the dispatcher
+(:func:`pallas_kernels.resolve_implementation`) picks the Triton kernel otherwise.
 """
 
 from __future__ import annotations
@@ -63,7 +64,10 @@ class MosaicGpuConfig:
     False: every num_ctas-th tile of the longest-first order, "round-robin"). Computing the balanced assignment
     is a sequential loop (~0.8 ms for FLUX.1 at 2048² on an H100, once per sampler step for all layers, or once
     per call without a precomputed ``schedule``); it shortens the kernel of mixed plans by 8–15%
-    (docs/PERFORMANCE.md, "Kernel schedules")."""
+    (docs/PERFORMANCE.md). profile_dir, profile_events: record the kernel's phases (its named scopes: c_* in the
+    compute warpgroups, m_* in the memory one) with jax's Mosaic GPU on-device profiler, up to ``profile_events``
+    scopes per warpgroup (in shared memory: more than a CTA records overwrites other data), one Perfetto trace per
+    call in ``profile_dir``; scripts/profile_kernel.py sizes and reads them."""
 
     block_q: int = 64
     block_kv: int = 128
@@ -71,6 +75,8 @@ class MosaicGpuConfig:
     num_ctas: int = 0  # persistent CTAs; 0 = one per SM
     group_by_mask: bool = True
     balance: bool = True
+    profile_dir: str = ""
+    profile_events: int = 0
 
     def __post_init__(self):
         for name in ("block_q", "block_kv"):
@@ -85,6 +91,10 @@ class MosaicGpuConfig:
         for name in ("group_by_mask", "balance"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"MosaicGpuConfig.{name}={getattr(self, name)!r} must be a bool")
+        if not (isinstance(self.profile_events, int) and self.profile_events >= 0 and isinstance(self.profile_dir, str)
+                and bool(self.profile_events) == bool(self.profile_dir)):
+            raise ValueError(f"MosaicGpuConfig: profile_dir={self.profile_dir!r} and profile_events="
+                             f"{self.profile_events!r} must be set together (a folder and an int > 0) or not at all")
 
     @property
     def tile_q(self) -> int:
@@ -496,8 +506,8 @@ def cta_loads(half_window, shape, *, text_len: int, text_first: bool, has_cache:
               config: MosaicGpuConfig | None = None) -> np.ndarray:
     """Each persistent CTA's estimated work under ``config``'s schedule for one call with q of ``shape`` [B, S, H, D]:
     float64 [n_cta], in unmasked key-block steps by the balanced schedule's cost model (a step weighted by its
-    mask kind, a fixed 3 per tile, a cached tile free). The busiest CTA over the mean is the schedule's tail; for the balanced
-    schedule it is also the most that splitting the heaviest tiles over several CTAs could remove."""
+    mask kind, a fixed 3 per tile, a cached tile free). The busiest CTA over the mean is the schedule's tail; for
+    the balanced schedule it is also the most that splitting the heaviest tiles over several CTAs could remove."""
     config = config or heuristic_config(shape[-1])
     kw = table_args(shape, config, text_len=int(text_len), text_first=bool(text_first), has_cache=has_cache)
     table, kinds = program_table(jnp.asarray(half_window, jnp.int32), **kw)
@@ -566,7 +576,8 @@ def _mgpu_call(q, k, v, half_window, cache, schedule, *, text_len, text_first, s
         kernel_body,
         out_type=() if has_cache else (jax.ShapeDtypeStruct((bsz, s_buf, h, d), q.dtype),),
         mesh=mesh,
-        compiler_params=plgpu.CompilerParams(approx_math=True),
+        compiler_params=plgpu.CompilerParams(approx_math=True, **(dict(
+            profile_space=config.profile_events, profile_dir=config.profile_dir) if config.profile_dir else {})),
         interpret=interpret_gpu_params() if interpret else False,
         name="arrow_attention_mgpu",
     )(*args)

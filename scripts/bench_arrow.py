@@ -31,9 +31,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from dfa2_jax.benchmarking import (ATTENTION_SHAPES, SMALL_ATTENTION_SHAPES, TINY_BLOCKS, jax_kernel_times, median,
-                                   time_calls)
-from dfa2_jax.plan.flops import DEFAULT_BLOCKS, arrow_tiles, total_tiles
+from dfa2_jax.benchmarking import (ATTENTION_SHAPES, MIX_KEPT, MIX_TOL, SMALL_ATTENTION_SHAPES, TINY_BLOCKS,
+                                   arrow_half_window, head_windows_kept, jax_kernel_times, median, mixed_head_windows,
+                                   random_head_windows, time_calls)
+from dfa2_jax.plan.flops import DEFAULT_BLOCKS
 from pallas_kernels import (MosaicGpuConfig, TritonConfig, arrow_attention, arrow_attention_reference, arrow_schedules,
                             autotune)
 from pallas_kernels.mosaic_gpu import cta_loads
@@ -41,57 +42,6 @@ from pallas_kernels.triton import heuristic_config
 from pallas_kernels.tuning import tuned_config
 
 TOL = {jnp.dtype(jnp.bfloat16): 2e-2, jnp.dtype(jnp.float16): 4e-3, jnp.dtype(jnp.float32): 1e-5}
-MIXED_KEPT = 0.32  # the benchmark's mixed plan: 68% of the attention FLOPs removed
-MIX_TOL = 0.01  # a random mix's kept fraction is within ±1% of MIXED_KEPT
-
-
-def half_window(n_img: int, k: int) -> int:
-    """arrow:k half-width (dfa2_jax.plan.methods.Method.half_window)."""
-    return n_img // (2 * k)
-
-
-def kept_fraction(windows, n_img, text_len, text_first, blocks) -> float:
-    tot = total_tiles(n_img, text_len, blocks)
-    return float(np.mean([0.0 if w == 0 else arrow_tiles(n_img, text_len, text_first, int(w), blocks) / tot
-                          for w in windows]))
-
-
-def mixed_plan(h, n_img, text_len, text_first, blocks, target_kept=0.32, seed=0):
-    """25% cached heads, the rest drawn from full / arrow:8 / :16 / :32; among 64 draws of a fixed seed the one
-    whose kept tile fraction is closest to ``target_kept`` (68% of the FLOPs removed)."""
-    rng = np.random.default_rng(seed)
-    choices = [-1] + [half_window(n_img, k) for k in (8, 16, 32)]
-    best = None
-    for _ in range(64):
-        w = rng.choice(choices, size=h)
-        w[rng.permutation(h)[: h // 4]] = 0
-        err = abs(kept_fraction(w, n_img, text_len, text_first, blocks) - target_kept)
-        if best is None or err < best[0]:
-            best = (err, w)
-    return best[1].astype(np.int32)
-
-
-def random_mix(h, n_img, text_len, text_first, blocks, target_kept=MIXED_KEPT, *, seed, tol=MIX_TOL,
-               max_draws=200_000):
-    """Per head one of full / arrow:8 / :16 / :32 (half-widths n/16, n/32, n/64) / cached, uniformly at random
-    (``seed``), redrawn until the kept tile fraction is within ±``tol`` of ``target_kept`` -> (half-windows int32
-    [H], kept). Few heads may not reach that: then the closest of ``max_draws`` draws."""
-    choices = np.array([-1] + [half_window(n_img, k) for k in (8, 16, 32)] + [0], np.int32)
-    per = np.array([kept_fraction([w], n_img, text_len, text_first, blocks) for w in choices])
-    rng = np.random.default_rng(seed)
-    best = None
-    for _ in range(max_draws // 1000):
-        idx = rng.integers(0, len(choices), size=(1000, h))
-        kept = per[idx].mean(axis=1)
-        err = np.abs(kept - target_kept)
-        k = int(np.argmin(err)) if not (err <= tol).any() else int(np.flatnonzero(err <= tol)[0])
-        if best is None or err[k] < best[0]:
-            best = (float(err[k]), choices[idx[k]], float(kept[k]))
-        if best[0] <= tol:
-            break
-    return best[1], best[2]
-
-
 def random_inputs(key, b, s, h, d, dtype):
     ks = jax.random.split(key, 4)
     return tuple(jax.random.normal(x, (b, s, h, d), jnp.float32).astype(dtype) for x in ks)
@@ -269,11 +219,11 @@ def main(argv=None):
         dense_flops = shape.dense_flops
         modes = {"full": np.full(h, -1, np.int32)}
         for kk in (8, 16, 32):
-            modes[f"arrow:{kk}"] = np.full(h, half_window(n, kk), np.int32)
-        modes["mixed"] = mixed_plan(h, n, t, text_first, blocks)
+            modes[f"arrow:{kk}"] = np.full(h, arrow_half_window(n, kk), np.int32)
+        modes["mixed"] = mixed_head_windows(h, n, t, text_first, blocks)
         mixes = []
         for seed in range(1, args.mixes + 1):
-            modes[f"mix{seed}"] = random_mix(h, n, t, text_first, blocks, seed=seed)[0]
+            modes[f"mix{seed}"] = random_head_windows(h, n, t, text_first, blocks, seed=seed)[0]
             mixes.append(f"mix{seed}")
         if args.tune:
             q, k, v, cache = random_inputs(jax.random.PRNGKey(7), b, s, h, d, dtype)
@@ -286,8 +236,8 @@ def main(argv=None):
         print(f"\n{name}: B={b} S={s} (text {t} {'first' if text_first else 'last'}, image {n}) H={h} D={d} "
               f"{jnp.dtype(dtype).name} {config}")
         for mode in ["mixed"] + mixes:
-            kept = kept_fraction(modes[mode], n, t, text_first, blocks)
-            off = "" if abs(kept - MIXED_KEPT) <= MIX_TOL + 1e-12 else f" (closest reachable to {MIXED_KEPT})"
+            kept = head_windows_kept(modes[mode], n, t, text_first, blocks)
+            off = "" if abs(kept - MIX_KEPT) <= MIX_TOL + 1e-12 else f" (closest reachable to {MIX_KEPT})"
             print(f"  {mode} windows: {modes[mode].tolist()} kept {kept:.3f}{off}")
 
         def make_inputs(seed, b=b, s=s, h=h, d=d):
@@ -353,7 +303,7 @@ def main(argv=None):
                     q, k, v, hw, text_len=t, text_first=text_first, cache=c, implementation=impl,
                     interpret=args.interpret, config=cfg, schedule=table), donate_argnums=(3,) if on_gpu else ())
                 rows.append((name, prefix + mode, time_fn(fn, make_inputs, iters, warmup), dense_flops,
-                             kept_fraction(w, n, t, text_first, blocks), device_ms(fn, make_inputs, device_calls)))
+                             head_windows_kept(w, n, t, text_first, blocks), device_ms(fn, make_inputs, device_calls)))
         if args.mgpu:
             rows.extend(triton_fa_rows(name, make_inputs, s, d, dense_flops, iters, warmup))
             rows.extend(mgpu_rows(name, make_inputs, b, s, h, d, dense_flops, iters, warmup))

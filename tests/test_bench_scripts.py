@@ -13,6 +13,7 @@ import sys
 import tempfile
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 SCRIPTS = Path(__file__).resolve().parent.parent / "scripts"
@@ -79,6 +80,40 @@ def test_bench_transformer_kernel_tables():
     families = {f["family"]: (f["ms"], f["count"]) for f in summary["top_non_matmul"]}
     assert families["loop_add_fusion"] == (0.75, 3) and families["triton_poi_fused_add_mul"] == (0.125, 1)
     assert summary["top_non_matmul"][0]["family"].startswith("cudnn_generated")  # largest first
+
+
+def test_profile_kernel_reads_a_trace():
+    """profile_kernel's reading of a profiler trace against hand counts: one CTA, two tiles (3 clean + 1 band key
+    blocks, then 2 clean), two compute warpgroups and the memory one (left out)."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("profile_kernel", SCRIPTS / "profile_kernel.py")
+    pk = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(pk)
+    table = np.array([[1, 2, 0, 0, 0, 0, 0, 0, 0],
+                      [0, 0, 0, 5, 0, 0, 3, 3, 4],
+                      [0, 0, 1, 5, 0, 0, 2, 2, 2]])
+    tiles, steps, by_kind = pk.steps_by_kind(table, 1, ("clean", "band"))
+    assert tiles.tolist() == [2] and steps.tolist() == [6] and by_kind == {"clean": 5.0, "band": 1.0}
+    assert pk.events_needed(table, 1) == 2 * len(pk.TILE_SCOPES) + 8
+
+    def scope(name, t0, t1, tid):
+        return [dict(name=name, ph="B", ts=t0, tid=tid), dict(name=name, ph="E", ts=t1, tid=tid)]
+
+    events = []
+    for tid in (1, 2):  # ts in units of 1000 cycles
+        begin, end = (dict(name="c_steps", ph=ph, tid=tid) for ph in "BE")
+        events += scope("c_info", 0, 1, tid) + [dict(begin, ts=1)]
+        events += scope("c_clean", 1, 7, tid) + scope("c_band", 7, 9, tid) + [dict(end, ts=9)]
+        events += scope("c_out", 9, 10, tid) + scope("c_info", 10, 11, tid) + [dict(begin, ts=11)]
+        events += scope("c_clean", 11, 15, tid) + [dict(end, ts=15)]
+        events += scope("c_out", 15, 16 + (tid - 1), tid)
+    events += scope("m_kv", 0, 40, 3)
+    summary = pk.phase_summary(events, tiles, by_kind)
+    assert summary["cycles_per_step"] == {"clean": 2000.0, "band": 2000.0}
+    assert summary["span_cycles"] == 16500.0 and summary["fixed_per_tile"] == 2250.0
+    assert summary["span_max_over_mean"] == 17000.0 / 16500.0
+    assert summary["phases_per_tile"]["c_info"] == 1000.0 and summary["phases_per_tile"]["c_out"] == 1250.0
 
 
 def test_bench_e2e_smoke(tmp_path):
