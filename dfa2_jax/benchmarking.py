@@ -468,6 +468,7 @@ __all__ = ["ATTENTION_SHAPES", "AttentionShape", "CACHE_PEAK", "CASES", "Case", 
            "MIX_KEPT", "MIX_TOL", "NoAttention", "PLAN_METHODS", "PLAN_REMOVED", "SMALL_ATTENTION_SHAPES",
            "TEXT_TOKENS", "TINY_BLOCKS", "TINY_RES", "TINY_STEPS", "TINY_TEXT_TOKENS", "amdahl_bound",
            "arrow_half_window", "arrow_implementation", "benchmark_plan", "flux_ids", "head_windows_kept",
-           "image_tokens", "jax_kernel_times", "kernel_family", "kernel_table", "median", "mixed_head_windows", "model_config",
+           "image_tokens", "jax_kernel_times", "kernel_family", "kernel_table", "median", "mixed_head_windows",
+           "model_config",
            "plan_assignment", "random_head_windows", "random_inputs", "sampler_inputs", "schedule", "step_inputs",
            "synthetic_plan", "text_tokens", "time_calls", "timed", "tree_bytes"]
