@@ -19,9 +19,8 @@ style:
 * a cached head (half-window 0 with ``cache`` given) loads no K/V: the output is written over the cache, so its
   tile is loaded in place of Q and stored back unchanged (the balanced schedule leaves such tiles out).
 
-Inputs must be bfloat16 or float16 with head_dim a multiple of 64 (wgmma operand tiles). The tiles cover the
-sequence rounded up to a multiple of 2 × ``block_q`` and ``block_kv``; on the GPU the rows past it are never
-materialised (TMA loads fill them with zeros, TMA stores drop them), in interpret mode the wrapper pads.
+Inputs must be bfloat16 or float16 with head_dim a multiple of 64 (wgmma operand tiles); the sequence is padded
+to a multiple of 2 × ``block_q`` and ``block_kv``.
 :func:`supported` says whether a call can take this path; the dispatcher
 (:func:`pallas_kernels.resolve_implementation`) picks the Triton kernel otherwise.
 """
@@ -298,7 +297,7 @@ def _kernel(table_ref, q_ref, k_ref, v_ref, *refs, cfg: MosaicGpuConfig, head_di
             with jax.named_scope("c_out"):
                 @pl.when(jnp.logical_not(t["cached"]))  # a cached tile's buffer already holds its output
                 def _():
-                    l_safe = jnp.where(l_i == 0.0, 1.0, l_i)  # all-padding rows (past S: never in the result)
+                    l_safe = jnp.where(l_i == 0.0, 1.0, l_i)  # all-padding rows (sliced off by the wrapper)
                     qo[...] = (acc / lax.broadcast_in_dim(l_safe, acc.shape, [0])).astype(dtype)
                     plgpu.commit_smem()
 
@@ -528,11 +527,8 @@ def _mgpu_call(q, k, v, half_window, cache, schedule, *, text_len, text_first, s
     bsz, s, h, d = q.shape
     has_cache = cache is not None
     kw = table_args(q.shape, config, text_len=text_len, text_first=text_first, has_cache=has_cache)
-    # The tiles cover s_pad rows and keys. On the GPU the inputs stay [B, S, H, D]: the TMA engine fills the rows
-    # past S of a loaded block with zeros and drops them from a stored one (the masks leave padded keys out), so no
-    # padded copies of q, k, v and the cache, nor a slice of the output. The interpreter needs in-bounds blocks.
     s_pad = kw["s_pad"]
-    s_buf = s_pad if interpret else s
+    s_buf = s_pad  # the TMA blocks must lie inside their arrays (Mosaic GPU's tiled copies)
     pad = ((0, 0), (0, s_buf - s), (0, 0), (0, 0))
     q, k, v = (jnp.pad(x, pad) if s_buf != s else x for x in (q, k, v))
     n_cta = kw["n_cta"]
