@@ -179,7 +179,8 @@ def test_supported_and_errors():
         mgpu.arrow_attention_mosaic_gpu(q, q, q, jnp.asarray([-1, 3], jnp.int32), text_len=2, text_first=True)
     for bad, match in ((dict(block_q=96), "block_q=96"), (dict(block_kv=32), "block_kv=32"),
                        (dict(max_concurrent_steps=1), "max_concurrent_steps=1"), (dict(num_ctas=-1), "num_ctas=-1"),
-                       (dict(group_by_mask=1), "group_by_mask=1")):
+                       (dict(group_by_mask=1), "group_by_mask=1"), (dict(profile_dir="/tmp/x"), "profile_events=0"),
+                       (dict(profile_events=64), "profile_dir=''"), (dict(profile_dir="d", profile_events=-1), "=-1")):
         with pytest.raises(ValueError, match=match):
             MosaicGpuConfig(**bad)
     assert mgpu.heuristic_config(128) == MosaicGpuConfig(64, 128, 2)
