@@ -95,7 +95,7 @@ def schedule_seconds(schedules, windows, n_calls: int, iters: int = 20) -> float
     return median(time_calls(fn, lambda seed: (w,), iters=iters, warmup=2))
 
 
-def triton_fa_rows(name, make_inputs, s, d, dense_flops, iters, warmup):
+def triton_fa_rows(name, make_inputs, s, d, dense_flops, iters, warmup, device_calls=0):
     """jax's Pallas-Triton FlashAttention example (dense, 128×64 tiles) on the sequence padded to 128: what the
     Triton backend reaches on a plain dense kernel (padding keys attended: a speed reference only)."""
     try:
@@ -114,13 +114,13 @@ def triton_fa_rows(name, make_inputs, s, d, dense_flops, iters, warmup):
                                                               num_stages=ns)[:, :s])
             ms = time_fn(fn, make_inputs, iters, warmup)
             print(f"  triton fa 128x64 warps={nw} stages={ns}: {ms * 1e3:.3f} ms")
-            out.append((name, f"tritonFA{nw}/{ns}", ms, dense_flops, 1.0, None))
+            out.append((name, f"tritonFA{nw}/{ns}", ms, dense_flops, 1.0, device_ms(fn, make_inputs, device_calls)))
         except Exception as e:  # noqa: BLE001
             print(f"  triton fa warps={nw} stages={ns}: failed ({type(e).__name__}: {str(e)[:300]})")
     return out
 
 
-def mgpu_rows(name, make_inputs, b, s, h, d, dense_flops, iters, warmup):
+def mgpu_rows(name, make_inputs, b, s, h, d, dense_flops, iters, warmup, device_calls=0):
     """jax's Mosaic GPU FA3 example, dense, on the sequence padded to its tile multiple (padding keys are
     attended too: a speed reference only). Configs that fail are reported and skipped."""
     try:
@@ -141,8 +141,10 @@ def mgpu_rows(name, make_inputs, b, s, h, d, dense_flops, iters, warmup):
             err = float(jnp.max(jnp.abs(fn(q, k, v, c)[:, :, :2].astype(jnp.float32)
                                         - ref[:, :, :2].astype(jnp.float32)))) if s_pad == s else float("nan")
             ms = time_fn(fn, make_inputs, iters, warmup)
-            print(f"  mgpu fa3 bq={bq} bkv={bkv} steps={steps} S_pad={s_pad}: {ms * 1e3:.3f} ms (err vs cudnn {err:.2e})")
-            out.append((name, f"mgpu{bq}/{bkv}/{steps}", ms, dense_flops, 1.0, None))
+            print(f"  mgpu fa3 bq={bq} bkv={bkv} steps={steps} S_pad={s_pad}: {ms * 1e3:.3f} ms "
+                  f"(err vs cudnn {err:.2e})")
+            out.append((name, f"mgpu{bq}/{bkv}/{steps}", ms, dense_flops, 1.0,
+                        device_ms(fn, make_inputs, device_calls)))
         except Exception as e:  # noqa: BLE001
             print(f"  mgpu fa3 bq={bq} bkv={bkv} steps={steps}: failed ({type(e).__name__}: "
                   f"{str(e).splitlines()[0][:300] if str(e) else ''})")
@@ -305,8 +307,8 @@ def main(argv=None):
                 rows.append((name, prefix + mode, time_fn(fn, make_inputs, iters, warmup), dense_flops,
                              head_windows_kept(w, n, t, text_first, blocks), device_ms(fn, make_inputs, device_calls)))
         if args.mgpu:
-            rows.extend(triton_fa_rows(name, make_inputs, s, d, dense_flops, iters, warmup))
-            rows.extend(mgpu_rows(name, make_inputs, b, s, h, d, dense_flops, iters, warmup))
+            rows.extend(triton_fa_rows(name, make_inputs, s, d, dense_flops, iters, warmup, device_calls))
+            rows.extend(mgpu_rows(name, make_inputs, b, s, h, d, dense_flops, iters, warmup, device_calls))
         for _, label, sec, flops, kept, dev in (r for r in rows if r[0] == name):
             eff = flops / sec / 1e12
             ideal = f"{1 / kept:6.2f}" if kept > 0 else "   inf"
