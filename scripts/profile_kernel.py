@@ -38,6 +38,19 @@ def events_needed(table: np.ndarray, n_cta: int) -> int:
     return int(table[:n_cta, 1].max()) * len(TILE_SCOPES) + 8
 
 
+SMEM_PER_BLOCK = 227 * 1024  # Hopper's shared memory per block (opt-in)
+
+
+def profile_smem_bytes(events: int) -> int:
+    """Shared memory the profiler takes: per warpgroup, 2 entries per event boundary (name, clock), 4 bytes each."""
+    return events * 2 * 2 * 4 * WARPGROUPS
+
+
+def kernel_smem_bytes(config, head_dim: int, itemsize: int = 2) -> int:
+    """The kernel's own shared memory: two Q/O tiles per compute warpgroup and the K and V rings."""
+    return (2 * 2 * config.block_q + 2 * config.max_concurrent_steps * config.block_kv) * head_dim * itemsize
+
+
 def steps_by_kind(table: np.ndarray, n_cta: int, kinds) -> tuple[np.ndarray, np.ndarray, dict[str, float]]:
     """(tiles per CTA, key-block steps per CTA, steps of each mask kind per CTA on average) of a program table
     (:func:`pallas_kernels.mosaic_gpu.program_table`: rows n_cta… hold (b, h, tile, w, cached, lo0, hi0, …))."""
@@ -148,7 +161,13 @@ def main(argv=None):
             ms = 1e3 * median(time_calls(plain, make_inputs, iters=args.iters, warmup=2))
             trace_dir = os.path.join(out_dir, f"{name}_{mode.replace(':', '')}")
             os.makedirs(trace_dir, exist_ok=True)
-            profiled = MosaicGpuConfig(profile_dir=trace_dir, profile_events=events_needed(table, n_cta))
+            events = events_needed(table, n_cta)
+            spare = SMEM_PER_BLOCK - kernel_smem_bytes(config, d) - 4096  # barriers, reduction scratch
+            if profile_smem_bytes(events) > spare:
+                print(f"{name} {mode}: skipped, its busiest CTA's {table[:n_cta, 1].max()} tiles need "
+                      f"{profile_smem_bytes(events) // 1024} KiB of profiler memory, {spare // 1024} KiB are free")
+                continue
+            profiled = MosaicGpuConfig(profile_dir=trace_dir, profile_events=events)
             jax.block_until_ready(call(*make_inputs(1), profiled))
             jax.effects_barrier()
             traces = sorted(glob.glob(os.path.join(trace_dir, "*.json")), key=os.path.getmtime)
