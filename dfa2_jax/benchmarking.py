@@ -346,8 +346,14 @@ def mixed_head_windows(h, n_img, text_len, text_first, blocks, target_kept=MIX_K
     return best[1].astype(np.int32)
 
 
+def attention_inputs(seed: int, shape: tuple[int, int, int, int], dtype) -> tuple[jax.Array, ...]:
+    """Random q, k, v and head cache [B, S, H, D] of ``dtype`` for one attention call (standard normal)."""
+    keys = jax.random.split(jax.random.PRNGKey(seed), 4)
+    return tuple(jax.random.normal(key, shape, jnp.float32).astype(dtype) for key in keys)
+
+
 def random_head_windows(h, n_img, text_len, text_first, blocks, target_kept=MIX_KEPT, *, seed, tol=MIX_TOL,
-               max_draws=200_000):
+                        max_draws=200_000):
     """Per head one of full / arrow:8 / :16 / :32 (half-widths n/16, n/32, n/64) / cached, uniformly at random
     (``seed``), redrawn until the kept tile fraction is within ±``tol`` of ``target_kept`` -> (half-windows int32
     [H], kept). Few heads may not reach that: then the closest of ``max_draws`` draws."""
@@ -467,8 +473,8 @@ def arrow_implementation(attention_impl: str, q) -> str:
 __all__ = ["ATTENTION_SHAPES", "AttentionShape", "CACHE_PEAK", "CASES", "Case", "FAMILIES", "GUIDANCE", "LAMBDA_MAX",
            "MIX_KEPT", "MIX_TOL", "NoAttention", "PLAN_METHODS", "PLAN_REMOVED", "SMALL_ATTENTION_SHAPES",
            "TEXT_TOKENS", "TINY_BLOCKS", "TINY_RES", "TINY_STEPS", "TINY_TEXT_TOKENS", "amdahl_bound",
-           "arrow_half_window", "arrow_implementation", "benchmark_plan", "flux_ids", "head_windows_kept",
-           "image_tokens", "jax_kernel_times", "kernel_family", "kernel_table", "median", "mixed_head_windows",
-           "model_config",
-           "plan_assignment", "random_head_windows", "random_inputs", "sampler_inputs", "schedule", "step_inputs",
-           "synthetic_plan", "text_tokens", "time_calls", "timed", "tree_bytes"]
+           "arrow_half_window", "arrow_implementation", "attention_inputs", "benchmark_plan", "flux_ids",
+           "head_windows_kept", "image_tokens", "jax_kernel_times", "kernel_family", "kernel_table", "median",
+           "mixed_head_windows", "model_config", "plan_assignment", "random_head_windows", "random_inputs",
+           "sampler_inputs", "schedule", "step_inputs", "synthetic_plan", "text_tokens", "time_calls", "timed",
+           "tree_bytes"]

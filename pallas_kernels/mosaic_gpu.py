@@ -20,9 +20,8 @@ style:
   tile is loaded in place of Q and stored back unchanged (the balanced schedule leaves such tiles out).
 
 Inputs must be bfloat16 or float16 with head_dim a multiple of 64 (wgmma operand tiles); the sequence is padded
-to a multiple of 2 × ``block_q`` and ``block_kv``.
-:func:`supported` says whether a call can take this path; the dispatcher
-(:func:`pallas_kernels.resolve_implementation`) picks the Triton kernel otherwise.
+to a multiple of 2 × ``block_q`` and ``block_kv``. :func:`supported` says whether a call can take this path; the
+dispatcher (:func:`pallas_kernels.resolve_implementation`) picks the Triton kernel otherwise.
 """
 
 from __future__ import annotations
@@ -57,7 +56,7 @@ _HEADER = 2  # header columns of the program table's first num_ctas rows: (first
 class MosaicGpuConfig:
     """block_q: query rows per compute warpgroup (a tile holds two); block_kv: keys per streamed block;
     max_concurrent_steps: shared-memory ring slots for K and V (≥ 2); num_ctas: persistent CTAs (0: one per
-    SM); group_by_mask: the compute warpgroups loop once per mask kind (clean, band, general: a smaller module,
+    SM); group_by_mask: the compute warpgroups loop once per mask kind (clean, tail, band, general: a smaller module,
     faster to compile) instead of once per key-block range of the visit schedule; balance: tiles go to the CTAs
     by estimated cost, longest first onto the least-loaded CTA, and cached tiles are left out (default True;
     False: every num_ctas-th tile of the longest-first order, "round-robin"). Computing the balanced assignment
@@ -510,13 +509,19 @@ def cta_loads(half_window, shape, *, text_len: int, text_first: bool, has_cache:
     config = config or heuristic_config(shape[-1])
     kw = table_args(shape, config, text_len=int(text_len), text_first=bool(text_first), has_cache=has_cache)
     table, kinds = program_table(jnp.asarray(half_window, jnp.int32), **kw)
+    return np.array([_tile_cost(range_bounds(rows, len(kinds)), kinds, (rows[:, 4] > 0).astype(np.float64)).sum()
+                     for rows in cta_rows(table, kw["n_cta"])])
+
+
+def cta_rows(table, n_cta: int) -> list[np.ndarray]:
+    """A program table's rows (:func:`program_table`) run by each CTA, in its order, as numpy arrays."""
     table = np.asarray(table)
-    n_cta = kw["n_cta"]
-    rows = table[n_cta:]
-    cost = _tile_cost([(rows[:, 5 + 2 * j], rows[:, 6 + 2 * j]) for j in range(len(kinds))], kinds,
-                      (rows[:, 4] > 0).astype(np.float64))
-    first, count = table[:n_cta, 0] - n_cta, table[:n_cta, 1]
-    return np.array([cost[f:f + c].sum() for f, c in zip(first, count)])
+    return [table[first:first + count] for first, count in table[:n_cta, :_HEADER]]
+
+
+def range_bounds(rows, num_ranges: int) -> list[tuple]:
+    """(lo, hi) key-block columns of each range of program-table rows."""
+    return [(rows[:, 5 + 2 * j], rows[:, 6 + 2 * j]) for j in range(num_ranges)]
 
 
 @functools.partial(jax.jit, static_argnames=("text_len", "text_first", "sm_scale", "interpret", "config"))
@@ -527,10 +532,9 @@ def _mgpu_call(q, k, v, half_window, cache, schedule, *, text_len, text_first, s
     bsz, s, h, d = q.shape
     has_cache = cache is not None
     kw = table_args(q.shape, config, text_len=text_len, text_first=text_first, has_cache=has_cache)
-    s_pad = kw["s_pad"]
-    s_buf = s_pad  # the TMA blocks must lie inside their arrays (Mosaic GPU's tiled copies)
-    pad = ((0, 0), (0, s_buf - s), (0, 0), (0, 0))
-    q, k, v = (jnp.pad(x, pad) if s_buf != s else x for x in (q, k, v))
+    s_pad = kw["s_pad"]  # Mosaic GPU's tiled TMA copies need blocks inside their arrays
+    pad = ((0, 0), (0, s_pad - s), (0, 0), (0, 0))
+    q, k, v = (jnp.pad(x, pad) if s_pad != s else x for x in (q, k, v))
     n_cta = kw["n_cta"]
     if schedule is None:
         table, masked = program_table(half_window, **kw)
@@ -554,7 +558,7 @@ def _mgpu_call(q, k, v, half_window, cache, schedule, *, text_len, text_first, s
         # the cache's buffer (a ref, aliased in and out of the kernel) and the sampler's carried head cache is
         # updated without a second buffer or a copy into the carry.
         cache = cache.astype(q.dtype)
-        if s_buf != s:  # the padded copy must not run before this call's q exists (see pad_cache)
+        if s_pad != s:  # the padded copy must not run before this call's q exists (see pad_cache)
             cache = pad_cache(cache, q, pad)
         args.append(jax.new_ref(cache, memory_space=plgpu.GMEM))
     body = functools.partial(_kernel, cfg=config, head_dim=d, seq_len=s,
@@ -570,7 +574,7 @@ def _mgpu_call(q, k, v, half_window, cache, schedule, *, text_len, text_first, s
     mesh = plgpu.Mesh(grid=(n_cta,), grid_names=("cta",), num_threads=_COMPUTE_WGS + 1, thread_name="wg")
     out = pl.kernel(
         kernel_body,
-        out_type=() if has_cache else (jax.ShapeDtypeStruct((bsz, s_buf, h, d), q.dtype),),
+        out_type=() if has_cache else (jax.ShapeDtypeStruct((bsz, s_pad, h, d), q.dtype),),
         mesh=mesh,
         compiler_params=plgpu.CompilerParams(approx_math=True, **(dict(
             profile_space=config.profile_events, profile_dir=config.profile_dir) if config.profile_dir else {})),
@@ -578,7 +582,7 @@ def _mgpu_call(q, k, v, half_window, cache, schedule, *, text_len, text_first, s
         name="arrow_attention_mgpu",
     )(*args)
     out = jax.freeze(args[-1]) if has_cache else out[0]
-    return out[:, :s] if s_buf != s else out
+    return out[:, :s] if s_pad != s else out
 
 
 def arrow_attention_mosaic_gpu(q, k, v, half_window, *, text_len: int, text_first: bool, cache=None, sm_scale=None,

@@ -32,8 +32,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from dfa2_jax.benchmarking import (ATTENTION_SHAPES, MIX_KEPT, MIX_TOL, SMALL_ATTENTION_SHAPES, TINY_BLOCKS,
-                                   arrow_half_window, head_windows_kept, jax_kernel_times, median, mixed_head_windows,
-                                   random_head_windows, time_calls)
+                                   arrow_half_window, attention_inputs, head_windows_kept, jax_kernel_times, median,
+                                   mixed_head_windows, random_head_windows, time_calls)
 from dfa2_jax.plan.flops import DEFAULT_BLOCKS
 from pallas_kernels import (MosaicGpuConfig, TritonConfig, arrow_attention, arrow_attention_reference, arrow_schedules,
                             autotune)
@@ -42,11 +42,6 @@ from pallas_kernels.triton import heuristic_config
 from pallas_kernels.tuning import tuned_config
 
 TOL = {jnp.dtype(jnp.bfloat16): 2e-2, jnp.dtype(jnp.float16): 4e-3, jnp.dtype(jnp.float32): 1e-5}
-def random_inputs(key, b, s, h, d, dtype):
-    ks = jax.random.split(key, 4)
-    return tuple(jax.random.normal(x, (b, s, h, d), jnp.float32).astype(dtype) for x in ks)
-
-
 def check(q, k, v, cache, hw, *, text_len, text_first, interpret, implementation, config, max_heads):
     """Max |kernel − reference| on up to ``max_heads`` heads (one of each distinct window first), one head
     at a time; raises if above the dtype tolerance."""
@@ -228,7 +223,7 @@ def main(argv=None):
             modes[f"mix{seed}"] = random_head_windows(h, n, t, text_first, blocks, seed=seed)[0]
             mixes.append(f"mix{seed}")
         if args.tune:
-            q, k, v, cache = random_inputs(jax.random.PRNGKey(7), b, s, h, d, dtype)
+            q, k, v, cache = attention_inputs(7, (b, s, h, d), dtype)
             config = autotune(q, k, v, jnp.asarray(modes["mixed"]), text_len=t, text_first=text_first, cache=cache,
                               force=True, interpret=args.interpret, log=lambda m: print("  " + m, flush=True),
                               candidates=[TritonConfig(16, 16, 4, 1), TritonConfig(32, 16, 4, 1)] if args.small
@@ -243,7 +238,7 @@ def main(argv=None):
             print(f"  {mode} windows: {modes[mode].tolist()} kept {kept:.3f}{off}")
 
         def make_inputs(seed, b=b, s=s, h=h, d=d):
-            return random_inputs(jax.random.PRNGKey(seed), b, s, h, d, dtype)
+            return attention_inputs(seed, (b, s, h, d), dtype)
 
         q, k, v, cache = make_inputs(12345)
         kernels = {}  # row-name prefix -> (implementation, config)

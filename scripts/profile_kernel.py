@@ -54,13 +54,13 @@ def kernel_smem_bytes(config, head_dim: int, itemsize: int = 2) -> int:
 def steps_by_kind(table: np.ndarray, n_cta: int, kinds) -> tuple[np.ndarray, np.ndarray, dict[str, float]]:
     """(tiles per CTA, key-block steps per CTA, steps of each mask kind per CTA on average) of a program table
     (:func:`pallas_kernels.mosaic_gpu.program_table`: rows n_cta… hold (b, h, tile, w, cached, lo0, hi0, …))."""
+    from pallas_kernels.mosaic_gpu import cta_rows, range_bounds
+
     tiles, steps, by_kind = np.zeros(n_cta), np.zeros(n_cta), collections.Counter()
-    for c in range(n_cta):
-        first, count = table[c, 0], table[c, 1]
-        rows = table[first:first + count]
-        tiles[c] = count
-        for j, kind in enumerate(kinds):
-            n = float((rows[:, 6 + 2 * j] - rows[:, 5 + 2 * j]).sum())
+    for c, rows in enumerate(cta_rows(table, n_cta)):
+        tiles[c] = len(rows)
+        for kind, (lo, hi) in zip(kinds, range_bounds(rows, len(kinds))):
+            n = float((hi - lo).sum())
             steps[c] += n
             by_kind[kind] += n / n_cta
     return tiles, steps, dict(by_kind)
@@ -108,10 +108,10 @@ def main(argv=None):
     import jax
     import jax.numpy as jnp
 
-    from dfa2_jax.benchmarking import (ATTENTION_SHAPES, arrow_half_window, median, mixed_head_windows,
-                                       random_head_windows, time_calls)
+    from dfa2_jax.benchmarking import (ATTENTION_SHAPES, arrow_half_window, attention_inputs, median,
+                                       mixed_head_windows, random_head_windows, time_calls)
     from dfa2_jax.plan.flops import DEFAULT_BLOCKS
-    from pallas_kernels import MosaicGpuConfig, arrow_attention, arrow_schedules
+    from pallas_kernels import MosaicGpuConfig, arrow_attention
     from pallas_kernels.mosaic_gpu import program_table, supported, table_args
 
     shapes = {s.name: s for s in ATTENTION_SHAPES}
@@ -132,8 +132,7 @@ def main(argv=None):
         s = t + n
 
         def make_inputs(seed, shape=(b, s, h, d)):
-            ks = jax.random.split(jax.random.PRNGKey(seed), 4)
-            return tuple(jax.random.normal(x, shape, jnp.float32).astype(jnp.bfloat16) for x in ks)
+            return attention_inputs(seed, shape, jnp.bfloat16)
 
         for mode in args.modes.split(","):
             if mode == "full":
@@ -146,12 +145,9 @@ def main(argv=None):
                 windows = random_head_windows(h, n, t, tf, DEFAULT_BLOCKS, seed=int(mode[3:]))[0]
             hw = jnp.asarray(windows)
             config = MosaicGpuConfig()
-            q = make_inputs(0)[0]
-            table, kinds = program_table(hw, **table_args(q.shape, config, text_len=t, text_first=tf, has_cache=True))
-            table = np.asarray(table)
-            n_cta = table_args(q.shape, config, text_len=t, text_first=tf, has_cache=True)["n_cta"]
-            schedule = arrow_schedules(q, hw[None], text_len=t, text_first=tf, has_cache=True,
-                                       implementation="mosaic_gpu", config=config)[0]
+            kw = table_args((b, s, h, d), config, text_len=t, text_first=tf, has_cache=True)
+            schedule, kinds = program_table(hw, **kw)  # the call's schedule (what arrow_schedules computes)
+            table, n_cta = np.asarray(schedule), kw["n_cta"]
 
             def call(q, k, v, c, config):
                 return arrow_attention(q, k, v, hw, text_len=t, text_first=tf, cache=c, implementation="mosaic_gpu",
