@@ -222,6 +222,7 @@ def _kernel(table_ref, q_ref, k_ref, v_ref, *refs, cfg: MosaicGpuConfig, head_di
 
                 pl.when(wg == 1)(sched_sync)
             w_eff = jnp.where(w < 0, jnp.int32(seq_len), w)
+            mask_value = _MASK_VALUE / max(scale, 1.0)  # a masked score stays finite once scaled
             t_lo, t_hi = (0, text_len) if text_first else (seq_len - text_len, seq_len)
 
             def step(i, carry, *, positions, masked):  # i: tile-local step
@@ -239,7 +240,8 @@ def _kernel(table_ref, q_ref, k_ref, v_ref, *refs, cfg: MosaicGpuConfig, head_di
                 else:
                     s = pl.run_scoped(qk, plgpu.ACC((bq, bkv), jnp.float32))
                 plgpu.barrier_arrive(k_used.at[slot])
-                s = s * scale
+                # The scores stay unscaled: the running max is kept in scaled units and the scale enters p's exponent
+                # as one fused multiply-add per score (s·scale − m), not a multiply and a subtract.
                 if masked != "clean":
                     kb = block_at(i, lo, starts, positions)
                     if masked == "tail":  # every real key allowed: only the padding is masked
@@ -254,10 +256,10 @@ def _kernel(table_ref, q_ref, k_ref, v_ref, *refs, cfg: MosaicGpuConfig, head_di
                         allowed = allowed & (cols < seq_len)
                     elif masked == "band" and text_first and seq_len % bkv:  # band edges: image keys, maybe padding
                         allowed = allowed & (iota(1) + kb * bkv < seq_len)
-                    s = jnp.where(allowed, s, _MASK_VALUE)
-                m_new = jnp.maximum(m_i, s.max(axis=1))
+                    s = jnp.where(allowed, s, mask_value)
+                m_new = jnp.maximum(m_i, s.max(axis=1) * scale)
                 alpha = jnp.exp2(m_i - m_new)
-                pr = jnp.exp2(s - lax.broadcast_in_dim(m_new, s.shape, [0]))
+                pr = jnp.exp2(s * scale - lax.broadcast_in_dim(m_new, s.shape, [0]))
                 acc = acc * lax.broadcast_in_dim(alpha, acc.shape, [0])
                 l_i = l_i * alpha + pr.sum(axis=1)
                 p16 = pr.astype(dtype)

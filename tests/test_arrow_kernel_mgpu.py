@@ -31,21 +31,24 @@ def _inputs(seed, shape, dtype):
     return tuple(jax.random.normal(x, shape, jnp.float32).astype(dtype) for x in ks)
 
 
-@pytest.mark.parametrize("s, text_len, text_first, windows, use_cache, dtype, grouped, ctas, balance", [
-    (300, 40, True, [-1, 5, 0, 1], True, jnp.float16, True, 2, True),     # FLUX layout, padding, a cached head
+@pytest.mark.parametrize("s, text_len, text_first, windows, use_cache, dtype, grouped, ctas, balance, sm_scale", [
+    (300, 40, True, [-1, 5, 0, 1], True, jnp.float16, True, 2, True, None),   # FLUX layout, padding, a cached head
     # SD3 layout: text straddling a key block, the last tile text and padding rows (clean + tail), w > image
-    (300, 100, False, [3, 0, -1, 250], True, jnp.bfloat16, True, 1, True),
-    (200, 0, True, [0, 2, -1, 7], False, jnp.float16, True, 1, True),     # no text; w = 0 without cache: a width-0 band
-    (200, 17, True, [-1, 5, 0], True, jnp.bfloat16, False, 1, False),     # a loop per range; round-robin, cache copied
+    (300, 100, False, [3, 0, -1, 250], True, jnp.bfloat16, True, 1, True, None),
+    # no text; w = 0 without cache: a width-0 band, rows whose first key block is all masked; a scale > 1 (the
+    # masked score must stay finite once scaled)
+    (200, 0, True, [0, 2, -1, 7], False, jnp.float16, True, 1, True, 2.0),
+    (200, 17, True, [-1, 5, 0], True, jnp.bfloat16, False, 1, False, None),   # a loop per range; round-robin
 ])
-def test_matches_reference(s, text_len, text_first, windows, use_cache, dtype, grouped, ctas, balance):
+def test_matches_reference(s, text_len, text_first, windows, use_cache, dtype, grouped, ctas, balance, sm_scale):
     q, k, v, c = _inputs(s, (2, s, len(windows), 64), dtype)
     cache = c if use_cache else None
     hw = jnp.asarray(windows, jnp.int32)
     config = dataclasses.replace(SMALL, group_by_mask=grouped, num_ctas=ctas, balance=balance)
     out = arrow_attention(q, k, v, hw, text_len=text_len, text_first=text_first, cache=cache, interpret=True,
-                          config=config)
-    ref = arrow_attention_reference(q, k, v, hw, text_len=text_len, text_first=text_first, cache=cache)
+                          config=config, sm_scale=sm_scale)
+    ref = arrow_attention_reference(q, k, v, hw, text_len=text_len, text_first=text_first, cache=cache,
+                                    sm_scale=sm_scale)
     assert out.shape == q.shape and out.dtype == q.dtype
     out32, ref32 = np.asarray(out, np.float32), np.asarray(ref, np.float32)
     assert np.isfinite(out32).all()
