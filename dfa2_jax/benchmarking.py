@@ -55,6 +55,55 @@ CACHE_PEAK = 0.6  # the largest share of cached heads at one step (the last step
 LAMBDA_MAX = 2.0
 
 
+# An H100 SXM5 80 GB (XLA's GpuTargetConfigProto, text format): 132 SMs, 228 KiB shared memory per SM (227 KiB
+# per block opt-in), 50 MiB L2, 3.35 TB/s HBM3, 1.98 GHz boost clock, compute capability 9.0.
+H100_TARGET = """
+gpu_device_info {
+  threads_per_block_limit: 1024
+  threads_per_warp: 32
+  shared_memory_per_block: 49152
+  shared_memory_per_core: 233472
+  threads_per_core_limit: 2048
+  core_count: 132
+  fpus_per_core: 128
+  block_dim_limit_x: 2147483647
+  block_dim_limit_y: 65535
+  block_dim_limit_z: 65535
+  memory_bandwidth: 3352320000000
+  l2_cache_size: 52428800
+  clock_rate_ghz: 1.98
+  device_memory_size: 84978434048
+  shared_memory_per_block_optin: 232448
+  cuda_compute_capability { major: 9 }
+  registers_per_core_limit: 65536
+  registers_per_block_limit: 65536
+}
+platform_name: "CUDA"
+dnn_version_info { major: 9 minor: 8 }
+device_description_str: "NVIDIA H100 80GB HBM3"
+"""
+
+
+def deviceless_h100s(n: int = 1):
+    """``n`` H100s for XLA's deviceless (ahead-of-time) GPU compile: (their abstract devices, a context that makes
+    them the target of traced calls). The topology is built from :data:`H100_TARGET` through the jax CUDA plugin,
+    which must match jax's exact version (``pip install jax-cuda13-plugin==$V jax-cuda13-pjrt==$V``); run with
+    JAX_PLATFORMS=cpu. Raises RuntimeError saying so when the plugin is missing."""
+    from jax.experimental import topologies
+
+    try:
+        topo = topologies.get_topology_desc("", platform="cuda", target_config=H100_TARGET, topology=f"1x1x{n}")
+    except Exception as e:  # noqa: BLE001 - the plugin's own message says what is missing
+        raise RuntimeError(f"no deviceless CUDA topology ({e}); install the jax CUDA plugin of jax {jax.__version__} "
+                           "(jax-cuda13-plugin and jax-cuda13-pjrt) and run with JAX_PLATFORMS=cpu") from None
+    kind = topo.devices[0].device_kind
+    # The Triton lowering of jax >= 0.11 reads its target GPU from the abstract mesh when none is attached.
+    target = jax.sharding.use_abstract_mesh(jax.sharding.AbstractMesh(
+        (1,), ("target",), abstract_device=jax.sharding.AbstractDevice(device_kind=kind, num_cores=None,
+                                                                       platform="cuda")))
+    return topo.devices, target
+
+
 # ------------------------------------------------------------------------------------------------- shapes
 def model_config(family: str, *, tiny: bool = False) -> TransformerConfig:
     """FLUX.1-dev or SD3-medium at full size; ``tiny``: 2 (+2 single) blocks, 4 heads × 16, narrow text
@@ -470,10 +519,11 @@ def arrow_implementation(attention_impl: str, q) -> str:
     return f"{name} (interpret)" if interpret and name != "xla" else name
 
 
-__all__ = ["ATTENTION_SHAPES", "AttentionShape", "CACHE_PEAK", "CASES", "Case", "FAMILIES", "GUIDANCE", "LAMBDA_MAX",
-           "MIX_KEPT", "MIX_TOL", "NoAttention", "PLAN_METHODS", "PLAN_REMOVED", "SMALL_ATTENTION_SHAPES",
+__all__ = ["ATTENTION_SHAPES", "AttentionShape", "CACHE_PEAK", "CASES", "Case", "FAMILIES", "GUIDANCE", "H100_TARGET",
+           "LAMBDA_MAX", "MIX_KEPT", "MIX_TOL", "NoAttention", "PLAN_METHODS", "PLAN_REMOVED", "SMALL_ATTENTION_SHAPES",
            "TEXT_TOKENS", "TINY_BLOCKS", "TINY_RES", "TINY_STEPS", "TINY_TEXT_TOKENS", "amdahl_bound",
-           "arrow_half_window", "arrow_implementation", "attention_inputs", "benchmark_plan", "flux_ids",
+           "arrow_half_window", "arrow_implementation", "attention_inputs", "benchmark_plan", "deviceless_h100s",
+           "flux_ids",
            "head_windows_kept", "image_tokens", "jax_kernel_times", "kernel_family", "kernel_table", "median",
            "mixed_head_windows", "model_config", "plan_assignment", "random_head_windows", "random_inputs",
            "sampler_inputs", "schedule", "step_inputs", "synthetic_plan", "text_tokens", "time_calls", "timed",

@@ -153,7 +153,9 @@ def _kernel(table_ref, q_ref, k_ref, v_ref, *refs, cfg: MosaicGpuConfig, head_di
     layout = (lambda x, _: x) if interpret else plgpu.layout_cast
     iota = ((lambda axis: lax.broadcasted_iota(jnp.int32, (bq, bkv), axis)) if interpret else
             (lambda axis: plgpu.broadcasted_iota(jnp.int32, (bq, bkv), axis, layout=plgpu.Layout.WGMMA)))
-    ring_slot = lambda g: lax.rem(g, jnp.int32(ring))
+    # Step counters are never negative; unsigned, the slot is a mask (or a multiply-high) without the sign fix-ups
+    # of a signed remainder, a few instructions off every key-block step.
+    ring_slot = lambda g: lax.rem(g.astype(jnp.uint32), jnp.uint32(ring)).astype(jnp.int32)
     # With group_by_mask, both warpgroup kinds visit the ranges grouped by mask kind (clean, tail, band, general; the
     # softmax is order-free), so the compute warpgroups hold one loop body per kind instead of one per range: half
     # the kernel's code, and XLA compiles each kernel instance of the sampler (57 in FLUX.1) about twice as fast.

@@ -3,10 +3,11 @@ GPU: XLA's memory analysis, the cache-sized copies left in the compiled program 
 benchmark's 68% plan (:func:`dfa2_jax.benchmarking.benchmark_plan`), on one GPU or sharded over several
 (``--meshes``).
 
-This is XLA's deviceless (ahead-of-time) GPU compile: a topology built from a target description
-(``H100_TARGET``: the device facts XLA's GPU compiler reads) instead of an attached GPU, through the jax CUDA
-plugin, which must be installed for jax's exact version (Python ≥ 3.12 for jax ≥ 0.11, e.g.
-``pip install jax-cuda13-plugin==$JAX_VERSION jax-cuda13-pjrt==$JAX_VERSION``); run with JAX_PLATFORMS=cpu.
+This is XLA's deviceless (ahead-of-time) GPU compile (:func:`dfa2_jax.benchmarking.deviceless_h100s`): a
+topology built from a target description (``H100_TARGET``: the device facts XLA's GPU compiler reads) instead of an
+attached GPU, through the jax CUDA plugin, which must be installed for jax's exact version (Python ≥ 3.12 for jax ≥
+0.11, e.g. ``pip install jax-cuda13-plugin==$JAX_VERSION jax-cuda13-pjrt==$JAX_VERSION``); run with
+JAX_PLATFORMS=cpu.
 The plan's layers compile the real Pallas kernel (``--backend mosaic|triton``: ``attention_impl="mosaic_gpu"`` /
 ``"triton"``, passed explicitly since "auto" resolves to the jnp reference on a host without a GPU; ptxas runs
 here too). cuDNN's attention (the dense layers) needs a GPU to build its graph, so it is replaced by an opaque
@@ -35,34 +36,6 @@ import os
 import re
 import sys
 import time
-
-# An H100 SXM5 80 GB (XLA's GpuTargetConfigProto, text format): 132 SMs, 228 KiB shared memory per SM (227 KiB
-# per block opt-in), 50 MiB L2, 3.35 TB/s HBM3, 1.98 GHz boost clock, compute capability 9.0.
-H100_TARGET = """
-gpu_device_info {
-  threads_per_block_limit: 1024
-  threads_per_warp: 32
-  shared_memory_per_block: 49152
-  shared_memory_per_core: 233472
-  threads_per_core_limit: 2048
-  core_count: 132
-  fpus_per_core: 128
-  block_dim_limit_x: 2147483647
-  block_dim_limit_y: 65535
-  block_dim_limit_z: 65535
-  memory_bandwidth: 3352320000000
-  l2_cache_size: 52428800
-  clock_rate_ghz: 1.98
-  device_memory_size: 84978434048
-  shared_memory_per_block_optin: 232448
-  cuda_compute_capability { major: 9 }
-  registers_per_core_limit: 65536
-  registers_per_block_limit: 65536
-}
-platform_name: "CUDA"
-dnn_version_info { major: 9 minor: 8 }
-device_description_str: "NVIDIA H100 80GB HBM3"
-"""
 
 STAND_IN = "dfa2_attention_stand_in"
 HLO_DTYPES = {"bfloat16": "bf16", "float16": "f16", "float32": "f32"}
@@ -164,12 +137,11 @@ def main() -> None:
     import jax.numpy as jnp
     import numpy as np
     from flax import nnx
-    from jax.experimental import topologies
 
     from converters.transformer import abstract_model
     from dfa2_jax import runtime
-    from dfa2_jax.benchmarking import (benchmark_plan, flux_ids, image_tokens, model_config, schedule, text_tokens,
-                                       tree_bytes)
+    from dfa2_jax.benchmarking import (benchmark_plan, deviceless_h100s, flux_ids, image_tokens, model_config,
+                                       schedule, text_tokens, tree_bytes)
     from dfa2_jax.models import attention
     from dfa2_jax.parallel.mesh import per_device
     from dfa2_jax.parallel.sharded import make_mesh, parse_mesh, sharded_sampler_inputs
@@ -186,17 +158,10 @@ def main() -> None:
         target_mesh = contextlib.nullcontext()
     else:
         try:
-            topo = topologies.get_topology_desc("", platform="cuda", target_config=H100_TARGET,
-                                                topology=f"1x1x{n_gpus}")
-        except Exception as e:  # noqa: BLE001 - the plugin's own message says what is missing
-            sys.exit(f"aot_memory: no deviceless CUDA topology ({e}); install the jax CUDA plugin of jax "
-                     f"{jax.__version__} (jax-cuda13-plugin and jax-cuda13-pjrt) and run with JAX_PLATFORMS=cpu "
-                     "(or --smoke: the tiny model compiled for the host CPU)")
-        devices, platform, device_kind = topo.devices, "cuda", topo.devices[0].device_kind
-        # The Triton lowering of jax >= 0.11 reads its target GPU from the abstract mesh when none is attached.
-        target_mesh = jax.sharding.use_abstract_mesh(jax.sharding.AbstractMesh(
-            (1,), ("target",), abstract_device=jax.sharding.AbstractDevice(
-                device_kind=device_kind, num_cores=None, platform="cuda")))
+            devices, target_mesh = deviceless_h100s(n_gpus)
+        except RuntimeError as e:
+            sys.exit(f"aot_memory: {e} (or --smoke: the tiny model compiled for the host CPU)")
+        platform, device_kind = "cuda", devices[0].device_kind
     register_stand_in("cpu" if args.smoke else "CUDA")
 
     def cudnn_stand_in(q, k, v, implementation=None):  # per device under a mesh, as dense_attention's cuDNN call

@@ -188,6 +188,8 @@ def main(argv=None):
     p.add_argument("--mosaic-configs", default="64/128/2", help="Mosaic GPU configs to time, comma-separated "
                    "block_q/block_kv/max_concurrent_steps[/num_ctas][/ranges][/roundrobin] (roundrobin: the "
                    "round-robin schedule instead of the cost-balanced default); 'heuristic' = the per-head-dim default")
+    p.add_argument("--dtype", default="bfloat16", choices=("bfloat16", "float16"), help="q, k, v and cache dtype "
+                   "of every row (float16 compares like for like with --mgpu, whose example runs float16)")
     p.add_argument("--device-calls", type=int, default=5, help="calls per row under jax.profiler for the GPU time "
                    "(every kernel and copy of a call, without host dispatch; 0: skip; none off GPU)")
     args = p.parse_args(argv)
@@ -196,7 +198,9 @@ def main(argv=None):
     on_gpu = jax.default_backend() == "gpu"
     device_calls = args.device_calls if on_gpu and not args.interpret else 0
     dense_impl = "cudnn" if on_gpu else "xla"
-    dtype = jnp.bfloat16
+    dtype = jnp.dtype(args.dtype)
+    if dtype == jnp.float16 and not on_gpu:
+        p.error("--dtype float16 needs a GPU: the CPU's dense baseline has no float16 matmul with float32 accumulation")
     shapes = SMALL_ATTENTION_SHAPES if args.small else ATTENTION_SHAPES
     if args.shapes:
         known = [x.name for x in shapes]

@@ -5,6 +5,7 @@ and asked for --help; the suite prints its commands."""
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import re
@@ -85,8 +86,6 @@ def test_bench_transformer_kernel_tables():
 def test_profile_kernel_reads_a_trace():
     """profile_kernel's reading of a profiler trace against hand counts: one CTA, two tiles (3 clean + 1 band key
     blocks, then 2 clean), two compute warpgroups and the memory one (left out)."""
-    import importlib.util
-
     spec = importlib.util.spec_from_file_location("profile_kernel", SCRIPTS / "profile_kernel.py")
     pk = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(pk)
@@ -187,6 +186,45 @@ def test_aot_memory_smoke(tmp_path):
     assert "kernel: interpret" in out
     traffic = re.search(r"one dense step, batch 1: (\d+) kernels moving ([\d.]+) GB", out)
     assert traffic and int(traffic[1]) > 10 and float(traffic[2]) > 0, out
+
+
+SASS = """
+        /*0000*/                   MOV R1, c[0x0][0x28] ;
+.L_x_0:
+        /*0010*/                   UIADD3 UR4, UR4, 0x1, URZ ;
+.L_x_1:
+        /*0020*/                   HGMMA.64x128x16.F32.BF16 gdesc[UR8], RZ, !UPT, gsb0 ;
+        /*0030*/                   MUFU.EX2 R2, R3 ;
+        /*0040*/                   FFMA R4, R5, R6, -R7 ;
+        /*0050*/                   STL [R1+0x4], R2 ;
+        /*0060*/              @!P2 BRA `(.L_x_1) ;
+        /*0070*/                   FMUL R2, R2, R3 ;
+.L_x_2:
+        /*0080*/                   FADD R2, R2, R3 ;
+        /*0090*/               @P1 BRA `(.L_x_2) ;
+        /*00a0*/                   BRA `(.L_x_0) ;
+        /*00b0*/                   EXIT ;
+"""
+
+
+def test_kernel_sass_finds_the_step_loops():
+    """kernel_sass' loop finder on a hand-written disassembly: an outer loop around two inner ones, of which only
+    the first issues wgmma; the predicate guards do not hide the branches' opcode."""
+    spec = importlib.util.spec_from_file_location("kernel_sass", SCRIPTS / "kernel_sass.py")
+    ks = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(ks)
+    (loop,) = ks.step_loops(SASS)
+    assert (loop["lo"], loop["hi"], loop["instructions"]) == (0x20, 0x60, 5)
+    assert (loop["HGMMA"], loop["MUFU.EX2"], loop["FFMA"], loop["FMUL"], loop["spill"]) == (1, 1, 1, 0, 1)
+    assert ks.opcode("@!P2 BRA `(.L_x_1)") == "BRA" and ks.opcode("@UP3 UIADD3 UR4, UR4, 0x1, URZ") == "UIADD3"
+
+
+def test_kernel_sass_without_the_toolkit_says_what_is_missing(tmp_path):
+    proc = subprocess.run([sys.executable, str(SCRIPTS / "kernel_sass.py"), "--cuda-bin", str(tmp_path)],
+                          env=dict(os.environ, JAX_PLATFORMS="cpu"), capture_output=True, text=True, timeout=300,
+                          cwd=tmp_path)
+    assert proc.returncode != 0 and "ptxas not found" in proc.stderr and "--cuda-bin" in proc.stderr
+    assert "Traceback" not in proc.stderr
 
 
 def test_aot_memory_without_plugin_says_what_is_missing(tmp_path):
