@@ -520,11 +520,10 @@ def arrow_implementation(attention_impl: str, q) -> str:
 
 
 __all__ = ["ATTENTION_SHAPES", "AttentionShape", "CACHE_PEAK", "CASES", "Case", "FAMILIES", "GUIDANCE", "H100_TARGET",
-           "LAMBDA_MAX", "MIX_KEPT", "MIX_TOL", "NoAttention", "PLAN_METHODS", "PLAN_REMOVED", "SMALL_ATTENTION_SHAPES",
-           "TEXT_TOKENS", "TINY_BLOCKS", "TINY_RES", "TINY_STEPS", "TINY_TEXT_TOKENS", "amdahl_bound",
-           "arrow_half_window", "arrow_implementation", "attention_inputs", "benchmark_plan", "deviceless_h100s",
-           "flux_ids",
-           "head_windows_kept", "image_tokens", "jax_kernel_times", "kernel_family", "kernel_table", "median",
-           "mixed_head_windows", "model_config", "plan_assignment", "random_head_windows", "random_inputs",
-           "sampler_inputs", "schedule", "step_inputs", "synthetic_plan", "text_tokens", "time_calls", "timed",
-           "tree_bytes"]
+           "LAMBDA_MAX", "MIX_KEPT", "MIX_TOL", "NoAttention", "PLAN_METHODS", "PLAN_REMOVED",
+           "SMALL_ATTENTION_SHAPES", "TEXT_TOKENS", "TINY_BLOCKS", "TINY_RES", "TINY_STEPS", "TINY_TEXT_TOKENS",
+           "amdahl_bound", "arrow_half_window", "arrow_implementation", "attention_inputs", "benchmark_plan",
+           "deviceless_h100s", "flux_ids", "head_windows_kept", "image_tokens", "jax_kernel_times", "kernel_family",
+           "kernel_table", "median", "mixed_head_windows", "model_config", "plan_assignment", "random_head_windows",
+           "random_inputs", "sampler_inputs", "schedule", "step_inputs", "synthetic_plan", "text_tokens", "time_calls",
+           "timed", "tree_bytes"]
