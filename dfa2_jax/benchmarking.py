@@ -365,6 +365,7 @@ def amdahl_bound(attn_share: float, kept: float) -> float:
 # ------------------------------------------------------------------------------- attention head mixes
 MIX_KEPT = 0.32  # the kernel benchmark's mixed plan: 68% of the attention FLOPs removed
 MIX_TOL = 0.01  # a random mix's kept fraction is within ±1% of MIX_KEPT
+ARROW_KS = (8, 16, 32)  # the arrow:k methods of the benchmarks' head mixes
 
 
 def arrow_half_window(n_img: int, k: int) -> int:
@@ -384,7 +385,7 @@ def mixed_head_windows(h, n_img, text_len, text_first, blocks, target_kept=MIX_K
     """25% cached heads, the rest drawn from full / arrow:8 / :16 / :32; among 64 draws of a fixed seed the one
     whose kept tile fraction is closest to ``target_kept`` (68% of the FLOPs removed)."""
     rng = np.random.default_rng(seed)
-    choices = [-1] + [arrow_half_window(n_img, k) for k in (8, 16, 32)]
+    choices = [-1] + [arrow_half_window(n_img, k) for k in ARROW_KS]
     best = None
     for _ in range(64):
         w = rng.choice(choices, size=h)
@@ -406,7 +407,7 @@ def random_head_windows(h, n_img, text_len, text_first, blocks, target_kept=MIX_
     """Per head one of full / arrow:8 / :16 / :32 (half-widths n/16, n/32, n/64) / cached, uniformly at random
     (``seed``), redrawn until the kept tile fraction is within ±``tol`` of ``target_kept`` -> (half-windows int32
     [H], kept). Few heads may not reach that: then the closest of ``max_draws`` draws."""
-    choices = np.array([-1] + [arrow_half_window(n_img, k) for k in (8, 16, 32)] + [0], np.int32)
+    choices = np.array([-1] + [arrow_half_window(n_img, k) for k in ARROW_KS] + [0], np.int32)
     per = np.array([head_windows_kept([w], n_img, text_len, text_first, blocks) for w in choices])
     rng = np.random.default_rng(seed)
     best = None
@@ -420,6 +421,26 @@ def random_head_windows(h, n_img, text_len, text_first, blocks, target_kept=MIX_
         if best[0] <= tol:
             break
     return best[1], best[2]
+
+
+def check_head_mode(mode: str) -> None:
+    """Raise ValueError unless ``mode`` names a head mix of :func:`mode_head_windows`."""
+    if not (mode in ("full", "mixed") or (mode.startswith("arrow:") and mode[6:].isdigit())
+            or (mode.startswith("mix") and mode[3:].isdigit())):
+        raise ValueError(f"unknown head mode {mode!r} (full, arrow:K, mixed, mixN)")
+
+
+def mode_head_windows(mode: str, h, n_img, text_len, text_first, blocks) -> np.ndarray:
+    """Half-windows int32 [H] of a benchmark head mix: ``full`` (every head), ``arrow:K`` (every head),
+    ``mixed`` (:func:`mixed_head_windows`) or ``mixN`` (:func:`random_head_windows` of seed N)."""
+    check_head_mode(mode)
+    if mode == "full":
+        return np.full(h, -1, np.int32)
+    if mode.startswith("arrow:"):
+        return np.full(h, arrow_half_window(n_img, int(mode[6:])), np.int32)
+    if mode == "mixed":
+        return mixed_head_windows(h, n_img, text_len, text_first, blocks)
+    return random_head_windows(h, n_img, text_len, text_first, blocks, seed=int(mode[3:]))[0]
 
 
 # ------------------------------------------------------------------------------------------ measurement
@@ -519,11 +540,11 @@ def arrow_implementation(attention_impl: str, q) -> str:
     return f"{name} (interpret)" if interpret and name != "xla" else name
 
 
-__all__ = ["ATTENTION_SHAPES", "AttentionShape", "CACHE_PEAK", "CASES", "Case", "FAMILIES", "GUIDANCE", "H100_TARGET",
-           "LAMBDA_MAX", "MIX_KEPT", "MIX_TOL", "NoAttention", "PLAN_METHODS", "PLAN_REMOVED",
+__all__ = ["ARROW_KS", "ATTENTION_SHAPES", "AttentionShape", "CACHE_PEAK", "CASES", "Case", "FAMILIES", "GUIDANCE",
+           "H100_TARGET", "LAMBDA_MAX", "MIX_KEPT", "MIX_TOL", "NoAttention", "PLAN_METHODS", "PLAN_REMOVED",
            "SMALL_ATTENTION_SHAPES", "TEXT_TOKENS", "TINY_BLOCKS", "TINY_RES", "TINY_STEPS", "TINY_TEXT_TOKENS",
            "amdahl_bound", "arrow_half_window", "arrow_implementation", "attention_inputs", "benchmark_plan",
-           "deviceless_h100s", "flux_ids", "head_windows_kept", "image_tokens", "jax_kernel_times", "kernel_family",
-           "kernel_table", "median", "mixed_head_windows", "model_config", "plan_assignment", "random_head_windows",
-           "random_inputs", "sampler_inputs", "schedule", "step_inputs", "synthetic_plan", "text_tokens", "time_calls",
-           "timed", "tree_bytes"]
+           "check_head_mode", "deviceless_h100s", "flux_ids", "head_windows_kept", "image_tokens", "jax_kernel_times",
+           "kernel_family", "kernel_table", "median", "mixed_head_windows", "mode_head_windows", "model_config",
+           "plan_assignment", "random_head_windows", "random_inputs", "sampler_inputs", "schedule", "step_inputs",
+           "synthetic_plan", "text_tokens", "time_calls", "timed", "tree_bytes"]

@@ -31,9 +31,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from dfa2_jax.benchmarking import (ATTENTION_SHAPES, MIX_KEPT, MIX_TOL, SMALL_ATTENTION_SHAPES, TINY_BLOCKS,
-                                   arrow_half_window, attention_inputs, head_windows_kept, jax_kernel_times, median,
-                                   mixed_head_windows, random_head_windows, time_calls)
+from dfa2_jax.benchmarking import (ARROW_KS, ATTENTION_SHAPES, MIX_KEPT, MIX_TOL, SMALL_ATTENTION_SHAPES, TINY_BLOCKS,
+                                   attention_inputs, head_windows_kept, jax_kernel_times, median, mode_head_windows,
+                                   time_calls)
 from dfa2_jax.plan.flops import DEFAULT_BLOCKS
 from pallas_kernels import (MosaicGpuConfig, TritonConfig, arrow_attention, arrow_attention_reference, arrow_schedules,
                             autotune)
@@ -220,14 +220,9 @@ def main(argv=None):
         # (at 128×64 they have no band at all).
         blocks = TINY_BLOCKS if args.small else DEFAULT_BLOCKS
         dense_flops = shape.dense_flops
-        modes = {"full": np.full(h, -1, np.int32)}
-        for kk in (8, 16, 32):
-            modes[f"arrow:{kk}"] = np.full(h, arrow_half_window(n, kk), np.int32)
-        modes["mixed"] = mixed_head_windows(h, n, t, text_first, blocks)
-        mixes = []
-        for seed in range(1, args.mixes + 1):
-            modes[f"mix{seed}"] = random_head_windows(h, n, t, text_first, blocks, seed=seed)[0]
-            mixes.append(f"mix{seed}")
+        mixes = [f"mix{seed}" for seed in range(1, args.mixes + 1)]
+        modes = {mode: mode_head_windows(mode, h, n, t, text_first, blocks)
+                 for mode in ["full", *(f"arrow:{kk}" for kk in ARROW_KS), "mixed", *mixes]}
         if args.tune:
             q, k, v, cache = attention_inputs(7, (b, s, h, d), dtype)
             config = autotune(q, k, v, jnp.asarray(modes["mixed"]), text_len=t, text_first=text_first, cache=cache,

@@ -108,8 +108,8 @@ def main(argv=None):
     import jax
     import jax.numpy as jnp
 
-    from dfa2_jax.benchmarking import (ATTENTION_SHAPES, arrow_half_window, attention_inputs, median,
-                                       mixed_head_windows, random_head_windows, time_calls)
+    from dfa2_jax.benchmarking import (ATTENTION_SHAPES, attention_inputs, check_head_mode, median,
+                                       mode_head_windows, time_calls)
     from dfa2_jax.plan.flops import DEFAULT_BLOCKS
     from pallas_kernels import MosaicGpuConfig, arrow_attention
     from pallas_kernels.mosaic_gpu import program_table, supported, table_args
@@ -118,9 +118,10 @@ def main(argv=None):
     if unknown := [s for s in args.shapes.split(",") if s not in shapes]:
         raise SystemExit(f"--shapes: unknown {', '.join(unknown)} (known: {', '.join(shapes)})")
     for mode in args.modes.split(","):
-        if not (mode in ("full", "mixed") or (mode.startswith("arrow:") and mode[6:].isdigit())
-                or (mode.startswith("mix") and mode[3:].isdigit())):
-            raise SystemExit(f"--modes: unknown {mode!r} (full, arrow:K, mixed, mixN)")
+        try:
+            check_head_mode(mode)
+        except ValueError as e:
+            raise SystemExit(f"--modes: {e}") from None
     probe = jnp.zeros((1, 128, 1, 64), jnp.bfloat16)
     if not supported(probe):
         raise SystemExit("profile_kernel: needs a Hopper GPU (the Mosaic GPU kernel's profiler runs on the device)")
@@ -135,15 +136,7 @@ def main(argv=None):
             return attention_inputs(seed, shape, jnp.bfloat16)
 
         for mode in args.modes.split(","):
-            if mode == "full":
-                windows = np.full(h, -1, np.int32)
-            elif mode.startswith("arrow:"):
-                windows = np.full(h, arrow_half_window(n, int(mode[6:])), np.int32)
-            elif mode == "mixed":
-                windows = mixed_head_windows(h, n, t, tf, DEFAULT_BLOCKS)
-            else:
-                windows = random_head_windows(h, n, t, tf, DEFAULT_BLOCKS, seed=int(mode[3:]))[0]
-            hw = jnp.asarray(windows)
+            hw = jnp.asarray(mode_head_windows(mode, h, n, t, tf, DEFAULT_BLOCKS))
             config = MosaicGpuConfig()
             kw = table_args((b, s, h, d), config, text_len=t, text_first=tf, has_cache=True)
             schedule, kinds = program_table(hw, **kw)  # the call's schedule (what arrow_schedules computes)
