@@ -22,7 +22,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from dfa2_jax.runtime import PlanRuntime, RuntimeSpec, ShapeProbe
+from dfa2_jax.runtime import PlanRuntime, RuntimeSpec, ShapeProbe, plan_schedules
 from dfa2_jax.scheduler import euler_step
 
 
@@ -81,16 +81,24 @@ def _sampler(graphdef, state, latents, cond, timesteps, sigmas, plan, attn_state
     The arguments are what :func:`plan_inputs` and :func:`split_plan_inputs` prepare (``plan_arrays`` / ``plan_state`` /
     ``spec`` None for dense attention); ``spec`` (a :class:`~dfa2_jax.runtime.RuntimeSpec`, holding the attention
     implementation) and the model's graphdef are static, so one compile serves every plan of the same structure.
-    ``latents`` and ``plan_state`` are donated. Use ``scan_sampler.lower(...)`` / ``.trace(...)`` to compile ahead of
+    ``latents`` and ``plan_state`` are donated. Before the scan, the kernel's launch schedules of every step and
+    layer are computed at once (:func:`dfa2_jax.runtime.plan_schedules`; the layers' kinds of call come from
+    :func:`plan_probe`) and fed to the steps as scan inputs. Use ``scan_sampler.lower(...)`` / ``.trace(...)`` to compile ahead of
     time (benchmarks, memory analysis); :func:`run_sampler` calls it on :func:`plan_inputs`' output, :func:`denoise`
     does everything."""
     model = nnx.merge(graphdef, state)
+    kinds = []
+    if spec is not None:  # the kernel's launch schedules of every step, computed once here (scan inputs)
+        tables = plan_schedules(spec, plan_probe(graphdef, state, latents, cond, spec, family=family,
+                                                 do_cfg=do_cfg)[1], plan["codes"], plan["half_windows"])
+        kinds = list(tables)
 
     def step(carry, xs):
         x = carry["latents"]
         runtime = None
         if spec is not None:
-            runtime = PlanRuntime(spec, xs["codes"], xs["half_windows"], plan["resid_windows"], carry["attn"])
+            runtime = PlanRuntime(spec, xs["codes"], xs["half_windows"], plan["resid_windows"], carry["attn"],
+                                  schedules=dict(zip(kinds, xs["schedules"])))
         v = velocity(model, x, xs["t"], cond, family=family, do_cfg=do_cfg, runtime=runtime,
                       batch_sharding=batch_sharding)
         x = euler_step(x, v, xs["sigma"], xs["sigma_next"])
@@ -104,7 +112,7 @@ def _sampler(graphdef, state, latents, cond, timesteps, sigmas, plan, attn_state
     xs = {"i": jnp.arange(timesteps.shape[0]), "t": timesteps, "sigma": sigmas[:-1], "sigma_next": sigmas[1:]}
     carry = {"latents": latents}
     if spec is not None:
-        xs.update(codes=plan["codes"], half_windows=plan["half_windows"])
+        xs.update(codes=plan["codes"], half_windows=plan["half_windows"], schedules=[tables[k] for k in kinds])
         carry["attn"] = attn_state
     carry, _ = jax.lax.scan(step, carry, xs)
     # The final carried state is returned (and dropped by the caller) so that the donated initial state can
@@ -152,21 +160,27 @@ class PlanArrays:
                              f"{self.codes.shape[1:]}")
 
 
-def zero_state(graphdef, state, latents, cond, make_probe, *, family: str, do_cfg: bool):
-    """Zeros shaped like a probe runtime's ``shapes`` after one traced step (``jax.eval_shape``: nothing runs).
-    ``make_probe()`` builds a runtime that runs dense attention and records the per-layer state it needs."""
+def trace_probe(graphdef, state, latents, cond, probe, *, family: str, do_cfg: bool):
+    """One step traced with ``probe`` as the runtime (``jax.eval_shape``: nothing runs) -> the ShapeDtypeStructs
+    of the probe's ``shapes``; what else the probe records stays on it. A probe runs dense attention and records
+    the per-layer state it needs."""
 
     def probe_step(state, latents, cond):
-        probe = make_probe()
         velocity(nnx.merge(graphdef, state), latents, jnp.zeros(()), cond, family=family, do_cfg=do_cfg,
                   runtime=probe)
         return probe.shapes
 
-    shapes = jax.eval_shape(probe_step, state, latents, cond)
+    return jax.eval_shape(probe_step, state, latents, cond)
+
+
+def zero_state(graphdef, state, latents, cond, make_probe, *, family: str, do_cfg: bool):
+    """Zeros shaped like a probe runtime's ``shapes`` after one traced step (:func:`trace_probe`).
+    ``make_probe()`` builds the probe."""
+    shapes = trace_probe(graphdef, state, latents, cond, make_probe(), family=family, do_cfg=do_cfg)
     return jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes)
 
 
-_STATE_SHAPES: dict = {}  # (graphdef, spec, family, do_cfg, input avals) -> the state's ShapeDtypeStructs
+_PROBES: dict = {}  # (graphdef, spec, family, do_cfg, input avals) -> (state ShapeDtypeStructs, call kinds)
 
 
 def _avals(tree):
@@ -174,18 +188,25 @@ def _avals(tree):
     return treedef, tuple((tuple(np.shape(x)), str(jnp.result_type(x))) for x in leaves)
 
 
-def initial_attention_state(graphdef, state, latents, cond, spec: RuntimeSpec, *, family: str, do_cfg: bool):
-    """Zeros for every per-layer state the plan reads. The shapes come from one traced step
-    (:func:`zero_state`), remembered per model, plan structure and input shapes: a sampler called again on
-    the same shapes does not trace the model again (about 1 s at FLUX 2048²)."""
+def plan_probe(graphdef, state, latents, cond, spec: RuntimeSpec, *, family: str, do_cfg: bool):
+    """What a plan structure needs on these inputs, from one traced step with a :class:`ShapeProbe`: (the
+    ShapeDtypeStructs of every per-layer state the plan reads, each compressed layer's kind of kernel call
+    ``{layer: CallKind}``). Remembered per model, plan structure and input shapes: the sampler's compile and a
+    sampler called again on the same shapes do not trace the model again (about 1 s at FLUX 2048²)."""
     key = (graphdef, spec, family, do_cfg, _avals((state, latents, cond)))
-    shapes = _STATE_SHAPES.get(key)
-    if shapes is None:
-        zeros = zero_state(graphdef, state, latents, cond, lambda: ShapeProbe(spec), family=family, do_cfg=do_cfg)
-        if len(_STATE_SHAPES) >= 32:
-            _STATE_SHAPES.clear()
-        _STATE_SHAPES[key] = jax.tree.map(lambda z: jax.ShapeDtypeStruct(z.shape, z.dtype), zeros)
-        return zeros
+    hit = _PROBES.get(key)
+    if hit is None:
+        probe = ShapeProbe(spec)
+        shapes = trace_probe(graphdef, state, latents, cond, probe, family=family, do_cfg=do_cfg)
+        if len(_PROBES) >= 32:
+            _PROBES.clear()
+        hit = _PROBES[key] = (shapes, dict(probe.kinds))
+    return hit
+
+
+def initial_attention_state(graphdef, state, latents, cond, spec: RuntimeSpec, *, family: str, do_cfg: bool):
+    """Zeros for every per-layer state the plan reads (shapes from :func:`plan_probe`)."""
+    shapes = plan_probe(graphdef, state, latents, cond, spec, family=family, do_cfg=do_cfg)[0]
     return jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes)
 
 

@@ -7,11 +7,12 @@ reference), ``common`` (validation, visit schedule, launch order), ``triton`` an
 each, with its frozen config), ``tuning`` (the Triton autotuner and its disk cache).
 """
 
-from .api import IMPLEMENTATIONS, arrow_attention, arrow_schedules, resolve_implementation
+from .api import IMPLEMENTATIONS, arrow_attention, arrow_schedules, cache_length, resolve_implementation
 from .mosaic_gpu import MosaicGpuConfig
 from .reference import arrow_attention_reference, arrow_mask, token_roles
 from .triton import TritonConfig
 from .tuning import autotune, tune_cache_path
 
 __all__ = ["IMPLEMENTATIONS", "MosaicGpuConfig", "TritonConfig", "arrow_attention", "arrow_attention_reference",
-           "arrow_mask", "arrow_schedules", "autotune", "resolve_implementation", "token_roles", "tune_cache_path"]
+           "arrow_mask", "arrow_schedules", "autotune", "cache_length", "resolve_implementation", "token_roles",
+           "tune_cache_path"]

@@ -11,6 +11,8 @@ Implementations (:data:`IMPLEMENTATIONS`):
   O(S²) memory;
 * ``"auto"`` / None: :func:`resolve_implementation`.
 
+A caller carrying a head cache between calls keeps it :func:`cache_length` rows long (no copy per call).
+
 ``interpret=True`` runs a Pallas kernel on the CPU (tests; it does not check the GPU compiler's rules).
 Semantics of the half-windows and the cache: :mod:`pallas_kernels.reference`.
 """
@@ -83,12 +85,25 @@ def arrow_schedules(q, half_windows, *, text_len: int, text_first: bool, has_cac
                                 config=config)
 
 
+def cache_length(q, implementation: str | None = None, *, config=None, interpret: bool = False) -> int:
+    """The rows of a ``cache`` that :func:`arrow_attention` on ``q`` (an array or ``jax.ShapeDtypeStruct``
+    [B, S, H, D]) updates in place with no copy: the Mosaic GPU kernel's padded length (S rounded up to its
+    tiles, :func:`pallas_kernels.mosaic_gpu.padded_length`), else S. A caller that carries a cache from call to
+    call (a sampler's head cache) keeps it this long: the output then has the same rows, ready to be carried
+    again. Pass the same ``implementation``, ``config`` and ``interpret`` as the calls."""
+    if resolve_implementation(q, implementation, interpret=interpret, config=config) != "mosaic_gpu":
+        return int(q.shape[1])
+    return mosaic_gpu.padded_length(q.shape, config)
+
+
 def arrow_attention(q, k, v, half_window, *, text_len: int, text_first: bool, cache=None, sm_scale=None,
                     implementation: str | None = None, config=None, schedule=None, interpret: bool = False):
-    """Arrow attention with per-head half-windows: q, k, v, cache [B, S, H, D] -> [B, S, H, D].
+    """Arrow attention with per-head half-windows: q, k, v [B, S, H, D] -> [B, S, H, D].
 
     half_window: int32 [H], runtime data: −1 full, 0 cached when ``cache`` is given (else a band of width 0, see
-    :mod:`pallas_kernels.reference`), w > 0 arrow band over the image tokens. text_first: FLUX [text, image] when
+    :mod:`pallas_kernels.reference`), w > 0 arrow band over the image tokens. cache: [B, S, H, D], or longer
+    [B, S' > S, H, D] (rows from S on ignored): the output then has S' rows, its rows from S on unspecified; at
+    :func:`cache_length` rows the kernel writes it in place with no padded copy. text_first: FLUX [text, image] when
     True, SD3 [image, text] when False. sm_scale defaults to D ** −0.5.
 
     implementation: one of :data:`IMPLEMENTATIONS` (:func:`resolve_implementation`). config: the backend's

@@ -1,5 +1,5 @@
 """What both arrow-attention backends share: input validation, the visit schedule of a query tile, the
-longest-job-first launch order, and the cache padding.
+longest-job-first launch order, and the cache padding (a cache longer than the sequence: :func:`on_cache_rows`).
 
 Visit schedule (FLUX layout: text first; SD3 layout: text last). Each program (one query tile of one batch
 element and head) reads its head's half-window w as runtime data and derives the key blocks it must visit:
@@ -50,8 +50,10 @@ def validate(q, k, v, half_window, text_len, cache, *, kernel: bool):
     if not isinstance(text_len, (int, np.integer)) or isinstance(text_len, bool) or not 0 <= text_len < s:
         raise ValueError(f"arrow_attention: text_len={text_len!r} must be a static int with 0 <= text_len < S={s} "
                          "(at least one image token)")
-    if cache is not None and (cache.shape != q.shape):
-        raise ValueError(f"arrow_attention: cache must be [B, S, H, D] = {q.shape}, got {cache.shape}")
+    if cache is not None and (getattr(cache, "ndim", None) != 4 or cache.shape[::2] != q.shape[::2]
+                              or cache.shape[3] != d or cache.shape[1] < s):
+        raise ValueError(f"arrow_attention: cache must be [B, S', H, D] = [{b}, S' >= {s}, {h}, {d}], got "
+                         f"{getattr(cache, 'shape', None)}")
 
 
 def text_blocks(seq_len: int, text_len: int, text_first: bool, block_q: int) -> tuple[int, int]:
@@ -177,3 +179,13 @@ def pad_cache(cache, q, pad):
         return cache
     cache, _ = lax.optimization_barrier((cache, q))
     return jnp.pad(cache, pad)
+
+
+def on_cache_rows(call, q, cache):
+    """``call(cache)`` -> [B, S, H, D] made to follow the op's cache rule: a cache longer than q's S rows (S' > S,
+    a caller carrying it padded) goes to ``call`` cut to S rows and the output is padded back to S' rows (zeros
+    past S), so the output always has the cache's rows."""
+    s = q.shape[1]
+    if cache is None or cache.shape[1] == s:
+        return call(cache)
+    return jnp.pad(call(cache[:, :s]), ((0, 0), (0, cache.shape[1] - s), (0, 0), (0, 0)))

@@ -37,7 +37,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 
 from ._jax_compat import interpret_gpu_params
-from .common import MASK_KINDS, launch_order, pad_cache, text_blocks, validate, visit_ranges
+from .common import MASK_KINDS, launch_order, on_cache_rows, pad_cache, text_blocks, validate, visit_ranges
 
 _LOG2E = math.log2(math.e)
 _MASK_VALUE = -0.7 * float(np.finfo(np.float32).max)  # finite: see pallas_kernels.triton._MASK_VALUE
@@ -481,11 +481,19 @@ def program_table(half_window, *, batch: int, seq_len: int, s_pad: int, text_len
     return jnp.concatenate([header, table]), tuple(kind for _, kind in ranges)
 
 
+def padded_length(shape, config: MosaicGpuConfig | None = None) -> int:
+    """The sequence length the kernel works on for q of ``shape`` [B, S, H, D]: S rounded up to whole query tiles
+    and key blocks (Mosaic GPU's tiled TMA copies need blocks inside their arrays). A cache of this length is
+    updated in place with no padded copy, and the output keeps it (:func:`arrow_attention_mosaic_gpu`)."""
+    config = config or heuristic_config(shape[-1])
+    unit = math.lcm(config.tile_q, config.block_kv)
+    return pl.cdiv(shape[1], unit) * unit
+
+
 def table_args(shape, config: MosaicGpuConfig, *, text_len: int, text_first: bool, has_cache: bool) -> dict:
     """:func:`program_table`'s static arguments for q of ``shape`` [B, S, H, D]."""
     bsz, s, h = shape[0], shape[1], shape[2]
-    unit = math.lcm(config.tile_q, config.block_kv)
-    s_pad = pl.cdiv(s, unit) * unit
+    s_pad = padded_length(shape, config)
     return dict(batch=bsz, seq_len=s, s_pad=s_pad, text_len=text_len, text_first=text_first, has_cache=has_cache,
                 tile_q=config.tile_q, block_kv=config.block_kv,
                 n_cta=num_ctas(bsz * h * (s_pad // config.tile_q), config), balance=config.balance)
@@ -539,6 +547,7 @@ def _mgpu_call(q, k, v, half_window, cache, schedule, *, text_len, text_first, s
     s_pad = kw["s_pad"]  # Mosaic GPU's tiled TMA copies need blocks inside their arrays
     pad = ((0, 0), (0, s_pad - s), (0, 0), (0, 0))
     q, k, v = (jnp.pad(x, pad) if s_pad != s else x for x in (q, k, v))
+    padded_out = has_cache and cache.shape[1] == s_pad  # a cache carried at the kernel's length: kept padded
     n_cta = kw["n_cta"]
     if schedule is None:
         table, masked = program_table(half_window, **kw)
@@ -562,7 +571,7 @@ def _mgpu_call(q, k, v, half_window, cache, schedule, *, text_len, text_first, s
         # the cache's buffer (a ref, aliased in and out of the kernel) and the sampler's carried head cache is
         # updated without a second buffer or a copy into the carry.
         cache = cache.astype(q.dtype)
-        if s_pad != s:  # the padded copy must not run before this call's q exists (see pad_cache)
+        if not padded_out:  # the padded copy must not run before this call's q exists (see pad_cache)
             cache = pad_cache(cache, q, pad)
         args.append(jax.new_ref(cache, memory_space=plgpu.GMEM))
     body = functools.partial(_kernel, cfg=config, head_dim=d, seq_len=s,
@@ -586,14 +595,16 @@ def _mgpu_call(q, k, v, half_window, cache, schedule, *, text_len, text_first, s
         name="arrow_attention_mgpu",
     )(*args)
     out = jax.freeze(args[-1]) if has_cache else out[0]
-    return out[:, :s] if s_pad != s else out
+    return out if padded_out else out[:, :s]
 
 
 def arrow_attention_mosaic_gpu(q, k, v, half_window, *, text_len: int, text_first: bool, cache=None, sm_scale=None,
                                interpret: bool = False, config: MosaicGpuConfig | None = None, schedule=None):
     """:func:`pallas_kernels.arrow_attention` on the Mosaic GPU backend (Hopper); same arguments and semantics;
     bf16/f16 inputs with head_dim a multiple of 64 (:func:`supported`). ``schedule``: this call's program table
-    precomputed by :func:`schedules` (it must come from the same ``half_window``)."""
+    precomputed by :func:`schedules` (it must come from the same ``half_window``). A ``cache`` of
+    :func:`padded_length` rows is written in place as it is (no padded copy, no slice; the output's rows from S on
+    are unspecified); a cache of S rows is padded first and the output sliced back to S."""
     validate(q, k, v, half_window, text_len, cache, kernel=True)
     if not supported(q, interpret=True):
         raise ValueError(f"arrow_attention_mosaic_gpu: needs bfloat16/float16 inputs with head_dim a multiple of 64 "
@@ -604,5 +615,11 @@ def arrow_attention_mosaic_gpu(q, k, v, half_window, *, text_len: int, text_firs
                          f"{type(config).__name__}")
     d = q.shape[-1]
     sm_scale = float(d ** -0.5 if sm_scale is None else sm_scale)
-    return _mgpu_call(q, k, v, half_window, cache, schedule, text_len=int(text_len), text_first=bool(text_first),
-                      sm_scale=sm_scale, interpret=bool(interpret), config=config)
+
+    def call(cache):
+        return _mgpu_call(q, k, v, half_window, cache, schedule, text_len=int(text_len), text_first=bool(text_first),
+                          sm_scale=sm_scale, interpret=bool(interpret), config=config)
+
+    if cache is not None and cache.shape[1] == padded_length(q.shape, config):
+        return call(cache)
+    return on_cache_rows(call, q, cache)

@@ -19,7 +19,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from .common import validate
+from .common import on_cache_rows, validate
 
 
 def token_roles(seq_len: int, text_len: int, text_first: bool):
@@ -49,9 +49,14 @@ def arrow_mask(seq_len: int, text_len: int, text_first: bool, half_window) -> ja
 def arrow_attention_reference(q, k, v, half_window, *, text_len: int, text_first: bool, cache=None,
                               sm_scale=None):
     """Pure-jnp arrow attention (O(S²) memory), the same arguments and cache rule as
-    :func:`pallas_kernels.arrow_attention`: q, k, v, cache [B, S, H, D], half_window int32 [H] -> [B, S, H, D].
-    Softmax and both matmuls in float32 at HIGHEST precision; sm_scale defaults to D ** −0.5."""
+    :func:`pallas_kernels.arrow_attention`: q, k, v [B, S, H, D], cache [B, S' >= S, H, D], half_window int32 [H]
+    -> [B, S (S' with a cache), H, D]. Softmax and both matmuls in float32 at HIGHEST precision; sm_scale defaults
+    to D ** −0.5."""
     validate(q, k, v, half_window, text_len, cache, kernel=False)
+    return on_cache_rows(lambda c: _reference(q, k, v, half_window, text_len, text_first, c, sm_scale), q, cache)
+
+
+def _reference(q, k, v, half_window, text_len, text_first, cache, sm_scale):
     d = q.shape[-1]
     scale = d ** -0.5 if sm_scale is None else sm_scale
     mask = arrow_mask(q.shape[1], text_len, text_first, half_window)  # [H, S, S]

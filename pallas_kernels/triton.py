@@ -29,7 +29,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as pltriton
 
-from .common import launch_order, pad_cache, text_blocks, validate, visit_ranges
+from .common import launch_order, on_cache_rows, pad_cache, text_blocks, validate, visit_ranges
 
 _dot = getattr(pltriton, "dot", None) or pl.dot  # jax 0.10: pallas.triton.dot; both take (a, b)
 
@@ -193,5 +193,6 @@ def arrow_attention_triton(q, k, v, half_window, *, text_len: int, text_first: b
     _, s, _, d = q.shape
     sm_scale = float(d ** -0.5 if sm_scale is None else sm_scale)
     config = config or heuristic_config(s, d, q.dtype)
-    return arrow_call(q, k, v, half_window, cache, text_len=int(text_len), text_first=bool(text_first),
-                      sm_scale=sm_scale, interpret=bool(interpret), config=config)
+    return on_cache_rows(lambda c: arrow_call(q, k, v, half_window, c, text_len=int(text_len),
+                                              text_first=bool(text_first), sm_scale=sm_scale,
+                                              interpret=bool(interpret), config=config), q, cache)

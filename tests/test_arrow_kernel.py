@@ -156,6 +156,8 @@ def test_validation_errors():
         arrow_attention(q, k, v, hw, **{**kw, "text_len": -1})
     with pytest.raises(ValueError, match="cache must be"):
         arrow_attention(q, k, v, hw, cache=cache[:, :, :1], **kw)
+    with pytest.raises(ValueError, match=r"cache must be \[B, S', H, D\] = \[1, S' >= 20, 2, 16\]"):
+        arrow_attention(q, k, v, hw, cache=cache[:, :19], **kw)
     with pytest.raises(ValueError, match="head_dim"):
         q24 = q[..., :12]
         arrow_attention(q24, q24, q24, hw, **kw)
@@ -368,3 +370,22 @@ def test_package_imports_nothing_from_the_app():
             else:
                 continue
             assert not any(m.split(".")[0] in ("dfa2_jax", "converters") for m in mods), f"{path.name}: {mods}"
+
+
+@pytest.mark.parametrize("implementation", ["triton", "xla"])
+def test_longer_cache_gives_output_of_its_rows(implementation):
+    """A cache longer than S (a caller carrying it padded): the output has the cache's rows, its first S those of
+    the call on the cache's first S rows (cached heads copied bit for bit); cache_length is S off the Mosaic GPU
+    kernel."""
+    from pallas_kernels import cache_length
+
+    q, k, v, cache = _inputs(9, 2, 37, 3, 16, jnp.float32)
+    longer = jnp.concatenate([cache, jnp.full((2, 5, 3, 16), 7.0)], axis=1)
+    hw = jnp.asarray([3, 0, -1], jnp.int32)
+    kw = dict(text_len=6, text_first=False, interpret=True, implementation=implementation,
+              config=TINY if implementation == "triton" else None)
+    out = arrow_attention(q, k, v, hw, cache=longer, **kw)
+    assert out.shape == longer.shape
+    np.testing.assert_array_equal(np.asarray(out[:, :37]), np.asarray(arrow_attention(q, k, v, hw, cache=cache, **kw)))
+    np.testing.assert_array_equal(np.asarray(out[:, :37, 1]), np.asarray(cache[:, :, 1]))
+    assert cache_length(q, implementation, interpret=True) == 37

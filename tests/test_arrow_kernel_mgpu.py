@@ -214,6 +214,40 @@ def test_cache_is_updated_in_place_on_the_gpu(use_cache):
     assert (alias in calls[0]) == use_cache, calls[0][-600:]
 
 
+def test_cache_of_the_padded_length_is_kept_padded():
+    """A cache of the kernel's padded length (``cache_length``: S rounded up to whole tiles) is written as it is
+    and the output keeps its rows: the first S equal the call on an S-row cache bit for bit (cached heads are the
+    cache); lowered for CUDA, no pad and no slice surround the kernel."""
+    from pallas_kernels import cache_length
+
+    s, text_len, windows = 200, 17, [-1, 5, 0]
+    q, k, v, c = _inputs(3, (2, s, 3, 64), jnp.bfloat16)
+    rows = cache_length(q, "mosaic_gpu", config=SMALL, interpret=True)
+    assert rows == mgpu.padded_length(q.shape, SMALL) == 256
+    padded = jnp.pad(c, ((0, 0), (0, rows - s), (0, 0), (0, 0)), constant_values=3.0)
+    hw = jnp.asarray(windows, jnp.int32)
+    kw = dict(text_len=text_len, text_first=True, interpret=True, config=SMALL)
+    out = arrow_attention(q, k, v, hw, cache=padded, **kw)
+    assert out.shape == (2, rows, 3, 64)
+    np.testing.assert_array_equal(np.asarray(out[:, :s]), np.asarray(arrow_attention(q, k, v, hw, cache=c, **kw)))
+    np.testing.assert_array_equal(np.asarray(out[:, :, 2]), np.asarray(padded[:, :, 2]))
+
+    def f(q, k, v, hw, cache):
+        return mgpu.arrow_attention_mosaic_gpu(q, k, v, hw, text_len=40, text_first=True, cache=cache)
+
+    sq = jax.ShapeDtypeStruct((1, 300, 2, 64), jnp.bfloat16)
+    cache_rows = jax.ShapeDtypeStruct((1, mgpu.padded_length(sq.shape), 2, 64), jnp.bfloat16)
+    def lowered(cache):
+        traced = jax.jit(f).trace(sq, sq, sq, jax.ShapeDtypeStruct((2,), jnp.int32), cache)
+        return traced.out_info.shape, traced.lower(lowering_platforms=("cuda",)).as_text()
+
+    shape, text = lowered(cache_rows)
+    assert shape == (1, 384, 2, 64) and len(_custom_calls(text)) == 1  # the output keeps the rows: no slice
+    # no padded copy of the cache (pad_cache's barrier), which an S-row cache gets
+    barrier = "= stablehlo.optimization_barrier"
+    assert barrier not in text and barrier in lowered(sq)[1]
+
+
 def test_schedules_are_the_per_call_tables_and_drive_the_kernel():
     """``schedules`` stacks exactly the per-call program tables, and a call given its row computes what the call
     computing its own table does (bit for bit: the same launch order) and equals the reference (9 tiles over 2

@@ -355,37 +355,124 @@ def test_projections_of_one_input_each_own_their_dot():
         assert all(id(v) in outs for v in users[0].invars)
 
 
-def test_runtime_computes_kernel_schedules_once_per_step(monkeypatch):
-    """The kernel's launch schedules of every layer are computed once per step and kind of call (here: without
-    and with a cache), each layer gets its own row, and a skippable layer's lax.cond branch makes none."""
+def _schedule_recorders(monkeypatch):
+    """Fake kernel schedules (row n of a call's table: [n + 100 · has_cache]) and an attention that records the
+    schedule row it was given (None: none, "traced": inside a lax.cond branch)."""
     from dfa2_jax import runtime as R
-    from dfa2_jax.models.attention import TokenLayout
-    from dfa2_jax.runtime import PlanRuntime
 
     calls, seen = [], []
 
     def fake_schedules(q, half_windows, *, text_len, text_first, has_cache, implementation=None, interpret=False,
                        config=None):
         calls.append((half_windows.shape, has_cache, interpret))
-        return jnp.arange(half_windows.shape[0])[:, None] + 100 * has_cache  # row l: [l + 100·cache]
+        return jnp.arange(half_windows.shape[0])[:, None] + 100 * has_cache
 
     def recording_attention(q, k, v, hw, *, schedule=None, implementation=None, interpret=False, **kw):
-        seen.append(None if schedule is None else int(schedule[0]))
+        try:
+            seen.append(None if schedule is None else int(schedule[0]))
+        except jax.errors.ConcretizationTypeError:
+            seen.append("traced")
         return arrow_attention_reference(q, k, v, hw, **kw)
 
     monkeypatch.setattr(R, "arrow_schedules", fake_schedules)
     monkeypatch.setattr(R, "arrow_attention", recording_attention)
-    codes = np.array([[[M.ARROW, M.FULL], [M.CACHE, M.ARROW], [M.CACHE, M.CACHE]]], np.int32)  # 1 step, 3 layers
+    return calls, seen
+
+
+def _schedule_case():
+    """2 steps, 3 layers (the last skippable), 2 heads; q [1, 11, 2, 16]; the initial state."""
+    codes = np.array([[[M.ARROW, M.FULL], [M.CACHE, M.ARROW], [M.CACHE, M.CACHE]],
+                      [[M.FULL, M.ARROW], [M.ARROW, M.CACHE], [M.ARROW, M.FULL]]], np.int32)
     spec = RuntimeSpec.from_codes(codes, cfg=False, impl="interpret")
     assert spec.skip_layers == (False, False, True)
     rng = np.random.default_rng(0)
-    q, k, v = (jnp.asarray(rng.standard_normal((1, 11, 2, 16)), jnp.float32) for _ in range(3))
+    q = jnp.asarray(rng.standard_normal((1, 11, 2, 16)), jnp.float32)
     zeros = jnp.zeros_like(q)
     state = {"1": {"heads": zeros}, "2": {"heads": zeros, "out": jnp.zeros((1, 11, 32))}}
+    return codes, spec, q, state
+
+
+def _run_step(rt, q, layout):
+    for layer in range(3):
+        rt.run_layer(layer, lambda layer=layer: (rt(q, q, q, layer=layer, layout=layout).reshape(1, 11, 32), None))
+
+
+def test_runtime_computes_kernel_schedules_once_per_plan(monkeypatch):
+    """plan_schedules computes the kernel's launch schedules of every step and layer once per kind of call (here:
+    without and with a cache), and each step's runtime hands each layer its own row, a skippable layer's lax.cond
+    branch too."""
+    from dfa2_jax.models.attention import TokenLayout
+    from dfa2_jax.runtime import PlanRuntime, call_kind, plan_schedules
+
+    calls, seen = _schedule_recorders(monkeypatch)
+    codes, spec, q, state = _schedule_case()
+    layout = TokenLayout(text_len=3, text_first=True)
+    kinds = {layer: call_kind(spec, layer, q, layout) for layer in range(3)}
+    hw = jnp.full((2, 3, 2), 4, jnp.int32)
+    tables = plan_schedules(spec, kinds, jnp.asarray(codes), hw)
+    assert calls == [((6, 2), False, True), ((6, 2), True, True)]  # [steps · layers, heads] per kind
+    assert {k: v.shape for k, v in tables.items()} == {kinds[0]: (2, 1, 3, 1), kinds[1]: (2, 1, 3, 1)}
+    for t in range(2):
+        rt = PlanRuntime(spec, jnp.asarray(codes[t]), hw[t], jnp.full((3, 2), -1, jnp.int32), state,
+                         schedules={k: v[t] for k, v in tables.items()})
+        _run_step(rt, q, layout)
+        state = rt.new_state
+    assert seen == [0, 101, "traced", 3, 104, "traced"]
+
+
+def test_runtime_without_given_schedules_computes_them_once_per_step(monkeypatch):
+    """A runtime given no schedules (a step run on its own) computes them once per step and kind of call; a
+    kind first met inside a skippable layer's lax.cond gets none (a value made there cannot serve later layers)."""
+    from dfa2_jax.models.attention import TokenLayout
+    from dfa2_jax.runtime import PlanRuntime
+
+    calls, seen = _schedule_recorders(monkeypatch)
+    codes, spec, q, state = _schedule_case()
     rt = PlanRuntime(spec, jnp.asarray(codes[0]), jnp.full((3, 2), 4, jnp.int32), jnp.full((3, 2), -1, jnp.int32),
                      state)
-    layout = TokenLayout(text_len=3, text_first=True)
-    for layer in range(3):
-        rt.run_layer(layer, lambda layer=layer: (rt(q, k, v, layer=layer, layout=layout).reshape(1, 11, 32), None))
+    _run_step(rt, q, TokenLayout(text_len=3, text_first=True))
     assert calls == [((3, 2), False, True), ((3, 2), True, True)]
-    assert seen == [0, 101, None]
+    assert seen == [0, 101, "traced"]
+    spec2 = dataclasses.replace(spec, cache_layers=(False, False, True))  # layer 2's kind first met in the cond
+    calls.clear(), seen.clear()
+    rt = PlanRuntime(spec2, jnp.asarray(codes[0]), jnp.full((3, 2), 4, jnp.int32), jnp.full((3, 2), -1, jnp.int32),
+                     {"2": state["2"]})
+    _run_step(rt, q, TokenLayout(text_len=3, text_first=True))
+    assert calls == [((3, 2), False, True)] and seen == [0, 1, None]
+
+
+def test_sampler_computes_kernel_schedules_before_its_scan(monkeypatch):
+    """The compiled sampler computes the launch schedules of all steps and layers once, before its scan (one
+    computation per kind of call over [steps · layers, heads]), and every kernel call in the step gets its row."""
+    calls, seen = _schedule_recorders(monkeypatch)
+    tr, cond, latents, t, s, kw, (n_img, _) = _flux()
+    plan = _random_plan(tr, np.random.default_rng(3), [M.FULL, M.ARROW, M.CACHE], n_img=n_img)
+    spec = RuntimeSpec.from_codes(plan.codes, cfg=False, impl="interpret")
+    denoise(tr.graphdef, tr.state, jnp.array(latents), cond, t, s, plan=plan, attention_impl="interpret", **kw)
+    steps, layers, heads = plan.codes.shape
+    compressed = [i for i in range(layers) if not spec.dense_layers[i]]
+    assert sorted(calls) == sorted({((steps * layers, heads), spec.cache_layers[i], True) for i in compressed})
+    assert seen == ["traced"] * len(compressed)
+
+
+@pytest.mark.parametrize("name,allowed", [("flux", (M.FULL, M.ARROW, M.CACHE, M.WARS)),
+                                          ("sd3", (M.FULL, M.CFG_SHARE, M.CFG_SHARE_ARROW, M.CACHE, M.ARROW))])
+def test_head_cache_carried_longer_than_the_sequence_gives_the_same_latents(name, allowed, monkeypatch):
+    """The carried head caches are as long as the kernel writes in place (the Mosaic GPU kernel: S padded to its
+    tiles); here 5 rows longer on the CPU: the state has those rows and the latents are those of the unpadded
+    carry, with wars residuals, CFG sharing and a skipped (AST) layer, which re-pad or pass the cache on."""
+    from dfa2_jax import runtime as R
+    from dfa2_jax import sample as S
+
+    tr, cond, latents, t, s, kw, (n_img, _) = SETUPS[name]()
+    plan = _random_plan(tr, np.random.default_rng(17), list(allowed), n_img=n_img, ast_layer=1)
+    ref = denoise(tr.graphdef, tr.state, jnp.array(latents), cond, t, s, plan=plan, **kw)
+    monkeypatch.setattr(R, "cache_length", lambda q, *a, **k: q.shape[1] + 5)
+    monkeypatch.setattr(S, "_PROBES", {})
+    spec = RuntimeSpec.from_codes(plan.codes, cfg=kw["do_cfg"])
+    state = S.initial_attention_state(tr.graphdef, tr.state, jnp.array(latents), cond, spec, **kw)
+    kinds = S.plan_probe(tr.graphdef, tr.state, jnp.array(latents), cond, spec, **kw)[1]  # {layer: (q shape, …)}
+    rows = {int(i): x["heads"].shape[1] for i, x in state.items() if "heads" in x}
+    assert rows and rows == {i: kinds[i][0][1] + 5 for i in rows}
+    out = denoise(tr.graphdef, tr.state, jnp.array(latents), cond, t, s, plan=plan, **kw)
+    np.testing.assert_allclose(np.asarray(out), np.asarray(ref), rtol=1e-6, atol=1e-6)
