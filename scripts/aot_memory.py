@@ -81,14 +81,28 @@ def _shape_bytes(text: str) -> int:
     return total
 
 
-def kernel_traffic(hlo: str) -> tuple[int, int, list[tuple[str, int, int]]]:
-    """The entry computation's kernels (fusions, custom calls, copies) of a compiled module's text: (count, bytes,
-    [(family, bytes, count)] largest first), each kernel's bytes being its operands' plus its result's sizes — the
-    traffic through memory if every operand is read whole once (a fusion that slices an operand reads less)."""
+def scan_body(hlo: str) -> str:
+    """The text of the largest while-loop body of a compiled module (a sampler's ``lax.scan`` step)."""
+    comps = {m.group(1): m.group(2) for m in re.finditer(r"\n(?:ENTRY )?%?([\w.\-]+) \(.*?\) -> .*? \{\n(.*?)\n\}\n",
+                                                         hlo, re.S)}
+    bodies = [b for b in re.findall(r"while\(.*?body=%?([\w.\-]+)", hlo) if b in comps]
+    if not bodies:
+        raise ValueError("no while loop in the compiled module")
+    return "\n" + comps[max(bodies, key=lambda b: len(comps[b]))]
+
+
+def kernel_traffic(hlo: str, *, body: bool = False) -> tuple[int, int, list[tuple[str, int, int]]]:
+    """The entry computation's kernels (fusions, custom calls, copies) of a compiled module's text, or with
+    ``body`` those of its scan step (:func:`scan_body`): (count, bytes, [(family, bytes, count)] largest first),
+    each kernel's bytes being its operands' plus its result's sizes — the traffic through memory if every operand
+    is read whole once (a fusion that slices an operand reads less)."""
     from dfa2_jax.benchmarking import kernel_family
 
-    entry = hlo[hlo.index("\nENTRY"):]
-    entry = entry[:entry.index("\n}\n")]
+    if body:
+        entry = scan_body(hlo)
+    else:
+        entry = hlo[hlo.index("\nENTRY"):]
+        entry = entry[:entry.index("\n}\n")]
     sizes: dict[str, int] = {}
     families: dict[str, list[int]] = {}
     for line in entry.splitlines()[1:]:
@@ -259,6 +273,7 @@ def main() -> None:
 
     plans = {"dense": None, "plan": plan}
     traffic = []
+    steps_traffic = []  # (variant, kernel_traffic of the sampler's scan step) on one GPU
     for mesh_spec in args.meshes.split(";"):
         for name in args.variants.split(","):
             if name == "step":
@@ -288,6 +303,8 @@ def main() -> None:
                 with open(os.path.join(args.dump, f"{mesh_spec}-{name}.hlo.txt"), "w") as f:
                     f.write(hlo)
             rows.append((mesh_spec, name, caches, m, copies, *times))
+            if mesh_spec == "none" and name != "step":
+                steps_traffic.append((name, kernel_traffic(hlo, body=True)))
             print(f"{mesh_spec} {name}: compiled in {sum(times):.1f} s", flush=True)
 
     shape = ("FLUX.1-dev" if family == "flux" else "SD3-medium") + ("-tiny" if args.smoke else "")
@@ -303,6 +320,11 @@ def main() -> None:
     for n_kernels, moved, families in traffic:
         print(f"\none dense step, batch 1: {n_kernels} kernels moving {moved / 1e9:.2f} GB (each kernel's operands "
               "and result read or written once); largest kernel families:")
+        for fam, b, n in families[:10]:
+            print(f"  {fam:<28} {b / 1e9:8.2f} GB  x{n}")
+    for name, (n_kernels, moved, families) in steps_traffic:
+        print(f"\n{name} sampler, one step of its scan (one GPU): {n_kernels} kernels moving {moved / 1e9:.2f} GB; "
+              "largest kernel families:")
         for fam, b, n in families[:10]:
             print(f"  {fam:<28} {b / 1e9:8.2f} GB  x{n}")
 

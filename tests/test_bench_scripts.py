@@ -178,7 +178,8 @@ def test_profile_transformer_smoke(tmp_path):
 def test_aot_memory_smoke(tmp_path):
     """No jax CUDA plugin here: the script's path without the H100 topology (tiny model compiled for the host
     CPU, the cuDNN stand-in registered for the CPU, the plan through the Triton kernel in interpret mode), on one
-    device and on a 2-device heads mesh; and one dense step's kernel traffic (one device only)."""
+    device and on a 2-device heads mesh; one dense step's kernel traffic and the plan sampler's scan step's (one
+    device only)."""
     out = _run("aot_memory.py", "--smoke", "--variants", "step,plan", "--meshes", "none;heads=2", cwd=tmp_path,
                devices=2)
     table = out[out.index("\nmesh"):out.index("\none dense step")].strip().splitlines()[1:]
@@ -186,6 +187,8 @@ def test_aot_memory_smoke(tmp_path):
     assert "kernel: interpret" in out
     traffic = re.search(r"one dense step, batch 1: (\d+) kernels moving ([\d.]+) GB", out)
     assert traffic and int(traffic[1]) > 10 and float(traffic[2]) > 0, out
+    step = re.search(r"plan sampler, one step of its scan \(one GPU\): (\d+) kernels moving ([\d.]+) GB", out)
+    assert step and int(step[1]) > 10 and float(step[2]) > 0, out
 
 
 SASS = """
