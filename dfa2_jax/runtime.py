@@ -8,10 +8,10 @@ residual, or can skip their projections (all heads ``cache`` at some step: V1's 
 exactly). One compile serves every plan with the same shape and structure.
 
 Per layer, the carry holds (only what the plan reads): ``heads`` — every head's latest attention output
-before the output projection [B, S', H, D], S' = :func:`cache_rows` (the kernel's padded length on the Mosaic GPU
-kernel, so the kernel updates it in place with no copy per step; S elsewhere); ``resid`` — the ``wars`` residual full − window [B, S, H, D],
-refreshed at the head's ``full`` steps; ``out``/``ctx`` — the layer's projected outputs, returned as they
-are when the layer is skipped.
+before the output projection [B, S', H, D], S' = :func:`cache_rows` (the Mosaic GPU kernel's padded length, so
+the kernel updates it in place with no copy per step; S elsewhere); ``resid`` — the ``wars`` residual
+full − window [B, S, H, D], refreshed at the head's ``full`` steps; ``out``/``ctx`` — the layer's projected
+outputs, returned as they are when the layer is skipped.
 
 Per head at one step (:func:`arrow_heads`: the Pallas kernel on a GPU, the pure-jnp reference elsewhere, or
 what ``attention_impl`` names):

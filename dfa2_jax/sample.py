@@ -83,9 +83,9 @@ def _sampler(graphdef, state, latents, cond, timesteps, sigmas, plan, attn_state
     implementation) and the model's graphdef are static, so one compile serves every plan of the same structure.
     ``latents`` and ``plan_state`` are donated. Before the scan, the kernel's launch schedules of every step and
     layer are computed at once (:func:`dfa2_jax.runtime.plan_schedules`; the layers' kinds of call come from
-    :func:`plan_probe`) and fed to the steps as scan inputs. Use ``scan_sampler.lower(...)`` / ``.trace(...)`` to compile ahead of
-    time (benchmarks, memory analysis); :func:`run_sampler` calls it on :func:`plan_inputs`' output, :func:`denoise`
-    does everything."""
+    :func:`plan_probe`) and fed to the steps as scan inputs. Use ``scan_sampler.lower(...)`` / ``.trace(...)`` to
+    compile ahead of time (benchmarks, memory analysis); :func:`run_sampler` calls it on :func:`plan_inputs`'
+    output, :func:`denoise` does everything."""
     model = nnx.merge(graphdef, state)
     kinds = []
     if spec is not None:  # the kernel's launch schedules of every step, computed once here (scan inputs)
