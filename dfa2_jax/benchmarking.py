@@ -34,6 +34,7 @@ import numpy as np
 from dfa2_jax.models.configs import FluxConfig, SD3Config, TransformerConfig
 from dfa2_jax.pipeline import flux_image_ids
 from dfa2_jax.plan import Plan, model_info_for
+from dfa2_jax.plan.methods import ARROW, Method
 from dfa2_jax.plan.flops import (DEFAULT_BLOCKS, arrow_tiles, kept_fraction, layer_text_len, layer_weights, plan_stats,
                                  total_tiles)
 from dfa2_jax.runtime import kernel_call
@@ -368,9 +369,9 @@ MIX_TOL = 0.01  # a random mix's kept fraction is within ±1% of MIX_KEPT
 ARROW_KS = (8, 16, 32)  # the arrow:k methods of the benchmarks' head mixes
 
 
-def arrow_half_window(n_img: int, k: int) -> int:
-    """arrow:k half-width (:meth:`dfa2_jax.plan.methods.Method.half_window`)."""
-    return n_img // (2 * k)
+def _mix_windows(n_img: int) -> list[int]:
+    """The half-windows a head mix draws from: full (−1), then arrow:k for each of :data:`ARROW_KS`."""
+    return [-1] + [Method(ARROW, k).half_window(n_img) for k in ARROW_KS]
 
 
 def head_windows_kept(windows, n_img, text_len, text_first, blocks) -> float:
@@ -385,7 +386,7 @@ def mixed_head_windows(h, n_img, text_len, text_first, blocks, target_kept=MIX_K
     """25% cached heads, the rest drawn from full / arrow:8 / :16 / :32; among 64 draws of a fixed seed the one
     whose kept tile fraction is closest to ``target_kept`` (68% of the FLOPs removed)."""
     rng = np.random.default_rng(seed)
-    choices = [-1] + [arrow_half_window(n_img, k) for k in ARROW_KS]
+    choices = _mix_windows(n_img)
     best = None
     for _ in range(64):
         w = rng.choice(choices, size=h)
@@ -407,7 +408,7 @@ def random_head_windows(h, n_img, text_len, text_first, blocks, target_kept=MIX_
     """Per head one of full / arrow:8 / :16 / :32 (half-widths n/16, n/32, n/64) / cached, uniformly at random
     (``seed``), redrawn until the kept tile fraction is within ±``tol`` of ``target_kept`` -> (half-windows int32
     [H], kept). Few heads may not reach that: then the closest of ``max_draws`` draws."""
-    choices = np.array([-1] + [arrow_half_window(n_img, k) for k in ARROW_KS] + [0], np.int32)
+    choices = np.array(_mix_windows(n_img) + [0], np.int32)
     per = np.array([head_windows_kept([w], n_img, text_len, text_first, blocks) for w in choices])
     rng = np.random.default_rng(seed)
     best = None
@@ -437,7 +438,7 @@ def mode_head_windows(mode: str, h, n_img, text_len, text_first, blocks) -> np.n
     if mode == "full":
         return np.full(h, -1, np.int32)
     if mode.startswith("arrow:"):
-        return np.full(h, arrow_half_window(n_img, int(mode[6:])), np.int32)
+        return np.full(h, Method(ARROW, int(mode[6:])).half_window(n_img), np.int32)
     if mode == "mixed":
         return mixed_head_windows(h, n_img, text_len, text_first, blocks)
     return random_head_windows(h, n_img, text_len, text_first, blocks, seed=int(mode[3:]))[0]
@@ -543,7 +544,7 @@ def arrow_implementation(attention_impl: str, q) -> str:
 __all__ = ["ARROW_KS", "ATTENTION_SHAPES", "AttentionShape", "CACHE_PEAK", "CASES", "Case", "FAMILIES", "GUIDANCE",
            "H100_TARGET", "LAMBDA_MAX", "MIX_KEPT", "MIX_TOL", "NoAttention", "PLAN_METHODS", "PLAN_REMOVED",
            "SMALL_ATTENTION_SHAPES", "TEXT_TOKENS", "TINY_BLOCKS", "TINY_RES", "TINY_STEPS", "TINY_TEXT_TOKENS",
-           "amdahl_bound", "arrow_half_window", "arrow_implementation", "attention_inputs", "benchmark_plan",
+           "amdahl_bound", "arrow_implementation", "attention_inputs", "benchmark_plan",
            "check_head_mode", "deviceless_h100s", "flux_ids", "head_windows_kept", "image_tokens", "jax_kernel_times",
            "kernel_family", "kernel_table", "median", "mixed_head_windows", "mode_head_windows", "model_config",
            "plan_assignment", "random_head_windows", "random_inputs", "sampler_inputs", "schedule", "step_inputs",

@@ -181,11 +181,12 @@ def pad_cache(cache, q, pad):
     return jnp.pad(cache, pad)
 
 
-def on_cache_rows(call, q, cache):
-    """``call(cache)`` -> [B, S, H, D] made to follow the op's cache rule: a cache longer than q's S rows (S' > S,
-    a caller carrying it padded) goes to ``call`` cut to S rows and the output is padded back to S' rows (zeros
-    past S), so the output always has the cache's rows."""
+def on_cache_rows(call, q, cache, in_place_rows: int | None = None):
+    """``call(cache)`` made to follow the op's cache rule, that the output has the cache's rows: a cache of q's S
+    rows, or of ``in_place_rows`` (a backend's own padded length, which ``call`` takes and returns as it is), goes
+    to ``call`` unchanged; any other longer cache (S' > S) goes cut to S rows and the output is padded back to S'
+    rows (zeros past S)."""
     s = q.shape[1]
-    if cache is None or cache.shape[1] == s:
+    if cache is None or cache.shape[1] in (s, in_place_rows):
         return call(cache)
     return jnp.pad(call(cache[:, :s]), ((0, 0), (0, cache.shape[1] - s), (0, 0), (0, 0)))

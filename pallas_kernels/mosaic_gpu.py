@@ -377,14 +377,23 @@ def _kernel(table_ref, q_ref, k_ref, v_ref, *refs, cfg: MosaicGpuConfig, head_di
                 plgpu.barrier_wait(qo_free.at[c * 2 + lax.rem(n_tiles, 2)])
 
 
+def _smem_shapes(cfg: MosaicGpuConfig, head_dim: int) -> tuple[tuple[int, ...], ...]:
+    """The kernel's shared-memory buffers: two Q/O tiles per compute warpgroup, the K ring, the V ring."""
+    ring = cfg.max_concurrent_steps
+    return (_COMPUTE_WGS, 2, cfg.block_q, head_dim), (ring, cfg.block_kv, head_dim), (ring, cfg.block_kv, head_dim)
+
+
+def smem_bytes(config: MosaicGpuConfig, head_dim: int, dtype=jnp.bfloat16) -> int:
+    """Bytes of the kernel's shared-memory buffers (its barriers and the compiler's scratch come on top)."""
+    return sum(math.prod(shape) for shape in _smem_shapes(config, head_dim)) * jnp.dtype(dtype).itemsize
+
+
 def _scratch(cfg: MosaicGpuConfig, head_dim: int, dtype):
     import jax.experimental.pallas.mosaic_gpu as plgpu
 
     transforms = (plgpu.TilingTransform((8, 128 // jnp.dtype(dtype).itemsize)), plgpu.SwizzleTransform(128))
     ring = cfg.max_concurrent_steps
-    smem = (plgpu.SMEM((_COMPUTE_WGS, 2, cfg.block_q, head_dim), dtype, transforms=transforms),  # Q/O, 2 tiles
-            plgpu.SMEM((ring, cfg.block_kv, head_dim), dtype, transforms=transforms),
-            plgpu.SMEM((ring, cfg.block_kv, head_dim), dtype, transforms=transforms))
+    smem = tuple(plgpu.SMEM(shape, dtype, transforms=transforms) for shape in _smem_shapes(cfg, head_dim))
     loaded = (plgpu.Barrier(num_barriers=ring), plgpu.Barrier(num_barriers=ring),
               plgpu.Barrier(num_barriers=2 * _COMPUTE_WGS))
     released = (plgpu.Barrier(num_arrivals=_COMPUTE_WGS, num_barriers=ring),) * 2 + (
@@ -620,6 +629,4 @@ def arrow_attention_mosaic_gpu(q, k, v, half_window, *, text_len: int, text_firs
         return _mgpu_call(q, k, v, half_window, cache, schedule, text_len=int(text_len), text_first=bool(text_first),
                           sm_scale=sm_scale, interpret=bool(interpret), config=config)
 
-    if cache is not None and cache.shape[1] == padded_length(q.shape, config):
-        return call(cache)
-    return on_cache_rows(call, q, cache)
+    return on_cache_rows(call, q, cache, in_place_rows=padded_length(q.shape, config))

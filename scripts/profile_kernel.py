@@ -46,11 +46,6 @@ def profile_smem_bytes(events: int) -> int:
     return events * 2 * 2 * 4 * WARPGROUPS
 
 
-def kernel_smem_bytes(config, head_dim: int, itemsize: int = 2) -> int:
-    """The kernel's own shared memory: two Q/O tiles per compute warpgroup and the K and V rings."""
-    return (2 * 2 * config.block_q + 2 * config.max_concurrent_steps * config.block_kv) * head_dim * itemsize
-
-
 def steps_by_kind(table: np.ndarray, n_cta: int, kinds) -> tuple[np.ndarray, np.ndarray, dict[str, float]]:
     """(tiles per CTA, key-block steps per CTA, steps of each mask kind per CTA on average) of a program table
     (:func:`pallas_kernels.mosaic_gpu.program_table`: rows n_cta… hold (b, h, tile, w, cached, lo0, hi0, …))."""
@@ -112,7 +107,7 @@ def main(argv=None):
                                        mode_head_windows, time_calls)
     from dfa2_jax.plan.flops import DEFAULT_BLOCKS
     from pallas_kernels import MosaicGpuConfig, arrow_attention
-    from pallas_kernels.mosaic_gpu import program_table, supported, table_args
+    from pallas_kernels.mosaic_gpu import program_table, smem_bytes, supported, table_args
 
     shapes = {s.name: s for s in ATTENTION_SHAPES}
     if unknown := [s for s in args.shapes.split(",") if s not in shapes]:
@@ -151,7 +146,7 @@ def main(argv=None):
             trace_dir = os.path.join(out_dir, f"{name}_{mode.replace(':', '')}")
             os.makedirs(trace_dir, exist_ok=True)
             events = events_needed(table, n_cta)
-            spare = SMEM_PER_BLOCK - kernel_smem_bytes(config, d) - 4096  # barriers, reduction scratch
+            spare = SMEM_PER_BLOCK - smem_bytes(config, d) - 4096  # barriers, reduction scratch
             if profile_smem_bytes(events) > spare:
                 print(f"{name} {mode}: skipped, its busiest CTA's {table[:n_cta, 1].max()} tiles need "
                       f"{profile_smem_bytes(events) // 1024} KiB of profiler memory, {spare // 1024} KiB are free")

@@ -96,7 +96,8 @@ def test_profile_kernel_reads_a_trace():
     assert tiles.tolist() == [2] and steps.tolist() == [6] and by_kind == {"clean": 5.0, "band": 1.0}
     assert pk.events_needed(table, 1) == 2 * len(pk.TILE_SCOPES) + 8
     from pallas_kernels import MosaicGpuConfig  # the compiled kernel's scratch at head_dim 128: 196 608 bytes
-    assert pk.kernel_smem_bytes(MosaicGpuConfig(), 128) == 196_608 and pk.profile_smem_bytes(100) == 4_800
+    from pallas_kernels.mosaic_gpu import smem_bytes
+    assert smem_bytes(MosaicGpuConfig(), 128) == 196_608 and pk.profile_smem_bytes(100) == 4_800
 
     def scope(name, t0, t1, tid):
         return [dict(name=name, ph="B", ts=t0, tid=tid), dict(name=name, ph="E", ts=t1, tid=tid)]
